@@ -1,0 +1,171 @@
+//! `CacheBody`: the response body the layer returns. Replays stored bytes, or passes the
+//! handler's body through while recording a copy for the store.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The body of responses from [`CacheService`](crate::CacheService): either a replayed
+    /// cached body or the inner service's body, streamed through unchanged.
+    pub struct CacheBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Replay { data: Option<Bytes> },
+        Inner { #[pin] body: B, recorder: Option<Recorder> },
+    }
+}
+
+/// Copies a body's chunks as they stream by, up to a limit, and hands them over once the
+/// body has ended cleanly. Dropped without calling back if the body fails, carries trailers,
+/// outgrows the limit, or is abandoned by the client: a truncated body is never stored.
+pub(crate) struct Recorder {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
+}
+
+impl Recorder {
+    pub(crate) fn new(limit: usize, on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>) -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            on_complete,
+        }
+    }
+
+    /// Records a chunk; false once the body is over the limit.
+    fn record(&mut self, chunk: &Bytes) -> bool {
+        self.len += chunk.len();
+        if self.len > self.limit {
+            return false;
+        }
+        if !chunk.is_empty() {
+            // Cloning `Bytes` shares the buffer: no copy until the entry is encoded.
+            self.chunks.push(chunk.clone());
+        }
+        true
+    }
+
+    fn complete(self) {
+        (self.on_complete)(self.chunks);
+    }
+}
+
+impl<B> CacheBody<B> {
+    pub(crate) fn replay(data: Bytes) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        Self {
+            kind: Kind::Replay { data },
+        }
+    }
+
+    pub(crate) fn passthrough(body: B) -> Self {
+        Self {
+            kind: Kind::Inner {
+                body,
+                recorder: None,
+            },
+        }
+    }
+
+    pub(crate) fn recording(body: B, mut recorder: Option<Recorder>) -> Self
+    where
+        B: Body,
+    {
+        // An empty body may never be polled at all: store it now.
+        if body.is_end_stream() {
+            if let Some(recorder) = recorder.take() {
+                recorder.complete();
+            }
+        }
+        Self {
+            kind: Kind::Inner { body, recorder },
+        }
+    }
+}
+
+impl<B> Body for CacheBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Replay { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Inner { mut body, recorder } => {
+                let frame = match ready!(body.as_mut().poll_frame(cx)) {
+                    None => {
+                        if let Some(recorder) = recorder.take() {
+                            recorder.complete();
+                        }
+                        return Poll::Ready(None);
+                    }
+                    Some(Err(error)) => {
+                        *recorder = None;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
+                };
+                if let Some(rec) = recorder {
+                    // Trailers cannot be replayed, so a body with trailers is not stored.
+                    let keep = frame.data_ref().is_some_and(|chunk| rec.record(chunk));
+                    if !keep {
+                        *recorder = None;
+                    }
+                }
+                // hyper stops polling once a body reports its end, so the end may never be
+                // seen as `None`: complete here as well.
+                if body.is_end_stream() {
+                    if let Some(recorder) = recorder.take() {
+                        recorder.complete();
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Replay { data } => data.is_none(),
+            Kind::Inner { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Replay { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Inner { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for CacheBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Replay { .. } => "replay",
+            Kind::Inner { recorder: Some(_), .. } => "inner (recording)",
+            Kind::Inner { .. } => "inner",
+        };
+        f.debug_struct("CacheBody").field("kind", &kind).finish()
+    }
+}

@@ -1,0 +1,281 @@
+//! The stored form of a response, and its versioned binary encoding.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! magic "TRC" | version u8 | kind u8
+//! kind 0 (response): stored_at_ms u64 | ttl_ms u64 | status u16 | header_count u32
+//!                    | { name_len u16 | name | value_len u32 | value }* | body_len u64 | body
+//! kind 1 (variants): name_count u16 | { name_len u16 | name }*
+//! ```
+//!
+//! Decoding slices the input `Bytes`: header values and the body share the buffer the store
+//! returned, so a hit copies no body bytes. The decoder checks every length and every header
+//! name and value, and returns an error (never panics) on anything malformed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: &[u8; 3] = b"TRC";
+const VERSION: u8 = 1;
+const KIND_RESPONSE: u8 = 0;
+const KIND_VARIANTS: u8 = 1;
+const PREAMBLE: usize = MAGIC.len() + 2;
+
+/// A response as stored: status, every header value in order, body bytes, and when it was
+/// stored for how long.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    /// Milliseconds since the Unix epoch: wall time, because several app instances share
+    /// the entry and compute its age.
+    pub(crate) stored_at_ms: u64,
+    pub(crate) ttl: Duration,
+}
+
+/// What a base key holds: the response itself, or (for a response with `Vary`) the names of
+/// the request headers that select a variant stored under a secondary key.
+#[derive(Debug, Clone)]
+pub(crate) enum StoredValue {
+    Response(CachedResponse),
+    Variants(Vec<HeaderName>),
+}
+
+/// Why a stored value could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(&'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "undecodable cache entry: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl CachedResponse {
+    /// Whole seconds since the entry was stored (0 if the clock went backwards).
+    pub(crate) fn age(&self, now_ms: u64) -> Duration {
+        Duration::from_secs(now_ms.saturating_sub(self.stored_at_ms) / 1000)
+    }
+
+    /// Whether the entry is still within its TTL.
+    pub(crate) fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.stored_at_ms) < self.ttl.as_millis() as u64
+    }
+
+    /// Encodes the response whose body arrived as `chunks` (copied once, into the entry).
+    pub(crate) fn encode(
+        status: StatusCode,
+        headers: &HeaderMap,
+        chunks: &[Bytes],
+        stored_at_ms: u64,
+        ttl: Duration,
+    ) -> Bytes {
+        let body_len: usize = chunks.iter().map(Bytes::len).sum();
+        let headers_len: usize = headers
+            .iter()
+            .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
+            .sum();
+        let mut buf = BytesMut::with_capacity(PREAMBLE + 8 + 8 + 2 + 4 + headers_len + 8 + body_len);
+        buf.put_slice(MAGIC);
+        buf.put_u8(VERSION);
+        buf.put_u8(KIND_RESPONSE);
+        buf.put_u64(stored_at_ms);
+        buf.put_u64(ttl.as_millis() as u64);
+        buf.put_u16(status.as_u16());
+        buf.put_u32(headers.len() as u32);
+        for (name, value) in headers {
+            buf.put_u16(name.as_str().len() as u16);
+            buf.put_slice(name.as_str().as_bytes());
+            buf.put_u32(value.len() as u32);
+            buf.put_slice(value.as_bytes());
+        }
+        buf.put_u64(body_len as u64);
+        for chunk in chunks {
+            buf.put_slice(chunk);
+        }
+        buf.freeze()
+    }
+}
+
+/// Encodes a variants marker.
+pub(crate) fn encode_variants(names: &[HeaderName]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(PREAMBLE + 2 + names.iter().map(|n| 2 + n.as_str().len()).sum::<usize>());
+    buf.put_slice(MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(KIND_VARIANTS);
+    buf.put_u16(names.len() as u16);
+    for name in names {
+        buf.put_u16(name.as_str().len() as u16);
+        buf.put_slice(name.as_str().as_bytes());
+    }
+    buf.freeze()
+}
+
+/// A cursor over the stored bytes that fails instead of reading past the end.
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError("length overflow"))?;
+        if end > self.buf.len() {
+            return Err(DecodeError("truncated"));
+        }
+        let out = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let bytes = self.take(N)?;
+        let mut out = [0; N];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    fn header_name(&mut self) -> Result<HeaderName, DecodeError> {
+        let len = self.u16()? as usize;
+        HeaderName::from_bytes(&self.take(len)?).map_err(|_| DecodeError("bad header name"))
+    }
+
+    fn rest(&mut self) -> Bytes {
+        let out = self.buf.slice(self.pos..);
+        self.pos = self.buf.len();
+        out
+    }
+}
+
+/// Decodes what [`CachedResponse::encode`] or [`encode_variants`] produced.
+pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    if &r.array::<3>()? != MAGIC {
+        return Err(DecodeError("not a tower-redis-cache entry"));
+    }
+    if r.array::<1>()?[0] != VERSION {
+        return Err(DecodeError("unknown entry version"));
+    }
+    match r.array::<1>()?[0] {
+        KIND_RESPONSE => {
+            let stored_at_ms = r.u64()?;
+            let ttl = Duration::from_millis(r.u64()?);
+            let status =
+                StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status code"))?;
+            let count = r.u32()? as usize;
+            // Each header takes at least 6 bytes, which bounds the allocation below by the
+            // input's size however large the count claims to be.
+            if count > (r.buf.len() - r.pos) / 6 {
+                return Err(DecodeError("header count exceeds entry size"));
+            }
+            let mut headers = HeaderMap::with_capacity(count);
+            for _ in 0..count {
+                let name = r.header_name()?;
+                let len = r.u32()? as usize;
+                let value = HeaderValue::from_maybe_shared(r.take(len)?)
+                    .map_err(|_| DecodeError("bad header value"))?;
+                headers.append(name, value);
+            }
+            let body_len = r.u64()?;
+            let body = r.rest();
+            if body.len() as u64 != body_len {
+                return Err(DecodeError("body length mismatch"));
+            }
+            Ok(StoredValue::Response(CachedResponse {
+                status,
+                headers,
+                body,
+                stored_at_ms,
+                ttl,
+            }))
+        }
+        KIND_VARIANTS => {
+            let count = r.u16()? as usize;
+            let mut names = Vec::with_capacity(count.min(64));
+            for _ in 0..count {
+                names.push(r.header_name()?);
+            }
+            if r.pos != r.buf.len() {
+                return Err(DecodeError("trailing bytes"));
+            }
+            Ok(StoredValue::Variants(names))
+        }
+        _ => Err(DecodeError("unknown entry kind")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Bytes {
+        let mut headers = HeaderMap::new();
+        headers.append("link", HeaderValue::from_static("</a>; rel=preload"));
+        headers.append("link", HeaderValue::from_static("</b>; rel=preload"));
+        headers.insert("content-type", HeaderValue::from_static("image/png"));
+        let body = [Bytes::from_static(b"\x89PNG\r\n\x1a\n"), Bytes::from_static(&[0, 255, 1])];
+        CachedResponse::encode(StatusCode::CREATED, &headers, &body, 42, Duration::from_secs(7))
+    }
+
+    #[test]
+    fn round_trips_status_headers_in_order_and_binary_body() {
+        let StoredValue::Response(r) = decode(sample()).unwrap() else {
+            panic!("expected a response")
+        };
+        assert_eq!(r.status, StatusCode::CREATED);
+        let links: Vec<_> = r.headers.get_all("link").iter().collect();
+        assert_eq!(links, ["</a>; rel=preload", "</b>; rel=preload"]);
+        assert_eq!(&r.body[..], b"\x89PNG\r\n\x1a\n\x00\xff\x01");
+        assert_eq!((r.stored_at_ms, r.ttl), (42, Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn variants_round_trip() {
+        let names = vec![HeaderName::from_static("accept-encoding"), HeaderName::from_static("x-a")];
+        let StoredValue::Variants(got) = decode(encode_variants(&names)).unwrap() else {
+            panic!("expected variants")
+        };
+        assert_eq!(got, names);
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let full = sample();
+        for len in 0..full.len() {
+            assert!(decode(full.slice(..len)).is_err(), "prefix of {len} bytes decoded");
+        }
+        for i in 0..full.len() {
+            for byte in [0u8, 0x7f, 0xff, b'\n'] {
+                let mut bytes = full.to_vec();
+                bytes[i] = byte;
+                let _ = decode(Bytes::from(bytes));
+            }
+        }
+        assert!(decode(Bytes::from_static(b"{\"json\": true}")).is_err());
+        assert!(decode(Bytes::new()).is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! Where cached bytes live: the [`Store`] trait and its implementations.
+//!
+//! A store knows nothing of HTTP: it maps string keys to opaque byte values that expire.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::Result;
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "memory")]
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+
+/// The future a [`Store`] operation returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// A key-value store with per-entry expiry, used by the response cache.
+///
+/// Errors are values: an implementation never panics on a backend failure, and should bound
+/// the time each operation may take (the layer treats every error as a cache miss, so a
+/// store that hangs would make requests hang).
+///
+/// The methods return boxed futures so that `dyn Store` works: a layer can pick its store at
+/// run time (for example Redis when `REDIS_URL` is set, memory otherwise).
+pub trait Store: Send + Sync + 'static {
+    /// The value stored under `key`, or `None` when there is none (or it expired).
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>>;
+
+    /// Stores `value` under `key` for `ttl`, replacing any previous value.
+    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
+
+    /// Removes `key`; returns whether something was removed.
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        (**self).get(key)
+    }
+
+    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        (**self).set(key, value, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        (**self).delete(key)
+    }
+}
