@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Codec,
     /// The backend answered with an error (for example a Redis error reply).
     Backend,
+    /// The computation of a value failed in another, concurrent call that this call waited
+    /// on (see `RedisCache::get_or_insert_with`); the message carries that call's error.
+    Compute,
 }
 
 /// An error from a store or the typed client.

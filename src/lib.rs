@@ -5,6 +5,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[cfg(feature = "redis")]
+mod client;
 mod entry;
 mod error;
 mod key;
@@ -14,6 +16,8 @@ mod service;
 pub mod store;
 
 pub use body::CacheBody;
+#[cfg(feature = "redis")]
+pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
 pub use layer::CacheLayer;
 pub use service::{CacheService, ResponseFuture, X_CACHE};
@@ -22,3 +26,55 @@ pub use store::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::Store;
+
+/// NOT PUBLIC API. Thin wrappers over crate internals for the criterion benchmarks in
+/// `benches/`; hidden from the docs, exempt from semver, and may change or vanish in any
+/// release.
+#[doc(hidden)]
+pub mod __bench {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, Method, StatusCode, Uri};
+
+    use crate::policy::{self, CacheControl, Rules};
+
+    /// `key::base_key`.
+    pub fn base_key(prefix: &str, method: &Method, uri: &Uri) -> String {
+        crate::key::base_key(prefix, method, uri)
+    }
+
+    /// `entry::CachedResponse::encode`.
+    pub fn encode(
+        status: StatusCode,
+        headers: &HeaderMap,
+        chunks: &[Bytes],
+        stored_at_ms: u64,
+        ttl: Duration,
+    ) -> Bytes {
+        crate::entry::CachedResponse::encode(status, headers, chunks, stored_at_ms, ttl)
+    }
+
+    /// `entry::decode`; the decoded value is opaque.
+    pub fn decode(bytes: Bytes) -> impl std::fmt::Debug {
+        crate::entry::decode(bytes)
+    }
+
+    /// `policy::CacheControl::parse`; the parsed value is opaque.
+    pub fn parse_cache_control(headers: &HeaderMap) -> impl std::fmt::Debug {
+        CacheControl::parse(headers)
+    }
+
+    /// The default rules of a layer, for [`classify_request`].
+    #[derive(Debug, Default)]
+    pub struct BenchRules(Rules);
+
+    /// `policy::classify_request`; the action is opaque.
+    pub fn classify_request(
+        rules: &BenchRules,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> impl std::fmt::Debug {
+        policy::classify_request(&rules.0, method, headers)
+    }
+}

@@ -1,0 +1,609 @@
+//! `RedisCache`: a typed client for application data, on the same pool as [`RedisStore`].
+//!
+//! Values are JSON (serde_json), so a Rust service and a service in another language can
+//! share keys. See `docs/client.md` for the caching patterns built on it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::store::RedisStore;
+use crate::{Error, ErrorKind, Result};
+
+/// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
+/// large delete never blocks Redis for long and each call fits in the operation timeout.
+const BATCH: usize = 1000;
+
+/// Where the tag sets live, inside the client's namespace: `{prefix}:__tag:{tag}`.
+const TAG_INFIX: &str = "__tag:";
+
+/// Stores the value and records its key in each tag set, scored by the value's expiry on the
+/// server's clock (so clients with skewed clocks agree). Expired members are trimmed on each
+/// write, and a tag set lives as long as its longest-lived member.
+///
+/// KEYS[1]: the value's key; KEYS[2..]: its tag sets. ARGV[1]: the JSON; ARGV[2]: TTL in ms.
+/// (Sent with EVAL; Redis caches the compiled script.)
+const SET_TAGGED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+";
+
+/// A typed cache client for application data: JSON values under string keys, with
+/// get-or-compute (single-flight), pattern deletes and tag invalidation.
+///
+/// Built on a [`RedisStore`], so it shares its pool, its operation timeout (default 100 ms)
+/// and its fail-fast back-off. Set the timeout on the store:
+///
+/// ```rust,no_run
+/// # async fn run() -> tower_redis_cache::Result<()> {
+/// use std::time::Duration;
+/// use tower_redis_cache::{RedisCache, RedisStore};
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379")
+///     .operation_timeout(Duration::from_millis(500))
+///     .build()
+///     .await?;
+/// let cache = RedisCache::from_store(&store).with_prefix("app");
+/// cache.set("user:42", &"Ada", Duration::from_secs(60)).await?;
+/// let name: Option<String> = cache.get("user:42").await?;
+/// assert_eq!(name.as_deref(), Some("Ada"));
+/// # Ok(()) }
+/// ```
+///
+/// # Keys
+///
+/// With a prefix (see [`with_prefix`](Self::with_prefix)) every key, pattern and tag this
+/// client touches lives under `{prefix}:`; without one, keys are used as given, which lets a
+/// Rust service read and write the keys of another service during a migration. Tag sets are
+/// stored at `{prefix}:__tag:{tag}`, so do not use keys starting with `__tag:`.
+///
+/// Build keys from user-supplied parts with [`RedisCache::key`], which escapes them, so that a
+/// pattern built from a key (`{key}:*`) matches only that key's children.
+///
+/// # Values
+///
+/// Values are stored as JSON text. Any stored value is a hit, including `null`, `false`, `0`,
+/// `""` and `[]`; only a missing key is a miss. A value that is not valid JSON for the
+/// requested type is an [`ErrorKind::Codec`] error naming the key.
+///
+/// Cloning is cheap; clones share the pool and the in-flight computations.
+#[derive(Clone)]
+pub struct RedisCache {
+    store: RedisStore,
+    /// `""`, or the prefix followed by `:`.
+    namespace: Arc<str>,
+    flights: Arc<Flights>,
+}
+
+/// In-flight computations of [`RedisCache::get_or_insert_with`], by full key: the receiver
+/// followers clone to wait for the leader's outcome.
+type Flights = Mutex<HashMap<String, watch::Receiver<Option<Landing>>>>;
+
+/// How a leader's computation ended, as its followers see it.
+#[derive(Clone)]
+enum Landing {
+    /// The value, as JSON (each follower decodes its own copy, so `T` need not be `Clone`).
+    Value(Bytes),
+    /// The computation failed; the leader's error message.
+    Failed(Arc<str>),
+}
+
+impl RedisCache {
+    /// Connects to `url` with [`RedisStore`]'s default settings and no key prefix.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Ok(Self::from_store(&RedisStore::connect(url).await?))
+    }
+
+    /// A client on `store`'s pool (and with its timeouts), with no key prefix.
+    pub fn from_store(store: &RedisStore) -> Self {
+        Self {
+            store: store.clone(),
+            namespace: Arc::from(""),
+            flights: Arc::default(),
+        }
+    }
+
+    /// Puts every key, pattern and tag of this client under `{prefix}:`. An empty prefix
+    /// means none.
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.namespace = if prefix.is_empty() {
+            Arc::from("")
+        } else {
+            Arc::from(format!("{prefix}:"))
+        };
+        self
+    }
+
+    /// The key prefix, without the trailing `:` (empty when there is none).
+    pub fn prefix(&self) -> &str {
+        self.namespace.strip_suffix(':').unwrap_or("")
+    }
+
+    /// The store whose pool this client uses.
+    pub fn store(&self) -> &RedisStore {
+        &self.store
+    }
+
+    /// Joins `segments` with `:` after escaping each one, so user input cannot add segments or
+    /// glob syntax: `%`, `:`, `*`, `?`, `[`, `]` and `\` inside a segment are percent-encoded
+    /// (`:` becomes `%3A`, `*` becomes `%2A`, ...). Segments without those characters are kept
+    /// as they are, so `key(&["user", "42"])` is `user:42`.
+    ///
+    /// The result holds no glob metacharacters from the segments, so it is also a pattern
+    /// that matches itself only: `format!("{}:*", RedisCache::key(&["user", id]))` matches
+    /// the children of that one user, whatever `id` contains.
+    ///
+    /// ```
+    /// use tower_redis_cache::RedisCache;
+    /// assert_eq!(RedisCache::key(&["user", "42"]), "user:42");
+    /// assert_eq!(RedisCache::key(&["user", "a*:b"]), "user:a%2A%3Ab");
+    /// ```
+    pub fn key<S: AsRef<str>>(segments: &[S]) -> String {
+        let mut key = String::new();
+        for (i, segment) in segments.iter().enumerate() {
+            if i > 0 {
+                key.push(':');
+            }
+            for c in segment.as_ref().chars() {
+                match c {
+                    '%' | ':' | '*' | '?' | '[' | ']' | '\\' => {
+                        key.push_str(&format!("%{:02X}", u32::from(c)));
+                    }
+                    c => key.push(c),
+                }
+            }
+        }
+        key
+    }
+
+    /// The default key for caching a function's result: `{prefix}:{md5 hex of the arguments
+    /// as JSON}`, for example `RedisCache::function_key("get_user", &(42, "en"))`. Fails with
+    /// [`ErrorKind::Codec`] if the arguments cannot be serialized.
+    pub fn function_key<A: Serialize + ?Sized>(prefix: &str, args: &A) -> Result<String> {
+        let json = serde_json::to_vec(args).map_err(|e| {
+            Error::new(
+                ErrorKind::Codec,
+                format!("could not serialize the arguments of {prefix:?} as JSON"),
+            )
+            .with_source(e)
+        })?;
+        Ok(format!("{prefix}:{:x}", Md5::digest(&json)))
+    }
+
+    /// The value under `key`, or `None` when there is none. Fails with [`ErrorKind::Codec`]
+    /// when the stored value is not valid JSON for `T`.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let key = self.full_key(key);
+        match self.get_raw(&key).await? {
+            Some(json) => decode(&key, &json).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` as JSON under `key` for `ttl` (at least 1 ms), replacing any value.
+    pub async fn set<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let key = self.full_key(key);
+        let json = encode(&key, value)?;
+        self.set_raw(&key, &json, ttl).await
+    }
+
+    /// Removes `key`; returns whether it existed. Tag sets keep the key's name until its
+    /// expiry, which is harmless: invalidating the tag later removes nothing extra.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let removed: u64 = self
+            .store
+            .query(::redis::cmd("UNLINK").arg(self.full_key(key)))
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Whether a value is stored under `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let found: u64 = self
+            .store
+            .query(::redis::cmd("EXISTS").arg(self.full_key(key)))
+            .await?;
+        Ok(found > 0)
+    }
+
+    /// Removes every key matching the glob `pattern` (under the client's prefix) and returns
+    /// how many it removed.
+    ///
+    /// Walks the keyspace with `SCAN` in batches and removes each batch with `UNLINK`, never
+    /// `KEYS`, so Redis keeps serving other clients meanwhile; each step is a separate command
+    /// bounded by the operation timeout. Keys present for the whole walk are removed; keys
+    /// written during it may or may not be. Build patterns from [`RedisCache::key`] so that
+    /// user input in them is literal.
+    pub async fn delete_pattern(&self, pattern: &str) -> Result<u64> {
+        let pattern = format!("{}{pattern}", escape_glob(&self.namespace));
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .store
+                .query(
+                    ::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(BATCH),
+                )
+                .await?;
+            removed += self.unlink(&keys).await?;
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The values under `keys`, in order, in one round trip (`MGET`).
+    pub async fn get_many<T: DeserializeOwned, K: AsRef<str>>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<T>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = keys.iter().map(|k| self.full_key(k.as_ref())).collect();
+        let values: Vec<Option<Vec<u8>>> =
+            self.store.query(::redis::cmd("MGET").arg(&keys)).await?;
+        keys.iter()
+            .zip(values)
+            .map(|(key, json)| json.map(|json| decode(key, &json)).transpose())
+            .collect()
+    }
+
+    /// Stores each `(key, value)` for `ttl` in one round trip (a pipeline). Every value is
+    /// serialized first, so a value that cannot be serialized means nothing is written.
+    pub async fn set_many<K: AsRef<str>, V: Serialize>(
+        &self,
+        entries: &[(K, V)],
+        ttl: Duration,
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (key, value) in entries {
+            let key = self.full_key(key.as_ref());
+            let json = encode(&key, value)?;
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg(json)
+                .arg("PX")
+                .arg(millis(ttl))
+                .ignore();
+        }
+        self.store.query_pipeline(&pipe).await
+    }
+
+    /// Stores `value` under `key` for `ttl` and records the key under each of `tags`, so that
+    /// [`invalidate_tag`](Self::invalidate_tag) can remove it. Value and tags are written
+    /// atomically (one script).
+    ///
+    /// Each tag is a sorted set of key names scored by their expiry: expired names are trimmed
+    /// on every write, and the set expires with its longest-lived member.
+    pub async fn set_tagged<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+        tags: &[&str],
+    ) -> Result<()> {
+        let key = self.full_key(key);
+        let json = encode(&key, value)?;
+        let mut eval = ::redis::cmd("EVAL");
+        eval.arg(SET_TAGGED).arg(1 + tags.len()).arg(&key);
+        for tag in tags {
+            eval.arg(self.tag_key(tag));
+        }
+        eval.arg(json).arg(millis(ttl));
+        self.store.query(&eval).await
+    }
+
+    /// Removes every key stored with `tag` (see [`set_tagged`](Self::set_tagged)) and the tag
+    /// itself; returns how many keys it removed. Costs O(keys carrying the tag), whatever the
+    /// size of the keyspace: the tag's set is popped and its keys unlinked in batches.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
+        let tag_key = self.tag_key(tag);
+        let mut removed = 0;
+        loop {
+            let popped: Vec<(Vec<u8>, f64)> = self
+                .store
+                .query(::redis::cmd("ZPOPMIN").arg(&tag_key).arg(BATCH))
+                .await?;
+            let keys: Vec<Vec<u8>> = popped.into_iter().map(|(key, _)| key).collect();
+            removed += self.unlink(&keys).await?;
+            if keys.len() < BATCH {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// The value under `key`; on a miss, runs `compute`, stores its value for `ttl` and
+    /// returns it. This is what a caching decorator does; build `key` with
+    /// [`function_key`](Self::function_key) or any key builder of your own.
+    ///
+    /// - Single-flight: concurrent calls for one key on this client (and its clones) share one
+    ///   lookup and one run of `compute`, and all get its value. If the caller running it is
+    ///   dropped, a waiting caller takes over.
+    /// - An error from `compute` is returned and nothing is cached; the callers that were
+    ///   waiting on it get an [`ErrorKind::Compute`] error carrying its message.
+    /// - The cache never fails the call: if Redis is down or slow, or holds a value that is not
+    ///   valid JSON for `T`, `compute` runs and its value is returned (the problem is logged
+    ///   with `tracing`).
+    ///
+    /// ```rust,no_run
+    /// # async fn run(cache: tower_redis_cache::RedisCache) -> tower_redis_cache::Result<()> {
+    /// use std::time::Duration;
+    /// use tower_redis_cache::RedisCache;
+    ///
+    /// let id = 42;
+    /// let key = RedisCache::function_key("user_name", &id)?;
+    /// let name: String = cache
+    ///     .get_or_insert_with(&key, Duration::from_secs(60), || async move {
+    ///         Ok::<_, tower_redis_cache::Error>(format!("user {id}")) // the slow query
+    ///     })
+    ///     .await?;
+    /// # let _ = name; Ok(()) }
+    /// ```
+    pub async fn get_or_insert_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        compute: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error> + fmt::Display,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let key = self.full_key(key);
+        let flight = loop {
+            match self.join_or_lead(&key) {
+                Role::Leader(flight) => break flight,
+                Role::Follower(mut landing) => match landing.wait_for(Option::is_some).await {
+                    Ok(landed) => match landed.clone() {
+                        Some(Landing::Value(json)) => return Ok(decode(&key, &json)?),
+                        Some(Landing::Failed(message)) => {
+                            return Err(Error::new(
+                                ErrorKind::Compute,
+                                format!("computing the value of {key:?} failed: {message}"),
+                            )
+                            .into())
+                        }
+                        None => unreachable!("wait_for returned a value that is_some"),
+                    },
+                    // The leader's future was dropped before it landed: try again.
+                    Err(_) => continue,
+                },
+            }
+        };
+
+        match self.get_raw(&key).await {
+            Ok(Some(json)) => match decode::<T>(&key, &json) {
+                Ok(value) => {
+                    flight.land(Landing::Value(Bytes::from(json)));
+                    return Ok(value);
+                }
+                Err(e) => tracing::warn!(error = %e, "replacing an undecodable cached value"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(key, error = %e, "cache lookup failed; computing"),
+        }
+
+        let value = match compute().await {
+            Ok(value) => value,
+            Err(e) => {
+                flight.land(Landing::Failed(Arc::from(e.to_string())));
+                return Err(e);
+            }
+        };
+        match encode(&key, &value) {
+            Ok(json) => {
+                // Waiters go on at once; the flight stays registered until the value is
+                // stored, so that callers arriving meanwhile do not compute it again.
+                flight.land(Landing::Value(Bytes::from(json.clone())));
+                if let Err(e) = self.set_raw(&key, &json, ttl).await {
+                    tracing::warn!(key, error = %e, "could not cache a computed value");
+                }
+            }
+            // Dropping the flight unlanded makes the waiters compute their own values.
+            Err(e) => tracing::warn!(error = %e, "could not cache a computed value"),
+        }
+        Ok(value)
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}{TAG_INFIX}{tag}", self.namespace)
+    }
+
+    async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.store.query(::redis::cmd("GET").arg(key)).await
+    }
+
+    async fn set_raw(&self, key: &str, json: &[u8], ttl: Duration) -> Result<()> {
+        self.store
+            .query(
+                ::redis::cmd("SET")
+                    .arg(key)
+                    .arg(json)
+                    .arg("PX")
+                    .arg(millis(ttl)),
+            )
+            .await
+    }
+
+    /// UNLINKs `keys` in batches; returns how many existed.
+    async fn unlink(&self, keys: &[Vec<u8>]) -> Result<u64> {
+        let mut removed = 0;
+        for batch in keys.chunks(BATCH) {
+            removed += self
+                .store
+                .query::<u64>(::redis::cmd("UNLINK").arg(batch))
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    fn join_or_lead<'a>(&'a self, key: &'a str) -> Role<'a> {
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(landing) = flights.get(key) {
+            return Role::Follower(landing.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.to_owned(), rx);
+        Role::Leader(Flight {
+            flights: &self.flights,
+            key,
+            tx,
+        })
+    }
+}
+
+enum Role<'a> {
+    Leader(Flight<'a>),
+    Follower(watch::Receiver<Option<Landing>>),
+}
+
+/// A computation this caller leads. Dropping it (on completion, on error, or because the
+/// caller's future was dropped) unregisters it; followers that saw no landing then retry.
+struct Flight<'a> {
+    flights: &'a Flights,
+    key: &'a str,
+    tx: watch::Sender<Option<Landing>>,
+}
+
+impl Flight<'_> {
+    fn land(&self, landing: Landing) {
+        self.tx.send_replace(Some(landing));
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.key);
+    }
+}
+
+impl fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let in_flight = self.flights.lock().map_or(0, |flights| flights.len());
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.prefix())
+            .field("store", &self.store)
+            .field("in_flight", &in_flight)
+            .finish()
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<T> {
+    serde_json::from_slice(json).map_err(|e| {
+        Error::new(
+            ErrorKind::Codec,
+            format!(
+                "the value at {key:?} is not valid JSON for {}",
+                std::any::type_name::<T>()
+            ),
+        )
+        .with_source(e)
+    })
+}
+
+fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| {
+        Error::new(
+            ErrorKind::Codec,
+            format!("could not serialize the value for {key:?} as JSON"),
+        )
+        .with_source(e)
+    })
+}
+
+/// A TTL in whole milliseconds, at least 1 (Redis rejects `PX 0`).
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// `literal` with the glob metacharacters of `SCAN MATCH` escaped.
+fn escape_glob(literal: &str) -> String {
+    let mut escaped = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_escapes_separators_and_glob_syntax_only() {
+        assert_eq!(RedisCache::key(&["user", "42"]), "user:42");
+        assert_eq!(RedisCache::key(&["user", "a:b"]), "user:a%3Ab");
+        assert_eq!(
+            RedisCache::key(&["*?[]\\%", "é x"]),
+            "%2A%3F%5B%5D%5C%25:é x"
+        );
+        // Escaping is injective: `%` itself is escaped.
+        assert_ne!(RedisCache::key(&["%2A"]), RedisCache::key(&["*"]));
+    }
+
+    #[test]
+    fn function_key_is_prefix_and_md5_of_the_json_arguments() {
+        let key = RedisCache::function_key("get_user", &(42, "en")).unwrap();
+        assert_eq!(key, format!("get_user:{:x}", Md5::digest(br#"[42,"en"]"#)));
+        assert_ne!(
+            key,
+            RedisCache::function_key("get_user", &(43, "en")).unwrap()
+        );
+    }
+
+    #[test]
+    fn escape_glob_escapes_metacharacters() {
+        assert_eq!(escape_glob("a*b?[c]\\d:e"), "a\\*b\\?\\[c\\]\\\\d:e");
+    }
+
+    #[test]
+    fn millis_is_at_least_one() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+    }
+}

@@ -1,0 +1,864 @@
+//! The behaviour table of DESIGN.md, row by row, through real HTTP (axum/hyper) against a
+//! private redis-server.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use common::{cache_key, fetch, get_until_hit, send, serve, Counter, RedisServer};
+use tower_redis_cache::{CacheLayer, RedisStore};
+
+/// A Redis store on the test's own server.
+async fn store(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to test redis")
+}
+
+/// `GET /items/{id}` answering `item {id} #{call}` and counting calls.
+fn items_app(layer: CacheLayer, calls: Counter) -> Router {
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let n = calls.bump();
+                    async move { format!("item {id} #{n}") }
+                },
+            )
+            .post(|| async { "posted" }),
+        )
+        .layer(layer)
+}
+
+#[tokio::test]
+async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+
+    let first = fetch(addr, "/items/1").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.x_cache(), Some("MISS"));
+    assert_eq!(first.text(), "item 1 #1");
+    assert_eq!(first.header("age"), None);
+
+    let hit = get_until_hit(addr, "/items/1", &[]).await;
+    assert_eq!(hit.text(), "item 1 #1");
+    assert_eq!(hit.header("age"), Some("0"));
+    assert_eq!(hit.header("content-type"), first.header("content-type"));
+    assert_eq!(hit.header("content-length"), Some("9"));
+    assert_eq!(calls.get(), 1, "a hit must not call the handler");
+    assert_eq!(redis.dbsize(), 1);
+    let key = cache_key("http-cache", "GET", "/items/1", "");
+    assert_eq!(
+        redis.cmd::<i64>(&["EXISTS", &key]),
+        1,
+        "key layout {{prefix}}:{{md5}}"
+    );
+}
+
+#[tokio::test]
+async fn age_counts_whole_seconds_since_stored() {
+    let redis = RedisServer::start();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        Counter::default(),
+    ))
+    .await;
+    fetch(addr, "/items/1").await;
+    redis.wait_for_keys(1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(fetch(addr, "/items/1").await.header("age"), Some("1"));
+}
+
+#[tokio::test]
+async fn entries_expire_after_the_ttl() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(store(&redis).await).ttl(Duration::from_secs(1));
+    let addr = serve(items_app(layer, calls.clone())).await;
+    fetch(addr, "/items/1").await;
+    get_until_hit(addr, "/items/1", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = fetch(addr, "/items/1").await;
+    assert_eq!((after.x_cache(), after.text()), (Some("MISS"), "item 1 #2"));
+}
+
+#[tokio::test]
+async fn query_pairs_in_any_order_share_an_entry_and_other_queries_do_not() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    assert_eq!(fetch(addr, "/items/1?a=1&b=2").await.x_cache(), Some("MISS"));
+    let hit = get_until_hit(addr, "/items/1?b=2&a=1", &[]).await;
+    assert_eq!(hit.text(), "item 1 #1");
+    assert_eq!(fetch(addr, "/items/1?a=1&b=3").await.x_cache(), Some("MISS"));
+    assert_eq!(fetch(addr, "/items/2?a=1&b=2").await.x_cache(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
+    let redis = RedisServer::start();
+    let posts = Counter::default();
+    let counter = posts.clone();
+    let app = Router::new()
+        .route(
+            "/items/{id}",
+            get(|| async { "got" }).post(move || {
+                let n = counter.bump();
+                async move { format!("posted #{n}") }
+            }),
+        )
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    fetch(addr, "/items/1").await;
+    get_until_hit(addr, "/items/1", &[]).await;
+    for n in 1..=2 {
+        let post = send(addr, Method::POST, "/items/1", &[]).await;
+        assert_eq!(
+            post.text(),
+            format!("posted #{n}"),
+            "a POST must reach the handler"
+        );
+        assert_eq!(post.x_cache(), None, "untouched: no X-Cache");
+    }
+    assert_eq!(redis.dbsize(), 1, "POST responses are not stored");
+}
+
+#[tokio::test]
+async fn head_before_any_get_is_untouched_and_stores_no_empty_body() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    let head = send(addr, Method::HEAD, "/items/1", &[]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.x_cache(), None);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(redis.dbsize(), 0, "a HEAD response must not be stored");
+    let get1 = fetch(addr, "/items/1").await;
+    assert_eq!((get1.x_cache(), get1.text()), (Some("MISS"), "item 1 #2"));
+    let hit = get_until_hit(addr, "/items/1", &[]).await;
+    assert_eq!(hit.text(), "item 1 #2", "the GET entry has the full body");
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_fresh_get_entry_without_body() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    fetch(addr, "/items/1").await;
+    get_until_hit(addr, "/items/1", &[]).await;
+    let head = send(addr, Method::HEAD, "/items/1", &[]).await;
+    assert_eq!(head.x_cache(), Some("HIT"));
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length"),
+        Some("9"),
+        "HEAD announces the GET's length"
+    );
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn request_no_store_bypasses_and_stores_nothing() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    for n in 1..=2 {
+        let reply = send(
+            addr,
+            Method::GET,
+            "/items/1",
+            &[("Cache-Control", "No-Store")],
+        )
+        .await;
+        assert_eq!(
+            (reply.x_cache(), reply.text()),
+            (Some("BYPASS"), &*format!("item 1 #{n}"))
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(redis.dbsize(), 0);
+}
+
+/// Answers with the caller's identity, as a per-user endpoint would.
+async fn whoami(headers: HeaderMap) -> String {
+    match headers.get("authorization") {
+        Some(token) => format!("private data of {}", token.to_str().unwrap()),
+        None => "anonymous".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn authorized_replies_are_never_stored_or_served_to_others() {
+    let redis = RedisServer::start();
+    let app = Router::new()
+        .route("/me", get(whoami))
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    let alice = send(
+        addr,
+        Method::GET,
+        "/me",
+        &[("authorization", "Bearer alice")],
+    )
+    .await;
+    assert_eq!(
+        (alice.x_cache(), alice.text()),
+        (Some("BYPASS"), "private data of Bearer alice")
+    );
+    let bob = send(addr, Method::GET, "/me", &[("Authorization", "Bearer bob")]).await;
+    assert_eq!(
+        (bob.x_cache(), bob.text()),
+        (Some("BYPASS"), "private data of Bearer bob")
+    );
+    let anon = fetch(addr, "/me").await;
+    assert_eq!((anon.x_cache(), anon.text()), (Some("MISS"), "anonymous"));
+    get_until_hit(addr, "/me", &[]).await;
+    // With an anonymous entry stored, an authorized request still bypasses it.
+    let alice = send(
+        addr,
+        Method::GET,
+        "/me",
+        &[("authorization", "Bearer alice")],
+    )
+    .await;
+    assert_eq!(alice.text(), "private data of Bearer alice");
+    assert_eq!(redis.dbsize(), 1, "only the anonymous reply is stored");
+}
+
+#[tokio::test]
+async fn a_route_can_opt_in_to_caching_authorized_requests() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(store(&redis).await).cache_authorized_requests(true);
+    let addr = serve(items_app(layer, calls.clone())).await;
+    let auth = [("authorization", "Bearer alice")];
+    assert_eq!(
+        send(addr, Method::GET, "/items/1", &auth).await.x_cache(),
+        Some("MISS")
+    );
+    get_until_hit(addr, "/items/1", &auth).await;
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn client_no_cache_refreshes_the_stored_copy() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    fetch(addr, "/items/1").await;
+    get_until_hit(addr, "/items/1", &[]).await;
+    let refresh = send(
+        addr,
+        Method::GET,
+        "/items/1",
+        &[("cache-control", "NO-CACHE")],
+    )
+    .await;
+    assert_eq!(
+        (refresh.x_cache(), refresh.text()),
+        (Some("REFRESH"), "item 1 #2")
+    );
+    let pragma = send(addr, Method::GET, "/items/1", &[("pragma", "no-cache")]).await;
+    assert_eq!(
+        (pragma.x_cache(), pragma.text()),
+        (Some("REFRESH"), "item 1 #3")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let hit = get_until_hit(addr, "/items/1", &[]).await;
+        if hit.text() == "item 1 #3" {
+            break; // the stored copy was replaced by the refreshed response
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stored copy never replaced: {hit:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_route_can_ignore_client_no_cache() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(store(&redis).await).honor_request_no_cache(false);
+    let addr = serve(items_app(layer, calls.clone())).await;
+    fetch(addr, "/items/1").await;
+    get_until_hit(addr, "/items/1", &[]).await;
+    let reply = send(
+        addr,
+        Method::GET,
+        "/items/1",
+        &[("cache-control", "no-cache")],
+    )
+    .await;
+    assert_eq!((reply.x_cache(), reply.text()), (Some("HIT"), "item 1 #1"));
+    assert_eq!(calls.get(), 1);
+}
+
+/// A route whose handler returns the given status and headers, counting calls.
+fn fixed_app(
+    layer: CacheLayer,
+    status: StatusCode,
+    headers: &'static [(&'static str, &'static str)],
+    calls: Counter,
+) -> Router {
+    Router::new()
+        .route(
+            "/r",
+            get(move || {
+                let n = calls.bump();
+                async move {
+                    let mut response = (status, format!("reply #{n}")).into_response();
+                    for (name, value) in headers {
+                        response.headers_mut().append(*name, value.parse().unwrap());
+                    }
+                    response
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+/// Sends two GETs (with a pause for a background write) and returns the second reply.
+async fn twice(addr: std::net::SocketAddr) -> common::Reply {
+    fetch(addr, "/r").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fetch(addr, "/r").await
+}
+
+#[tokio::test]
+async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
+    let cases: &[(StatusCode, &[(&str, &str)])] = &[
+        (StatusCode::NOT_FOUND, &[]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &[]),
+        (StatusCode::MOVED_PERMANENTLY, &[("location", "/elsewhere")]),
+        (StatusCode::OK, &[("set-cookie", "session=alice")]),
+        (StatusCode::OK, &[("cache-control", "Private, max-age=60")]),
+        (StatusCode::OK, &[("cache-control", "no-store")]),
+        (StatusCode::OK, &[("vary", "*")]),
+        (
+            StatusCode::OK,
+            &[("vary", "accept-encoding"), ("vary", "*")],
+        ),
+    ];
+    for (status, headers) in cases {
+        let redis = RedisServer::start();
+        let calls = Counter::default();
+        let addr = serve(fixed_app(
+            CacheLayer::new(store(&redis).await),
+            *status,
+            headers,
+            calls.clone(),
+        ))
+        .await;
+        let second = twice(addr).await;
+        assert_eq!(second.status, *status);
+        assert_eq!(second.x_cache(), Some("MISS"), "{status} {headers:?}");
+        assert_eq!(
+            second.text(),
+            "reply #2",
+            "{status} {headers:?} was served from cache"
+        );
+        assert_eq!(redis.dbsize(), 0, "{status} {headers:?} was stored");
+        if headers.iter().any(|(n, _)| *n == "set-cookie") {
+            assert_eq!(
+                second.header("set-cookie"),
+                Some("session=alice"),
+                "the handler's own cookie"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn stored_status_codes_are_configurable() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(store(&redis).await).status_codes([200, 404]);
+    let addr = serve(fixed_app(layer, StatusCode::NOT_FOUND, &[], calls.clone())).await;
+    fetch(addr, "/r").await;
+    let hit = get_until_hit(addr, "/r", &[]).await;
+    assert_eq!(
+        (hit.status, hit.text()),
+        (StatusCode::NOT_FOUND, "reply #1")
+    );
+}
+
+#[tokio::test]
+async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise() {
+    let cases: &[(&[(&str, &str)], bool, i64)] = &[
+        (&[("cache-control", "max-age=100")], true, 100),
+        (&[("cache-control", "max-age=100, s-maxage=200")], true, 200),
+        (&[("cache-control", "max-age=100")], false, 60),
+        (&[], true, 60),
+    ];
+    for (headers, honor, expected) in cases {
+        let redis = RedisServer::start();
+        let layer = CacheLayer::new(store(&redis).await).honor_origin_ttl(*honor);
+        let addr = serve(fixed_app(
+            layer,
+            StatusCode::OK,
+            headers,
+            Counter::default(),
+        ))
+        .await;
+        fetch(addr, "/r").await;
+        redis.wait_for_keys(1).await;
+        let key = cache_key("http-cache", "GET", "/r", "");
+        let ttl: i64 = redis.cmd(&["TTL", &key]);
+        assert!(
+            (expected - 2..=*expected).contains(&ttl),
+            "{headers:?} honor={honor}: ttl {ttl}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn multi_valued_headers_and_binary_bodies_replay_exactly() {
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe\x00";
+    let redis = RedisServer::start();
+    let app = Router::new()
+        .route(
+            "/logo.png",
+            get(|| async {
+                Response::builder()
+                    .header("content-type", "image/png")
+                    .header("link", "</a.css>; rel=preload")
+                    .header("link", "</b.js>; rel=preload")
+                    .header("x-trace", "1")
+                    .body(Body::from(PNG))
+                    .unwrap()
+            }),
+        )
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    let first = fetch(addr, "/logo.png").await;
+    let hit = get_until_hit(addr, "/logo.png", &[]).await;
+    assert_eq!(&hit.body[..], PNG);
+    assert_eq!(hit.body, first.body);
+    let links: Vec<_> = hit
+        .headers
+        .get_all("link")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(links, ["</a.css>; rel=preload", "</b.js>; rel=preload"]);
+    assert_eq!(hit.header("x-trace"), Some("1"));
+}
+
+/// Gzip bytes for clients that accept gzip, identity otherwise, with `Vary: Accept-Encoding`.
+async fn negotiated(headers: HeaderMap) -> Response {
+    const GZIP: &[u8] = &[
+        0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x01, 0x00,
+    ];
+    let accepts = headers
+        .get("accept-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let builder = Response::builder().header("vary", "Accept-Encoding");
+    if accepts.contains("gzip") {
+        builder
+            .header("content-encoding", "gzip")
+            .body(Body::from(GZIP))
+            .unwrap()
+    } else {
+        builder.body(Body::from("plain text")).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn vary_keys_on_the_listed_request_headers() {
+    let redis = RedisServer::start();
+    let app = Router::new()
+        .route("/asset", get(negotiated))
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    let gzip = [("accept-encoding", "gzip")];
+    assert_eq!(
+        send(addr, Method::GET, "/asset", &gzip).await.x_cache(),
+        Some("MISS")
+    );
+    let gz_hit = get_until_hit(addr, "/asset", &gzip).await;
+    assert_eq!(gz_hit.header("content-encoding"), Some("gzip"));
+
+    let br = send(addr, Method::GET, "/asset", &[("accept-encoding", "br")]).await;
+    assert_eq!(
+        br.x_cache(),
+        Some("MISS"),
+        "a br client must not get the gzip variant"
+    );
+    assert_eq!(
+        (br.header("content-encoding"), br.text()),
+        (None, "plain text")
+    );
+    let br_hit = get_until_hit(addr, "/asset", &[("accept-encoding", "br")]).await;
+    assert_eq!(
+        (br_hit.header("content-encoding"), br_hit.text()),
+        (None, "plain text")
+    );
+    let plain = send(addr, Method::GET, "/asset", &[]).await;
+    assert_eq!(plain.header("content-encoding"), None);
+    let gz_again = get_until_hit(addr, "/asset", &gzip).await;
+    assert_eq!(gz_again.header("content-encoding"), Some("gzip"));
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/big",
+            get(move || {
+                counter.bump();
+                // A streamed body of unknown length, in 64 chunks of 1 KiB.
+                let chunks = (0..64u8).map(|i| Ok::<_, Infallible>(Bytes::from(vec![i; 1024])));
+                async move { Body::from_stream(futures_stream(chunks)) }
+            }),
+        )
+        .route("/big-known", get(|| async { vec![7u8; 4096] }))
+        .layer(CacheLayer::new(store(&redis).await).max_body_bytes(2048));
+    let addr = serve(app).await;
+    for path in ["/big", "/big-known"] {
+        let second = twice_at(addr, path).await;
+        assert_eq!(second.x_cache(), Some("MISS"), "{path}");
+    }
+    let big = fetch(addr, "/big").await;
+    assert_eq!(big.body.len(), 64 * 1024, "the client gets the whole body");
+    assert!(big
+        .body
+        .chunks(1024)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
+    assert_eq!(calls.get(), 3);
+    assert_eq!(redis.dbsize(), 0);
+}
+
+async fn twice_at(addr: std::net::SocketAddr, path: &str) -> common::Reply {
+    fetch(addr, path).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fetch(addr, path).await
+}
+
+/// A stream over an iterator, yielding between items so chunks arrive separately.
+fn futures_stream<I: Iterator + Send + 'static>(
+    iter: I,
+) -> impl futures_core::Stream<Item = I::Item> + Send
+where
+    I::Item: Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for item in iter {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_core::Stream<Item = T> + Send {
+    struct Rx<T>(tokio::sync::mpsc::Receiver<T>);
+    impl<T> futures_core::Stream for Rx<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    Rx(rx)
+}
+
+#[tokio::test]
+async fn a_body_that_fails_midway_is_not_stored() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/flaky",
+            get(move || {
+                counter.bump();
+                let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                    Ok(Bytes::from_static(b"first half")),
+                    Err(std::io::Error::other("database went away")),
+                ];
+                async move { Body::from_stream(futures_stream(chunks.into_iter())) }
+            }),
+        )
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    for _ in 0..2 {
+        let request = http::Request::get(format!("http://{addr}/flaky"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = common::client().request(request).await.unwrap();
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(body.is_err(), "the client sees the failure");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(calls.get(), 2);
+    assert_eq!(redis.dbsize(), 0, "a truncated body was stored");
+}
+
+#[tokio::test]
+async fn a_body_the_client_abandoned_is_not_stored() {
+    let redis = RedisServer::start();
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        if tx.send(Ok(Bytes::from_static(b"chunk "))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+                Body::from_stream(tokio_stream_from(rx))
+            }),
+        )
+        .layer(CacheLayer::new(store(&redis).await));
+    let addr = serve(app).await;
+    let request = http::Request::get(format!("http://{addr}/slow"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = common::client().request(request).await.unwrap();
+    assert_eq!(response.headers().get("x-cache").unwrap(), "MISS");
+    let mut body = response.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk ");
+    drop(body); // the client goes away mid-body
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(redis.dbsize(), 0, "a body the client abandoned was stored");
+}
+
+#[tokio::test]
+async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let base = CacheLayer::new(store);
+    let short = base.clone().ttl(Duration::from_secs(10));
+    let long = base
+        .ttl(Duration::from_secs(300))
+        .methods([Method::GET, Method::POST]);
+    let app = Router::new()
+        .route(
+            "/short",
+            get(|| async { "short" }).post(|| async { "short post" }),
+        )
+        .route_layer(short)
+        .merge(
+            Router::new()
+                .route(
+                    "/long",
+                    get(|| async { "long" }).post(|| async { "long post" }),
+                )
+                .route_layer(long),
+        );
+    let addr = serve(app).await;
+    fetch(addr, "/short").await;
+    fetch(addr, "/long").await;
+    assert_eq!(
+        send(addr, Method::POST, "/short", &[]).await.x_cache(),
+        None
+    );
+    assert_eq!(
+        send(addr, Method::POST, "/long", &[]).await.x_cache(),
+        Some("MISS")
+    );
+    redis.wait_for_keys(3).await;
+    let ttl = |method: &str, path: &str| -> i64 {
+        redis.cmd(&["TTL", &cache_key("http-cache", method, path, "")])
+    };
+    assert!(
+        (8..=10).contains(&ttl("GET", "/short")),
+        "short ttl {}",
+        ttl("GET", "/short")
+    );
+    assert!(
+        (298..=300).contains(&ttl("GET", "/long")),
+        "long ttl {}",
+        ttl("GET", "/long")
+    );
+    assert!((298..=300).contains(&ttl("POST", "/long")));
+    assert_eq!(
+        redis.cmd::<i64>(&["EXISTS", &cache_key("http-cache", "POST", "/short", "")]),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_entry_is_a_miss_and_is_overwritten() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let addr = serve(items_app(
+        CacheLayer::new(store(&redis).await),
+        calls.clone(),
+    ))
+    .await;
+    let key = cache_key("http-cache", "GET", "/items/1", "");
+    for junk in ["not an entry", "TRC\u{1}\u{0}\u{0}", ""] {
+        let _: () = redis.cmd(&["SET", &key, junk]);
+        let reply = fetch(addr, "/items/1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.x_cache(), Some("MISS"), "junk {junk:?} was served");
+        let hit = get_until_hit(addr, "/items/1", &[]).await;
+        assert_eq!(
+            hit.text(),
+            reply.text(),
+            "the junk was overwritten by the response"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_layer_wraps_a_plain_tower_service() {
+    use tower::{Layer, ServiceExt};
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let service = tower::service_fn(move |_req: http::Request<http_body_util::Empty<Bytes>>| {
+        let n = counter.bump();
+        async move {
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                format!("plain #{n}"),
+            ))))
+        }
+    });
+    let service = CacheLayer::new(store(&redis).await).layer(service);
+    let request = || {
+        http::Request::get("/plain")
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let first = service.clone().oneshot(request()).await.unwrap();
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let body = http_body_util::BodyExt::collect(first.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "plain #1");
+    redis.wait_for_keys(1).await;
+    let second = service.oneshot(request()).await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    let body = http_body_util::BodyExt::collect(second.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "plain #1");
+}
+
+/// A service that fails any call on a clone that was not polled ready, as a service holding
+/// a reserved slot (a semaphore permit, a connection) would.
+#[derive(Default)]
+struct ReadyTracked {
+    ready: bool,
+}
+
+impl tower::Service<http::Request<Body>> for ReadyTracked {
+    type Response = Response;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<Response, &'static str>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.ready = true;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+        let was_ready = std::mem::take(&mut self.ready);
+        std::future::ready(if was_ready {
+            Ok("ok".into_response())
+        } else {
+            Err("called before poll_ready")
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_inner_service_called_is_the_one_polled_ready() {
+    use tower::{Layer, Service, ServiceExt};
+    // A clone starts not ready, so calling a clone instead of the polled service fails.
+    #[derive(Default)]
+    struct Fresh(ReadyTracked);
+    impl Clone for Fresh {
+        fn clone(&self) -> Self {
+            Fresh(ReadyTracked::default())
+        }
+    }
+    impl tower::Service<http::Request<Body>> for Fresh {
+        type Response = Response;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Response, &'static str>>;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.0.poll_ready(cx)
+        }
+        fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+            self.0.call(req)
+        }
+    }
+    let redis = RedisServer::start();
+    let mut service = CacheLayer::new(store(&redis).await).layer(Fresh::default());
+    for method in [Method::GET, Method::POST, Method::GET] {
+        let request = http::Request::builder()
+            .method(method)
+            .uri("/x")
+            .body(Body::empty())
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await;
+        assert!(response.is_ok(), "{:?}", response.err());
+    }
+}
