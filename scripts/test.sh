@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. The tests spawn their own redis-server processes, so
+# redis-server must be installed; this installs it (Debian/Ubuntu) when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "redis-server not found; installing it with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server
+fi
+
+cargo test --all-features "$@"
