@@ -50,7 +50,7 @@ use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use redis::aio::MultiplexedConnection;
-use tower::{Layer, ServiceExt};
+use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, X_CACHE};
 
 const BODY_LEN: usize = 1024;

@@ -69,9 +69,11 @@ impl CachedResponse {
         Duration::from_secs(now_ms.saturating_sub(self.stored_at_ms) / 1000)
     }
 
-    /// Whether the entry is still within its TTL.
-    pub(crate) fn is_fresh(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.stored_at_ms) < self.ttl.as_millis() as u64
+    /// How long ago the entry's TTL ran out, or `None` while it is fresh.
+    pub(crate) fn staleness(&self, now_ms: u64) -> Option<Duration> {
+        let age_ms = now_ms.saturating_sub(self.stored_at_ms);
+        let ttl_ms = self.ttl.as_millis() as u64;
+        (age_ms >= ttl_ms).then(|| Duration::from_millis(age_ms - ttl_ms))
     }
 
     /// Encodes the response whose body arrived as `chunks` (copied once, into the entry).

@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::Method;
 use tower_layer::Layer;
 
+use crate::coalesce::Flights;
 use crate::policy::{Rules, StatusSet};
 use crate::service::CacheService;
 use crate::store::Store;
@@ -30,6 +31,7 @@ pub(crate) struct Config {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) rules: Rules,
     pub(crate) key_prefix: String,
+    pub(crate) flights: Arc<Flights>,
 }
 
 impl CacheLayer {
@@ -45,6 +47,7 @@ impl CacheLayer {
                 store,
                 rules: Rules::default(),
                 key_prefix: "http-cache".to_owned(),
+                flights: Arc::default(),
             }),
         }
     }
@@ -108,6 +111,62 @@ impl CacheLayer {
     /// stored response is served to every client, authorized or not.
     pub fn cache_authorized_requests(mut self, cache: bool) -> Self {
         self.rules_mut().cache_authorized = cache;
+        self
+    }
+}
+
+impl CacheLayer {
+    /// Serve an entry up to `grace` past its TTL at once (`X-Cache: STALE`) while one
+    /// background call refreshes it (default zero; a response's own
+    /// `stale-while-revalidate=N` extends it when origin TTLs are honoured).
+    pub fn stale_while_revalidate(mut self, grace: Duration) -> Self {
+        self.rules_mut().stale_while_revalidate = grace;
+        self
+    }
+
+    /// Serve an entry up to `grace` past its TTL (`X-Cache: STALE`) when the handler fails
+    /// or answers 5xx (default zero; a response's own `stale-if-error=N` extends it when
+    /// origin TTLs are honoured). `must-revalidate` on a response turns both graces off.
+    pub fn stale_if_error(mut self, grace: Duration) -> Self {
+        self.rules_mut().stale_if_error = grace;
+        self
+    }
+
+    /// Shorten each entry's TTL by a random fraction of up to `fraction` (0.0 to 1.0,
+    /// default 0), so entries written together do not expire together.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.rules_mut().ttl_jitter = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
+        self
+    }
+
+    /// Whether concurrent misses for one key in this process wait for a single handler
+    /// call and share its response (default true). The waiters get `X-Cache: HIT`. A
+    /// response that may not be stored is never shared: each waiter then calls the handler.
+    pub fn coalesce(mut self, enable: bool) -> Self {
+        self.rules_mut().coalesce = enable;
+        self
+    }
+
+    /// How long a coalesced request waits for another's handler call before calling the
+    /// handler itself (default 5 s).
+    pub fn coalesce_timeout(mut self, timeout: Duration) -> Self {
+        self.rules_mut().coalesce_timeout = timeout;
+        self
+    }
+
+    /// Whether misses are also coalesced across app instances sharing the store, through a
+    /// short lock per key in the store (default false). It costs one more store round trip
+    /// on each miss; it makes a cold popular key cost one handler call in total rather than
+    /// one per instance. Instances that do not get the lock poll for the entry.
+    pub fn lock_across_instances(mut self, enable: bool) -> Self {
+        self.rules_mut().lock_across_instances = enable;
+        self
+    }
+
+    /// How long a cross-instance lock lives if its holder never releases it (a crashed
+    /// instance): other instances proceed after this (default 5 s).
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.rules_mut().lock_ttl = ttl;
         self
     }
 }

@@ -5,6 +5,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod coalesce;
 #[cfg(feature = "redis")]
 mod client;
 mod entry;

@@ -17,6 +17,14 @@ pub(crate) struct Rules {
     pub(crate) honor_origin_ttl: bool,
     pub(crate) honor_request_no_cache: bool,
     pub(crate) cache_authorized: bool,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
+    /// Fraction (0..=1) of the TTL by which entries' lifetimes are randomly shortened.
+    pub(crate) ttl_jitter: f64,
+    pub(crate) coalesce: bool,
+    pub(crate) coalesce_timeout: Duration,
+    pub(crate) lock_across_instances: bool,
+    pub(crate) lock_ttl: Duration,
 }
 
 impl Default for Rules {
@@ -29,6 +37,13 @@ impl Default for Rules {
             honor_origin_ttl: true,
             honor_request_no_cache: true,
             cache_authorized: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            ttl_jitter: 0.0,
+            coalesce: true,
+            coalesce_timeout: Duration::from_secs(5),
+            lock_across_instances: false,
+            lock_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -68,6 +83,9 @@ pub(crate) struct CacheControl {
     pub(crate) public: bool,
     pub(crate) max_age: Option<u64>,
     pub(crate) s_maxage: Option<u64>,
+    pub(crate) must_revalidate: bool,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
 }
 
 impl CacheControl {
@@ -97,6 +115,14 @@ impl CacheControl {
                     cc.max_age = cc.max_age.or_else(seconds);
                 } else if name.eq_ignore_ascii_case("s-maxage") {
                     cc.s_maxage = cc.s_maxage.or_else(seconds);
+                } else if name.eq_ignore_ascii_case("must-revalidate")
+                    || name.eq_ignore_ascii_case("proxy-revalidate")
+                {
+                    cc.must_revalidate = true;
+                } else if name.eq_ignore_ascii_case("stale-while-revalidate") {
+                    cc.stale_while_revalidate = cc.stale_while_revalidate.or_else(seconds);
+                } else if name.eq_ignore_ascii_case("stale-if-error") {
+                    cc.stale_if_error = cc.stale_if_error.or_else(seconds);
                 }
             }
         }
@@ -193,6 +219,43 @@ pub(crate) fn storable_ttl(rules: &Rules, status: StatusCode, headers: &HeaderMa
         .flatten()
         .map(Duration::from_secs);
     Some(origin_ttl.unwrap_or(rules.ttl)).filter(|ttl| !ttl.is_zero())
+}
+
+/// How long past its TTL a stored response may still be served (RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Grace {
+    /// Served stale at once while one background refresh runs.
+    pub(crate) revalidate: Duration,
+    /// Served stale when the handler fails or answers 5xx.
+    pub(crate) if_error: Duration,
+}
+
+impl Grace {
+    /// How long the store must keep an entry past its TTL.
+    pub(crate) fn longest(&self) -> Duration {
+        self.revalidate.max(self.if_error)
+    }
+}
+
+/// The grace periods of a stored response: the route's, extended by the response's own
+/// `stale-while-revalidate` / `stale-if-error` when the route honours origin directives, and
+/// none at all under `must-revalidate` / `proxy-revalidate`.
+pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
+    let cc = CacheControl::parse(headers);
+    if cc.must_revalidate {
+        return Grace::default();
+    }
+    let origin = |secs: Option<u64>| {
+        rules
+            .honor_origin_ttl
+            .then_some(secs)
+            .flatten()
+            .map_or(Duration::ZERO, Duration::from_secs)
+    };
+    Grace {
+        revalidate: rules.stale_while_revalidate.max(origin(cc.stale_while_revalidate)),
+        if_error: rules.stale_if_error.max(origin(cc.stale_if_error)),
+    }
 }
 
 /// The request headers a response varies on.
@@ -313,6 +376,26 @@ mod tests {
         let names = |v: &[&'static str]| v.iter().map(|n| HeaderName::from_static(n)).collect();
         assert_eq!(vary_names(&h), Vary::Headers(names(&["accept-encoding", "x-b"])));
         assert_eq!(vary_names(&headers(&[("vary", "*")])), Vary::Any);
+    }
+
+    #[test]
+    fn grace_table() {
+        let secs = Duration::from_secs;
+        let route = Rules { stale_while_revalidate: secs(5), stale_if_error: secs(7), ..Rules::default() };
+        let cases: &[(&Rules, &[(&str, &str)], (u64, u64))] = &[
+            (&route, &[], (5, 7)),
+            (&route, &[("cache-control", "stale-while-revalidate=30, stale-if-error=1")], (30, 7)),
+            (&route, &[("cache-control", "max-age=5, Must-Revalidate, stale-if-error=60")], (0, 0)),
+            (&route, &[("cache-control", "proxy-revalidate")], (0, 0)),
+            (&Rules::default(), &[("cache-control", "stale-if-error=9")], (0, 9)),
+        ];
+        for (rules, input, (revalidate, if_error)) in cases {
+            let expected = Grace { revalidate: secs(*revalidate), if_error: secs(*if_error) };
+            assert_eq!(grace(rules, &headers(input)), expected, "{input:?}");
+        }
+        let no_origin = Rules { honor_origin_ttl: false, ..Rules::default() };
+        let h = headers(&[("cache-control", "stale-while-revalidate=30")]);
+        assert_eq!(grace(&no_origin, &h), Grace::default());
     }
 
     #[test]

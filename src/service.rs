@@ -13,6 +13,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{CacheBody, Recorder};
+use crate::coalesce::{self, Lead, Lock, Role, Shared};
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
 use crate::layer::Config;
@@ -26,6 +27,7 @@ const HIT: HeaderValue = HeaderValue::from_static("HIT");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
 const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
 const REFRESH: HeaderValue = HeaderValue::from_static("REFRESH");
+const STALE: HeaderValue = HeaderValue::from_static("STALE");
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -84,6 +86,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CacheService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
@@ -114,16 +117,18 @@ async fn respond<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Body,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
 {
     // 1. May this request use the cache at all?
     let label = match policy::classify_request(&config.rules, req.method(), req.headers()) {
         RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
         RequestAction::HeadLookup => {
             let key = key::base_key(&config.key_prefix, &Method::GET, req.uri());
-            if let Some(hit) = lookup(&*config.store, &key, req.headers()).await {
-                return Ok(replay(hit, false));
+            if let Found::Fresh(hit) = lookup(&config, &key, req.headers()).await {
+                return Ok(replay(hit, false, HIT));
             }
             return Ok(inner.call(req).await?.map(CacheBody::passthrough));
         }
@@ -135,49 +140,115 @@ where
         RequestAction::Refresh => REFRESH,
         RequestAction::Lookup => MISS,
     };
-
-    // 2-3. Build the key; serve a fresh stored copy unless the client asked for a refresh.
     let key = key::base_key(&config.key_prefix, req.method(), req.uri());
+
+    // 2-3. Serve a stored copy unless the client asked for a refresh: fresh as a hit; stale
+    // within its revalidation grace at once while one background call refreshes it.
+    let mut stale_if_error = None;
+    let mut lead = None;
     if label == MISS {
-        if let Some(hit) = lookup(&*config.store, &key, req.headers()).await {
-            return Ok(replay(hit, true));
+        match lookup(&config, &key, req.headers()).await {
+            Found::Fresh(hit) => return Ok(replay(hit, true, HIT)),
+            Found::Revalidate(stale) => {
+                refresh_in_background(config, key, inner, req);
+                return Ok(replay(stale, true, STALE));
+            }
+            Found::IfError(stale) => stale_if_error = Some(stale),
+            Found::Absent => {}
+        }
+        // A cold key: let one request call the handler and the others reuse its response.
+        match coalesce(&config, &key, req.headers()).await {
+            Coalesced::Hit(hit) => return Ok(replay(hit, true, HIT)),
+            Coalesced::Lead(l) => lead = Some(l),
+            Coalesced::Alone => {}
         }
     }
 
-    // 4. Call the handler; record its body while it streams to the client if it may be stored.
+    // 4. Call the handler. If it fails and a stale copy may stand in for errors, serve that.
     let request_headers = req.headers().clone();
-    let (mut parts, body) = inner.call(req).await?.into_parts();
-    let recorder = policy::storable_ttl(&config.rules, parts.status, &parts.headers)
-        .filter(|_| fits(&body, config.rules.max_body_bytes))
-        .and_then(|ttl| {
-            let pending = PendingEntry::new(&config, key, &request_headers, &parts, ttl)?;
-            Some(Recorder::new(
-                config.rules.max_body_bytes,
-                Box::new(move |chunks| pending.store(chunks)),
-            ))
-        });
+    let result = inner.call(req).await;
+    if let Some(stale) = stale_if_error {
+        if result.as_ref().map_or(true, |r| r.status().is_server_error()) {
+            return Ok(replay(stale, true, STALE));
+        }
+    }
+    let (mut parts, body) = result?.into_parts();
+
+    // 5. Record the body while it streams to the client, if the response may be stored; it is
+    // written in the background once complete.
+    let recorder = plan_store(&config, key, &request_headers, &parts, &body, lead);
     parts.headers.insert(X_CACHE, label);
     Ok(Response::from_parts(parts, CacheBody::recording(body, recorder)))
 }
 
-/// Whether a body might fit the limit (a body that announces a larger size is not recorded).
-fn fits(body: &impl Body, limit: usize) -> bool {
-    body.size_hint().lower() <= limit as u64
+/// A recorder that stores the response once its body has streamed through, if the response
+/// may be stored at all.
+fn plan_store<B: Body>(
+    config: &Arc<Config>,
+    key: String,
+    request_headers: &HeaderMap,
+    parts: &http::response::Parts,
+    body: &B,
+    lead: Option<Lead>,
+) -> Option<Recorder> {
+    let rules = &config.rules;
+    let ttl = policy::storable_ttl(rules, parts.status, &parts.headers)?;
+    // A body announcing more than the limit is not recorded at all.
+    if body.size_hint().lower() > rules.max_body_bytes as u64 {
+        return None;
+    }
+    let pending = PendingEntry::new(config, key, request_headers, parts, ttl, lead)?;
+    Some(Recorder::new(
+        rules.max_body_bytes,
+        Box::new(move |chunks| pending.store(chunks)),
+    ))
 }
 
-/// A fresh stored response for the request, following a `Vary` marker to the variant that
-/// matches the request's headers. Absent, stale, unreadable or unreachable: `None`.
-async fn lookup(store: &dyn Store, key: &str, request: &HeaderMap) -> Option<CachedResponse> {
-    let response = match fetch(store, key).await? {
-        StoredValue::Response(response) => response,
+/// What a lookup found.
+enum Found {
+    Fresh(CachedResponse),
+    /// Stale, within the grace in which it is served while a refresh runs.
+    Revalidate(CachedResponse),
+    /// Stale, within the grace in which it may stand in for a failing handler.
+    IfError(CachedResponse),
+    Absent,
+}
+
+/// The stored response for the request, following a `Vary` marker to the variant that
+/// matches the request's headers. Unreadable or unreachable entries are `Absent`.
+async fn lookup(config: &Config, key: &str, request: &HeaderMap) -> Found {
+    let Some((response, _)) = lookup_entry(&*config.store, key, request).await else {
+        return Found::Absent;
+    };
+    let Some(staleness) = response.staleness(entry::now_ms()) else {
+        return Found::Fresh(response);
+    };
+    let grace = policy::grace(&config.rules, &response.headers);
+    if staleness < grace.revalidate {
+        Found::Revalidate(response)
+    } else if staleness < grace.if_error {
+        Found::IfError(response)
+    } else {
+        Found::Absent
+    }
+}
+
+/// The stored response (fresh or not) and, for a `Vary` variant, its names and key.
+async fn lookup_entry(
+    store: &dyn Store,
+    key: &str,
+    request: &HeaderMap,
+) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+    match fetch(store, key).await? {
+        StoredValue::Response(response) => Some((response, None)),
         StoredValue::Variants(names) => {
-            match fetch(store, &key::variant_key(key, &names, request)).await? {
-                StoredValue::Response(response) => response,
-                StoredValue::Variants(_) => return None,
+            let variant_key = key::variant_key(key, &names, request);
+            match fetch(store, &variant_key).await? {
+                StoredValue::Response(response) => Some((response, Some((names, variant_key)))),
+                StoredValue::Variants(_) => None,
             }
         }
-    };
-    response.is_fresh(entry::now_ms()).then_some(response)
+    }
 }
 
 async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
@@ -193,8 +264,126 @@ async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
     }
 }
 
-/// The stored response as an HTTP response, marked as a hit.
-fn replay<B>(hit: CachedResponse, with_body: bool) -> Response<CacheBody<B>> {
+/// How a cold-key request proceeds.
+enum Coalesced {
+    /// Another request (in this process or another) produced the response.
+    Hit(CachedResponse),
+    /// This request calls the handler and shares the result.
+    Lead(Lead),
+    /// This request calls the handler on its own (coalescing off, or waiting gave up).
+    Alone,
+}
+
+/// Makes concurrent misses for one key wait for a single handler call: in this process
+/// through the flight map, across processes (when enabled) through a lock in the store.
+async fn coalesce(config: &Config, key: &str, headers: &HeaderMap) -> Coalesced {
+    let rules = &config.rules;
+    if !rules.coalesce {
+        return Coalesced::Alone;
+    }
+    let mut lead = match config.flights.join(key) {
+        Role::Follower(rx) => {
+            return match coalesce::follow(rx, rules.coalesce_timeout, key, headers).await {
+                Some(hit) => Coalesced::Hit(hit),
+                None => Coalesced::Alone,
+            };
+        }
+        Role::Leader(lead) => lead,
+    };
+    if !rules.lock_across_instances {
+        return Coalesced::Lead(lead);
+    }
+    // Another instance may be computing this key: take its lock, or wait for its entry.
+    let deadline = tokio::time::Instant::now() + rules.coalesce_timeout;
+    loop {
+        match Lock::try_acquire(&config.store, key, rules.lock_ttl).await {
+            Ok(Some(lock)) => {
+                // The previous holder may have just stored the entry and released the lock.
+                if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
+                    lead.share(Shared { response: hit.clone(), variant });
+                    return Coalesced::Hit(hit);
+                }
+                lead.hold(lock);
+                return Coalesced::Lead(lead);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(key, error = %e, "cache lock unavailable; calling the handler");
+                return Coalesced::Lead(lead);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Coalesced::Lead(lead);
+        }
+        tokio::time::sleep(LOCK_POLL_INTERVAL).await;
+        if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
+            lead.share(Shared { response: hit.clone(), variant });
+            return Coalesced::Hit(hit);
+        }
+    }
+}
+
+/// How often an instance waiting on another's lock looks for the entry.
+const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+async fn fresh_entry(
+    config: &Config,
+    key: &str,
+    headers: &HeaderMap,
+) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+    let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
+    response.staleness(entry::now_ms()).is_none().then_some((response, variant))
+}
+
+/// Calls the handler for a stale key in the background and stores its response, unless a
+/// refresh of the key is already running (here, or in another instance when cross-instance
+/// locking is on).
+fn refresh_in_background<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    key: String,
+    mut inner: S,
+    req: Request<ReqBody>,
+) where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    let Role::Leader(mut lead) = config.flights.join(&key) else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        if config.rules.lock_across_instances {
+            match Lock::try_acquire(&config.store, &key, config.rules.lock_ttl).await {
+                Ok(Some(lock)) => lead.hold(lock),
+                _ => return,
+            }
+        }
+        let request_headers = req.headers().clone();
+        let Ok(response) = inner.call(req).await else {
+            return;
+        };
+        let (parts, body) = response.into_parts();
+        let recorder = plan_store(&config, key, &request_headers, &parts, &body, Some(lead));
+        drain(CacheBody::recording(body, recorder)).await;
+    });
+}
+
+/// Reads a body to its end (so its recorder sees it complete).
+async fn drain<B: Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
+/// The stored response as an HTTP response, marked with `label`.
+fn replay<B>(hit: CachedResponse, with_body: bool, label: HeaderValue) -> Response<CacheBody<B>> {
     let age = hit.age(entry::now_ms()).as_secs();
     let body_len = hit.body.len();
     let body = if with_body { hit.body } else { Bytes::new() };
@@ -212,7 +401,7 @@ fn replay<B>(hit: CachedResponse, with_body: bool) -> Response<CacheBody<B>> {
         // Also right for HEAD, which must announce the length a GET would get.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
     }
-    headers.insert(X_CACHE, HIT);
+    headers.insert(X_CACHE, label);
     response
 }
 
@@ -228,7 +417,12 @@ struct PendingEntry {
     variant: Option<(Vec<HeaderName>, String)>,
     status: StatusCode,
     headers: HeaderMap,
+    /// How long the entry is fresh.
     ttl: Duration,
+    /// How long the store keeps it: the TTL plus any grace for serving it stale.
+    keep: Duration,
+    /// The coalesced requests waiting for this response, if this request leads them.
+    lead: Option<Lead>,
 }
 
 impl PendingEntry {
@@ -238,6 +432,7 @@ impl PendingEntry {
         request: &HeaderMap,
         response: &http::response::Parts,
         ttl: Duration,
+        lead: Option<Lead>,
     ) -> Option<Self> {
         let variant = match policy::vary_names(&response.headers) {
             Vary::Any => return None,
@@ -247,6 +442,14 @@ impl PendingEntry {
                 Some((names, variant_key))
             }
         };
+        let rules = &config.rules;
+        // Entries written together should not all expire together.
+        let ttl = if rules.ttl_jitter > 0.0 {
+            ttl.mul_f64(1.0 - rules.ttl_jitter * coalesce::random_fraction())
+        } else {
+            ttl
+        };
+        let keep = ttl + policy::grace(rules, &response.headers).longest();
         Some(Self {
             store: config.store.clone(),
             key,
@@ -254,25 +457,32 @@ impl PendingEntry {
             status: response.status,
             headers: storable_headers(&response.headers),
             ttl,
+            keep,
+            lead,
         })
     }
 
-    /// Encodes the entry and writes it in a background task, so the client never waits on
-    /// the store for a miss.
+    /// Encodes the entry, hands it to any coalesced waiters, and writes it in a background
+    /// task, so the client never waits on the store for a miss.
     fn store(self, chunks: Vec<Bytes>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!("no tokio runtime; response not stored");
             return;
         };
         let entry = CachedResponse::encode(self.status, &self.headers, &chunks, entry::now_ms(), self.ttl);
+        if let Some(lead) = &self.lead {
+            if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {
+                lead.share(Shared { response, variant: self.variant.clone() });
+            }
+        }
         runtime.spawn(async move {
+            let store = &self.store;
             let result = match &self.variant {
-                None => self.store.set(&self.key, entry, self.ttl).await,
+                None => store.set(&self.key, entry, self.keep).await,
                 Some((names, variant_key)) => {
                     // Variant first, so the marker never points at a variant not yet written.
-                    let stored = self.store.set(variant_key, entry, self.ttl).await;
-                    match stored {
-                        Ok(()) => self.store.set(&self.key, entry::encode_variants(names), self.ttl).await,
+                    match store.set(variant_key, entry, self.keep).await {
+                        Ok(()) => store.set(&self.key, entry::encode_variants(names), self.keep).await,
                         Err(e) => Err(e),
                     }
                 }
@@ -280,6 +490,8 @@ impl PendingEntry {
             if let Err(e) = result {
                 tracing::debug!(key = %self.key, error = %e, "cache store set failed");
             }
+            // `self.lead` drops here, after the write: another instance waiting on the lock
+            // finds the entry as soon as the lock is gone.
         });
     }
 }

@@ -41,6 +41,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes `key`; returns whether something was removed.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Takes the lock `key` for `ttl` if nobody holds it, recording `token` as its owner;
+    /// returns whether it was taken. Used to make one handler call per cold key across app
+    /// instances. The default, for stores private to one process, always succeeds: the
+    /// layer's in-process coalescing already covers them.
+    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        let _ = (key, token, ttl);
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
+    /// Releases the lock `key` if `token` still owns it (a lock that expired and was taken by
+    /// someone else is left alone).
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        let _ = (key, token);
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -54,5 +70,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
         (**self).delete(key)
+    }
+
+    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        (**self).try_lock(key, token, ttl)
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        (**self).unlock(key, token)
     }
 }

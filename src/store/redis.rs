@@ -1,9 +1,9 @@
-//! `RedisStore`: the production store, a bb8 pool of multiplexed Redis connections tuned for
-//! a cache (no PING per checkout, short timeouts, broken connections replaced, fail fast while
-//! the server is down).
+//! `RedisStore`: the production store. A few multiplexed Redis connections shared by every
+//! request, tuned for a cache: no PING per command, short timeouts, broken connections
+//! replaced, fail fast while the server is down.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
@@ -13,70 +13,68 @@ use bytes::Bytes;
 use super::{Store, StoreFuture};
 use crate::{Error, ErrorKind, Result};
 
-/// Creates multiplexed connections and tells bb8 when one broke.
+/// A Redis-backed [`Store`] on a few shared multiplexed connections.
 ///
-/// bb8-redis's manager cannot tell a dead connection from a live one without a PING on every
-/// checkout (one extra round trip per cache lookup), so it either costs a round trip or keeps
-/// handing out a dead socket after Redis restarts. This manager marks a connection broken when
-/// a command on it fails with an I/O error, and bb8 then replaces it.
-struct Manager {
-    client: Client,
-    config: AsyncConnectionConfig,
-}
-
-/// A pooled multiplexed connection and whether a command saw it break.
-pub(crate) struct PooledConn {
-    pub(crate) conn: MultiplexedConnection,
-    broken: bool,
-}
-
-impl bb8::ManageConnection for Manager {
-    type Connection = PooledConn;
-    type Error = RedisError;
-
-    async fn connect(&self) -> Result<PooledConn, RedisError> {
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
-        Ok(PooledConn {
-            conn,
-            broken: false,
-        })
-    }
-
-    async fn is_valid(&self, conn: &mut PooledConn) -> Result<(), RedisError> {
-        ::redis::cmd("PING")
-            .query_async::<()>(&mut conn.conn)
-            .await
-    }
-
-    fn has_broken(&self, conn: &mut PooledConn) -> bool {
-        conn.broken
-    }
-}
-
-/// A Redis-backed [`Store`]: a bb8 pool of multiplexed connections.
+/// Each command goes out on the next connection in turn, without waiting for the previous
+/// ones to answer: a multiplexed connection pipelines every command sent on it, so a handful
+/// of connections carry thousands of concurrent requests, and a cache hit costs one round
+/// trip. (A pool that lends a connection to one command at a time, as bb8-redis does, makes
+/// requests queue for a connection and halves the throughput; see docs/performance.md.)
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
 /// connection failure or timeout the store answers errors at once for a short back-off
 /// (default 500 ms) instead of making every request wait on a dead server. The response layer
 /// turns those errors into cache misses, so a Redis outage costs hit rate, not availability.
-/// When the server comes back, new connections are made on demand.
+/// A connection on which a command fails with an I/O error is dropped, and a new one is opened
+/// on demand, so the store recovers by itself when the server comes back.
 ///
-/// Cloning is cheap; clones share the pool.
+/// Cloning is cheap; clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    pool: bb8::Pool<Manager>,
+    client: Client,
+    config: AsyncConnectionConfig,
+    slots: Box<[Slot]>,
+    /// Which slot the next command uses.
+    next: AtomicUsize,
+    /// Tells a slot's connection apart from the one that replaced it.
+    generation: AtomicU64,
+    connection_timeout: Duration,
     op_timeout: Duration,
     backoff: Duration,
     epoch: Instant,
     /// Milliseconds since `epoch` before which operations fail fast; 0 when healthy.
     down_until_ms: AtomicU64,
+}
+
+/// One of the store's connections: opened on first use, dropped when a command finds it
+/// broken, opened again by the next command that picks the slot.
+#[derive(Default)]
+struct Slot {
+    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while (re)connecting, so that a burst of requests opens one connection, not one
+    /// each.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the connection, unless it was already replaced by a newer one.
+    fn discard(&self, generation: u64) {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *conn = None;
+        }
+    }
 }
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].
@@ -89,22 +87,27 @@ pub struct RedisStoreBuilder {
     backoff: Duration,
 }
 
+/// The default number of connections. On the benchmark machine one connection already
+/// carries as many GETs as the server can answer; a few spread the socket work over a
+/// multi-core runtime and keep most traffic flowing while one connection is replaced.
+const DEFAULT_CONNECTIONS: u32 = 4;
+
 impl RedisStoreBuilder {
-    /// Largest number of connections in the pool (default 20). Connections are multiplexed,
-    /// so a handful serve thousands of concurrent requests; more spread the load over cores.
+    /// How many multiplexed connections the store opens and spreads its commands over
+    /// (default 4). Each carries any number of concurrent commands, so this is not a limit
+    /// on concurrency: raise it only when one connection's socket work saturates a core.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
     }
 
-    /// How long opening a TCP connection (and waiting for a free pooled one) may take
-    /// (default 250 ms; bb8's default of 30 s suits a cache badly).
+    /// How long opening a TCP connection may take (default 250 ms).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
     }
 
-    /// Upper bound on one store operation, checkout included (default 100 ms).
+    /// Upper bound on one store operation, connecting included (default 100 ms).
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
         self
@@ -140,15 +143,15 @@ impl RedisStoreBuilder {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
             .set_response_timeout(Some(self.op_timeout));
-        let pool = bb8::Pool::builder()
-            .max_size(self.max_connections)
-            .test_on_check_out(false)
-            .connection_timeout(self.connection_timeout)
-            .retry_connection(false)
-            .build_unchecked(Manager { client, config });
+        let slots = (0..self.max_connections).map(|_| Slot::default()).collect();
         Ok(RedisStore {
             shared: Arc::new(Shared {
-                pool,
+                client,
+                config,
+                slots,
+                next: AtomicUsize::new(0),
+                generation: AtomicU64::new(0),
+                connection_timeout: self.connection_timeout,
                 op_timeout: self.op_timeout,
                 backoff: self.backoff,
                 epoch: Instant::now(),
@@ -169,18 +172,18 @@ fn redact(url: &str) -> String {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`) with the default settings: a pool of up to
-    /// 20 multiplexed connections, 250 ms connection timeout, 100 ms operation timeout.
+    /// Connects to `url` (`redis://host:port/db`) with the default settings: 4 multiplexed
+    /// connections, 250 ms connection timeout, 100 ms operation timeout, 500 ms back-off.
     /// Fails if the URL is invalid or the server does not answer.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::builder(url).build().await
     }
 
-    /// A builder for the pool size and timeouts.
+    /// A builder for the number of connections and the timeouts.
     pub fn builder(url: &str) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.to_owned(),
-            max_connections: 20,
+            max_connections: DEFAULT_CONNECTIONS,
             connection_timeout: Duration::from_millis(250),
             op_timeout: Duration::from_millis(100),
             backoff: Duration::from_millis(500),
@@ -192,13 +195,13 @@ impl RedisStore {
         self.query(&::redis::cmd("PING")).await
     }
 
-    /// Runs one command through the pool, bounded by the operation timeout.
+    /// Runs one command, bounded by the operation timeout.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T> {
         self.with_conn(|mut conn| async move { cmd.query_async(&mut conn).await })
             .await
     }
 
-    /// Runs a pipeline through the pool, bounded by the operation timeout.
+    /// Runs a pipeline, bounded by the operation timeout.
     pub(crate) async fn query_pipeline<T: FromRedisValue>(
         &self,
         pipe: &::redis::Pipeline,
@@ -207,8 +210,8 @@ impl RedisStore {
             .await
     }
 
-    /// Checks a connection out, runs `run` on it within the operation timeout, and keeps the
-    /// pool and the back-off state honest about failures.
+    /// Runs `run` on the next connection within the operation timeout, and keeps the
+    /// connections and the back-off state honest about failures.
     pub(crate) async fn with_conn<T, F, Fut>(&self, run: F) -> Result<T>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
@@ -221,19 +224,17 @@ impl RedisStore {
                 "Redis marked down after a recent failure; retrying shortly",
             ));
         }
+        let index = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
+        let slot = &shared.slots[index];
         let outcome = tokio::time::timeout(shared.op_timeout, async {
-            let mut pooled = shared.pool.get().await.map_err(|e| match e {
-                bb8::RunError::User(e) => classify(e),
-                bb8::RunError::TimedOut => {
-                    Error::new(ErrorKind::Timeout, "timed out waiting for a Redis connection")
-                }
-            })?;
-            // A multiplexed connection is a cheap handle to one socket task: the clone lets the
-            // command own its handle while `pooled` stays here to be marked broken.
-            let result = run(pooled.conn.clone()).await;
+            let (generation, conn) = match slot.current() {
+                Some(current) => current,
+                None => self.open_slot(index).await?,
+            };
+            let result = run(conn).await;
             if let Err(e) = &result {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    pooled.broken = true;
+                    slot.discard(generation);
                 }
             }
             result.map_err(classify)
@@ -251,6 +252,50 @@ impl RedisStore {
             }
         }
         result
+    }
+
+    /// Opens the connection of slot `index` unless another command already did. The connect
+    /// runs in its own task: when the operation that asked for it times out first, the
+    /// connection still lands in the slot for the next command.
+    async fn open_slot(&self, index: usize) -> Result<(u64, MultiplexedConnection)> {
+        let shared = self.shared.clone();
+        let task = tokio::spawn(async move {
+            let slot = &shared.slots[index];
+            let _connecting = slot.connecting.lock().await;
+            if let Some(current) = slot.current() {
+                return Ok(current);
+            }
+            let conn = tokio::time::timeout(
+                shared.connection_timeout,
+                shared
+                    .client
+                    .get_multiplexed_async_connection_with_config(&shared.config),
+            )
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "connecting to Redis took longer than {:?}",
+                        shared.connection_timeout
+                    ),
+                )
+            })?
+            .map_err(classify)?;
+            let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
+            *slot.conn.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((generation, conn.clone()));
+            Ok((generation, conn))
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(Error::new(ErrorKind::Backend, "Redis connect task failed").with_source(e))
+        })
+    }
+
+    /// How many of the store's connections are open.
+    fn open_connections(&self) -> usize {
+        let slots = &self.shared.slots;
+        slots.iter().filter(|s| s.current().is_some()).count()
     }
 }
 
@@ -282,7 +327,8 @@ fn classify(e: RedisError) -> Error {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("state", &self.shared.pool.state())
+            .field("connections", &self.shared.slots.len())
+            .field("open", &self.open_connections())
             .field("op_timeout", &self.shared.op_timeout)
             .finish()
     }
@@ -309,6 +355,29 @@ impl Store for RedisStore {
         Box::pin(async move {
             let removed: u64 = self.query(::redis::cmd("UNLINK").arg(key)).await?;
             Ok(removed > 0)
+        })
+    }
+
+    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let millis = ttl.as_millis().max(1) as u64;
+            let taken: Option<String> = self
+                .query(::redis::cmd("SET").arg(key).arg(token).arg("NX").arg("PX").arg(millis))
+                .await?;
+            Ok(taken.is_some())
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        // Compare-and-delete in one step, so a lock that expired and was taken by another
+        // instance is never released by its former owner.
+        const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                               return redis.call('DEL', KEYS[1]) else return 0 end";
+        Box::pin(async move {
+            let _: i64 = self
+                .query(::redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token))
+                .await?;
+            Ok(())
         })
     }
 }

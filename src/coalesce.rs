@@ -1,0 +1,170 @@
+//! Request coalescing: one handler call per cold key, in one process (single-flight over a
+//! map of in-flight keys) and, when enabled, across processes (a short lock in the store).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
+use tokio::sync::watch;
+
+use crate::entry::CachedResponse;
+use crate::key;
+use crate::store::Store;
+
+/// A response one request produced and its concurrent twins may reuse.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) response: CachedResponse,
+    /// For a response with `Vary`: the names and the variant key it was stored under.
+    pub(crate) variant: Option<(Vec<HeaderName>, String)>,
+}
+
+impl Shared {
+    /// Whether a request with `headers` for base key `key` would get this same variant.
+    fn fits(&self, key: &str, headers: &HeaderMap) -> bool {
+        match &self.variant {
+            None => true,
+            Some((names, variant_key)) => key::variant_key(key, names, headers) == *variant_key,
+        }
+    }
+}
+
+type Outcome = Option<Arc<Shared>>;
+
+/// The keys whose handler call is in flight in this process.
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<String, (u64, watch::Receiver<Outcome>)>>,
+    next_id: AtomicU64,
+}
+
+/// What a request for a cold key does.
+pub(crate) enum Role {
+    /// Call the handler; share the result through the [`Lead`].
+    Leader(Lead),
+    /// Another request is calling the handler: wait for its outcome.
+    Follower(watch::Receiver<Outcome>),
+}
+
+impl Flights {
+    /// Joins the flight for `key`, or starts one.
+    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Role {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, rx)) = map.get(key) {
+            return Role::Follower(rx.clone());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.to_owned(), (id, rx));
+        Role::Leader(Lead {
+            flights: self.clone(),
+            key: key.to_owned(),
+            id,
+            tx,
+            lock: None,
+        })
+    }
+}
+
+/// Waits for the leader's outcome, at most `timeout`. `None` when the leader's response was
+/// not shareable (not storable, failed, abandoned), for another variant, or too slow: the
+/// caller then calls the handler itself.
+pub(crate) async fn follow(
+    mut rx: watch::Receiver<Outcome>,
+    timeout: Duration,
+    key: &str,
+    headers: &HeaderMap,
+) -> Option<CachedResponse> {
+    let outcome = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+    let shared = outcome.ok()?.ok()?.clone()?;
+    shared.fits(key, headers).then(|| shared.response.clone())
+}
+
+/// The leader's duty: share the outcome with followers, then leave the flight (and release
+/// the cross-process lock) when dropped.
+pub(crate) struct Lead {
+    flights: Arc<Flights>,
+    key: String,
+    id: u64,
+    tx: watch::Sender<Outcome>,
+    lock: Option<Lock>,
+}
+
+impl Lead {
+    /// Hands the stored response to the followers.
+    pub(crate) fn share(&self, shared: Shared) {
+        self.tx.send_replace(Some(Arc::new(shared)));
+    }
+
+    /// Keeps the cross-process lock until this lead is dropped.
+    pub(crate) fn hold(&mut self, lock: Lock) {
+        self.lock = Some(lock);
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            map.remove(&self.key);
+        }
+        // Dropping `tx` wakes followers still waiting: they call the handler themselves.
+    }
+}
+
+/// A lock on a key in the store, released (if still ours) when dropped.
+pub(crate) struct Lock {
+    store: Arc<dyn Store>,
+    key: String,
+    token: String,
+}
+
+impl Lock {
+    /// Tries to take the lock for `entry_key`.
+    pub(crate) async fn try_acquire(
+        store: &Arc<dyn Store>,
+        entry_key: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lock>, crate::Error> {
+        let key = lock_key(entry_key);
+        let token = new_token();
+        let taken = store.try_lock(&key, &token, ttl).await?;
+        Ok(taken.then(|| Lock { store: store.clone(), key, token }))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let (store, key, token) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.unlock(&key, &token).await {
+                    // The lock expires on its own after its TTL.
+                    tracing::debug!(key, error = %e, "releasing cache lock failed");
+                }
+            });
+        }
+    }
+}
+
+/// The lock's key: beside the entry's, so both share a cluster slot when hash-tagged.
+pub(crate) fn lock_key(entry_key: &str) -> String {
+    format!("{entry_key}:lock")
+}
+
+/// A token unique to this lock holder: process id, a counter, and per-process random bits.
+fn new_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let random = std::collections::hash_map::RandomState::new().hash_one(COUNTER.load(Ordering::Relaxed));
+    format!("{}-{}-{random:016x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A random fraction in [0, 1) from the standard library's per-instance hash keys: enough
+/// to spread expiry times, no cryptographic strength needed.
+pub(crate) fn random_fraction() -> f64 {
+    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -1,0 +1,586 @@
+//! The typed client, `RedisCache`, against private redis-server processes.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Counter, RedisServer};
+use serde::{Deserialize, Serialize};
+use tower_redis_cache::{Error, ErrorKind, RedisCache, RedisStore};
+
+/// A client with timeouts generous enough for a busy test machine.
+async fn client(server: &RedisServer) -> RedisCache {
+    let store = RedisStore::builder(&server.url())
+        .operation_timeout(Duration::from_secs(5))
+        .connection_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("connect to test redis-server");
+    RedisCache::from_store(&store)
+}
+
+/// Calls per command since the last `CONFIG RESETSTAT`, e.g. `calls(&server, "keys")`.
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = server.cmd(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+mod values {
+    use super::*;
+
+    #[tokio::test]
+    async fn get_returns_what_set_stored_as_json_with_its_ttl() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let ada = User {
+            id: 1,
+            name: "Ada".into(),
+        };
+
+        cache.set("user:1", &ada, MINUTE).await.unwrap();
+
+        assert_eq!(cache.get::<User>("user:1").await.unwrap(), Some(ada));
+        let raw: String = server.cmd(&["GET", "user:1"]);
+        assert_eq!(raw, r#"{"id":1,"name":"Ada"}"#);
+        let pttl: i64 = server.cmd(&["PTTL", "user:1"]);
+        assert!((59_000..=60_000).contains(&pttl), "PTTL {pttl}");
+        assert_eq!(cache.get::<User>("user:2").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn falsy_json_values_are_hits_not_misses() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        cache.set("null", &None::<u32>, MINUTE).await.unwrap();
+        cache.set("false", &false, MINUTE).await.unwrap();
+        cache.set("zero", &0, MINUTE).await.unwrap();
+        cache.set("empty-string", "", MINUTE).await.unwrap();
+        cache
+            .set("empty-list", &Vec::<u32>::new(), MINUTE)
+            .await
+            .unwrap();
+
+        assert_eq!(cache.get::<Option<u32>>("null").await.unwrap(), Some(None));
+        assert_eq!(cache.get::<bool>("false").await.unwrap(), Some(false));
+        assert_eq!(cache.get::<i64>("zero").await.unwrap(), Some(0));
+        assert_eq!(
+            cache.get::<String>("empty-string").await.unwrap(),
+            Some(String::new())
+        );
+        assert_eq!(
+            cache.get::<Vec<u32>>("empty-list").await.unwrap(),
+            Some(vec![])
+        );
+
+        // And get_or_insert_with serves them without computing.
+        let computed = Counter::default();
+        let value: bool = cache
+            .get_or_insert_with("false", MINUTE, || async {
+                computed.bump();
+                Ok::<_, Error>(true)
+            })
+            .await
+            .unwrap();
+        let list: Vec<u32> = cache
+            .get_or_insert_with("empty-list", MINUTE, || async {
+                computed.bump();
+                Ok::<_, Error>(vec![1])
+            })
+            .await
+            .unwrap();
+        assert!(!value);
+        assert!(list.is_empty());
+        assert_eq!(computed.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn undecodable_value_is_a_codec_error_naming_the_key() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        server.cmd::<()>(&["SET", "user:7", "not json"]);
+        server.cmd::<()>(&["SET", "user:8", r#"{"id":"eight"}"#]);
+
+        for key in ["user:7", "user:8"] {
+            let err = cache.get::<User>(key).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Codec);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let err = cache
+            .get_many::<User, _>(&["user:1", "user:8"])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("user:8"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn reads_values_written_by_python_json_dumps() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        // json.dumps({"id": 3, "name": "Zoé"}): spaces after separators, non-ASCII escaped.
+        server.cmd::<()>(&["SET", "user:3", r#"{"id": 3, "name": "Zo\u00e9"}"#]);
+
+        let user = cache.get::<User>("user:3").await.unwrap().unwrap();
+        assert_eq!(
+            user,
+            User {
+                id: 3,
+                name: "Zoé".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn delete_and_exists() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        cache.set("k", &1, MINUTE).await.unwrap();
+
+        assert!(cache.exists("k").await.unwrap());
+        assert!(cache.delete("k").await.unwrap());
+        assert!(!cache.exists("k").await.unwrap());
+        assert!(!cache.delete("k").await.unwrap());
+        assert_eq!(server.dbsize(), 0);
+    }
+
+    #[tokio::test]
+    async fn get_many_uses_one_mget_and_set_many_one_pipeline() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let users: Vec<(String, User)> = (1..=3)
+            .map(|id| {
+                (
+                    format!("user:{id}"),
+                    User {
+                        id,
+                        name: format!("u{id}"),
+                    },
+                )
+            })
+            .collect();
+
+        cache.set_many(&users, MINUTE).await.unwrap();
+        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+        let got: Vec<Option<User>> = cache
+            .get_many(&["user:3", "user:9", "user:1"])
+            .await
+            .unwrap();
+
+        assert_eq!(
+            got,
+            vec![Some(users[2].1.clone()), None, Some(users[0].1.clone())]
+        );
+        assert_eq!(calls(&server, "mget"), 1);
+        assert_eq!(calls(&server, "get"), 0);
+        let pttl: i64 = server.cmd(&["PTTL", "user:2"]);
+        assert!(pttl > 59_000, "PTTL {pttl}");
+        assert!(cache.get_many::<User, &str>(&[]).await.unwrap().is_empty());
+        cache.set_many::<&str, u32>(&[], MINUTE).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn prefix_namespaces_keys_and_patterns() {
+        let server = RedisServer::start();
+        let root = client(&server).await;
+        let app = root.clone().with_prefix("app");
+        let globby = root.clone().with_prefix("a*");
+        assert_eq!(app.prefix(), "app");
+
+        app.set("k", &1, MINUTE).await.unwrap();
+        root.set("k", &2, MINUTE).await.unwrap();
+        root.set("ab:k", &3, MINUTE).await.unwrap();
+        globby.set("k", &4, MINUTE).await.unwrap();
+
+        let raw: String = server.cmd(&["GET", "app:k"]);
+        assert_eq!(raw, "1");
+        assert_eq!(app.get::<u32>("k").await.unwrap(), Some(1));
+        assert_eq!(root.get::<u32>("k").await.unwrap(), Some(2));
+        // The prefix is literal in patterns: "a*" matches neither "app:k" nor "ab:k".
+        assert_eq!(globby.delete_pattern("*").await.unwrap(), 1);
+        assert_eq!(app.delete_pattern("*").await.unwrap(), 1);
+        assert_eq!(root.get::<u32>("k").await.unwrap(), Some(2));
+        assert_eq!(root.get::<u32>("ab:k").await.unwrap(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_zero_ttl_still_stores_briefly_instead_of_failing() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        cache.set("brief", &1, Duration::ZERO).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cache.get::<u32>("brief").await.unwrap(), None);
+    }
+}
+
+mod patterns {
+    use super::*;
+
+    #[tokio::test]
+    async fn delete_pattern_removes_exactly_the_1k_matching_keys_among_100k() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let mut conn = server.conn();
+        for chunk in 0..10 {
+            let mut pipe = redis::pipe();
+            for i in chunk * 10_000..(chunk + 1) * 10_000 {
+                let key = if i % 100 == 0 {
+                    format!("session:{i}")
+                } else if i % 100 == 1 {
+                    format!("sessions:{i}") // close, but not matching "session:*"
+                } else {
+                    format!("other:{i}")
+                };
+                pipe.cmd("SET").arg(key).arg(i).ignore();
+            }
+            pipe.query::<()>(&mut conn).unwrap();
+        }
+        assert_eq!(server.dbsize(), 100_000);
+        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+
+        let removed = cache.delete_pattern("session:*").await.unwrap();
+
+        assert_eq!(removed, 1_000);
+        assert_eq!(server.dbsize(), 99_000);
+        let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg("session:*")
+            .arg("COUNT")
+            .arg(200_000)
+            .query(&mut conn)
+            .unwrap();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        assert_eq!(calls(&server, "keys"), 0);
+        assert!(calls(&server, "scan") > 1, "expected SCAN in batches");
+        assert!(calls(&server, "unlink") >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_pattern_built_from_escaped_keys_stays_in_its_namespace() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let ids = ["ali*", "alice", "a", "a:b", "[ab]", "b"];
+        for id in ids {
+            for order in 1..=2 {
+                let key = RedisCache::key(&["user", id, "orders", &order.to_string()]);
+                cache.set(&key, &order, MINUTE).await.unwrap();
+            }
+        }
+
+        for (id, also_matched_without_escaping) in [("ali*", "alice"), ("a", "a:b"), ("[ab]", "b")]
+        {
+            let pattern = format!("{}:*", RedisCache::key(&["user", id]));
+            assert_eq!(cache.delete_pattern(&pattern).await.unwrap(), 2, "{id}");
+            let other = RedisCache::key(&["user", also_matched_without_escaping, "orders", "1"]);
+            assert!(
+                cache.exists(&other).await.unwrap(),
+                "{pattern} removed {other}"
+            );
+        }
+        assert_eq!(server.dbsize(), 6);
+    }
+}
+
+mod tags {
+    use super::*;
+
+    #[tokio::test]
+    async fn invalidate_tag_removes_exactly_the_tagged_keys_without_scanning() {
+        let server = RedisServer::start();
+        let cache = client(&server).await.with_prefix("app");
+        for id in 0..1_000u64 {
+            let key = format!("user:{id}");
+            let user = User {
+                id,
+                name: format!("u{id}"),
+            };
+            match id % 10 {
+                0..=2 => cache.set_tagged(&key, &user, MINUTE, &["users"]).await,
+                3 => cache.set_tagged(&key, &user, MINUTE, &["admins"]).await,
+                4 => {
+                    cache
+                        .set_tagged(&key, &user, MINUTE, &["users", "admins"])
+                        .await
+                }
+                _ => cache.set(&key, &user, MINUTE).await,
+            }
+            .unwrap();
+        }
+        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+
+        let removed = cache.invalidate_tag("users").await.unwrap();
+
+        assert_eq!(removed, 400);
+        for id in 0..1_000u64 {
+            let tagged_users = matches!(id % 10, 0..=2 | 4);
+            let exists = cache.exists(&format!("user:{id}")).await.unwrap();
+            assert_eq!(exists, !tagged_users, "user:{id}");
+        }
+        assert_eq!(calls(&server, "keys"), 0);
+        assert_eq!(calls(&server, "scan"), 0);
+        let users_tag: bool = server.cmd(&["EXISTS", "app:__tag:users"]);
+        assert!(!users_tag, "the tag's set is removed with its keys");
+        // The other tag still names its live keys (and one that is gone, which is harmless).
+        assert_eq!(cache.invalidate_tag("admins").await.unwrap(), 100);
+        assert_eq!(cache.invalidate_tag("users").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn large_tags_are_invalidated_in_batches() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        for i in 0..2_500 {
+            cache
+                .set_tagged(&format!("k:{i}"), &i, MINUTE, &["big"])
+                .await
+                .unwrap();
+        }
+        cache.set("untagged", &0, MINUTE).await.unwrap();
+
+        assert_eq!(cache.invalidate_tag("big").await.unwrap(), 2_500);
+        assert_eq!(server.dbsize(), 1);
+    }
+
+    #[tokio::test]
+    async fn tag_sets_trim_expired_members_and_expire_with_their_last_member() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        cache
+            .set_tagged("short", &1, Duration::from_millis(50), &["t"])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cache
+            .set_tagged("long", &2, Duration::from_secs(30), &["t"])
+            .await
+            .unwrap();
+
+        let members: Vec<String> = server.cmd(&["ZRANGE", "__tag:t", "0", "-1"]);
+        assert_eq!(members, vec!["long".to_owned()]);
+        let pttl: i64 = server.cmd(&["PTTL", "__tag:t"]);
+        assert!((29_000..=30_000).contains(&pttl), "tag set PTTL {pttl}");
+        // A shorter-lived member does not shorten the set's life.
+        cache
+            .set_tagged("shorter", &3, Duration::from_secs(5), &["t"])
+            .await
+            .unwrap();
+        let pttl: i64 = server.cmd(&["PTTL", "__tag:t"]);
+        assert!(pttl > 25_000, "tag set PTTL {pttl}");
+        let value_pttl: i64 = server.cmd(&["PTTL", "shorter"]);
+        assert!((4_000..=5_000).contains(&value_pttl), "PTTL {value_pttl}");
+    }
+}
+
+mod get_or_insert {
+    use std::sync::Arc;
+
+    use tokio::task::JoinSet;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_hundred_concurrent_callers_on_a_cold_key_run_the_closure_once() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let computed = Counter::default();
+        let key = RedisCache::function_key("load_user", &(42, "en")).unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(100));
+
+        let mut callers = JoinSet::new();
+        for _ in 0..100 {
+            let (cache, computed, key, start) =
+                (cache.clone(), computed.clone(), key.clone(), start.clone());
+            callers.spawn(async move {
+                start.wait().await;
+                cache
+                    .get_or_insert_with(&key, MINUTE, || async move {
+                        computed.bump();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok::<_, Error>(User {
+                            id: 42,
+                            name: "Ada".into(),
+                        })
+                    })
+                    .await
+            });
+        }
+        let mut results = 0;
+        while let Some(result) = callers.join_next().await {
+            assert_eq!(result.unwrap().unwrap().name, "Ada");
+            results += 1;
+        }
+
+        assert_eq!(results, 100);
+        assert_eq!(computed.get(), 1, "the closure ran more than once");
+        assert!(key.starts_with("load_user:") && key.len() == "load_user:".len() + 32);
+        assert_eq!(
+            cache.get::<User>(&key).await.unwrap().map(|u| u.id),
+            Some(42)
+        );
+        let pttl: i64 = server.cmd(&["PTTL", &key]);
+        assert!(pttl > 59_000, "PTTL {pttl}");
+    }
+
+    #[tokio::test]
+    async fn a_closure_error_is_returned_and_not_cached() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let computed = Counter::default();
+
+        let failed = cache
+            .get_or_insert_with("k", MINUTE, || async {
+                computed.bump();
+                Err::<u32, _>(Error::new(ErrorKind::Backend, "database down"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(failed.to_string(), "database down");
+        assert!(!cache.exists("k").await.unwrap());
+
+        let value = cache
+            .get_or_insert_with("k", MINUTE, || async {
+                computed.bump();
+                Ok::<_, Error>(7u32)
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, 7);
+        assert_eq!(computed.get(), 2);
+        assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_callers_get_the_leaders_error_without_rerunning_it() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let computed = Counter::default();
+
+        let mut callers = JoinSet::new();
+        for _ in 0..10 {
+            let (cache, computed) = (cache.clone(), computed.clone());
+            callers.spawn(async move {
+                cache
+                    .get_or_insert_with("k", MINUTE, || async move {
+                        computed.bump();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Err::<u32, _>(Error::new(ErrorKind::Backend, "database down"))
+                    })
+                    .await
+            });
+        }
+        let mut kinds = Vec::new();
+        while let Some(result) = callers.join_next().await {
+            let err = result.unwrap().unwrap_err();
+            assert!(err.to_string().contains("database down"), "{err}");
+            kinds.push(err.kind());
+        }
+
+        assert_eq!(computed.get(), 1);
+        assert_eq!(
+            kinds.iter().filter(|k| **k == ErrorKind::Backend).count(),
+            1
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| **k == ErrorKind::Compute).count(),
+            9
+        );
+        assert!(!cache.exists("k").await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_leader_does_not_wedge_the_waiting_callers() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        let computed = Counter::default();
+
+        let leader = {
+            let (cache, computed) = (cache.clone(), computed.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_insert_with("k", MINUTE, || async move {
+                        computed.bump();
+                        std::future::pending::<Result<u32, Error>>().await
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await; // the leader is computing
+        let mut waiters = JoinSet::new();
+        for _ in 0..5 {
+            let (cache, computed) = (cache.clone(), computed.clone());
+            waiters.spawn(async move {
+                cache
+                    .get_or_insert_with("k", MINUTE, || async move {
+                        computed.bump();
+                        Ok::<_, Error>(5u32)
+                    })
+                    .await
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(computed.get(), 1, "waiters must wait for the leader");
+        leader.abort();
+
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(result) = waiters.join_next().await {
+                assert_eq!(result.unwrap().unwrap(), 5);
+            }
+        });
+        all.await
+            .expect("waiters wedged after the leader was dropped");
+        assert_eq!(computed.get(), 2, "one waiter took over");
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_cached_value_is_recomputed_and_replaced() {
+        let server = RedisServer::start();
+        let cache = client(&server).await;
+        server.cmd::<()>(&["SET", "k", "not json"]);
+
+        let value = cache
+            .get_or_insert_with("k", MINUTE, || async { Ok::<_, Error>(vec![1u8, 2]) })
+            .await
+            .unwrap();
+
+        assert_eq!(value, vec![1, 2]);
+        let raw: String = server.cmd(&["GET", "k"]);
+        assert_eq!(raw, "[1,2]");
+    }
+
+    #[tokio::test]
+    async fn with_redis_down_the_closure_still_answers() {
+        let mut server = RedisServer::start();
+        let store = RedisStore::builder(&server.url())
+            .operation_timeout(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap();
+        let cache = RedisCache::from_store(&store);
+        server.kill();
+
+        let value = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.get_or_insert_with("k", MINUTE, || async { Ok::<_, Error>(9u32) }),
+        )
+        .await
+        .expect("bounded by the operation timeout")
+        .unwrap();
+
+        assert_eq!(value, 9);
+        assert!(
+            cache.get::<u32>("k").await.is_err(),
+            "plain get reports the outage"
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Stampede protection and stale serving: coalescing in one process and across instances,
+//! crashed lock holders, stale-while-revalidate, stale-if-error, TTL jitter.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use common::{cache_key, fetch, get_until_hit, serve, Counter, RedisServer};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_redis_cache::{CacheLayer, RedisStore};
+
+/// A slow handler (a database query) that counts its calls.
+fn slow_app(layer: CacheLayer, calls: Counter, delay: Duration) -> Router {
+    Router::new()
+        .route(
+            "/hot",
+            get(move || {
+                let n = calls.bump();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    format!("computed #{n}")
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+async fn redis_store(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url()).await.unwrap()
+}
+
+/// Sends `n` concurrent GETs through the router (the axum Router is the tower service) and
+/// returns (x-cache, body) of each.
+async fn burst(app: Router, n: usize, path: &'static str) -> Vec<(String, String)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let response = app.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+                let label = response.headers()["x-cache"].to_str().unwrap().to_owned();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (label, String::from_utf8(body.to_vec()).unwrap())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_misses_in_one_process_make_one_handler_call() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let app = slow_app(CacheLayer::new(redis_store(&redis).await), calls.clone(), Duration::from_millis(300));
+    let replies = burst(app, 500, "/hot").await;
+    assert_eq!(calls.get(), 1, "the handler ran {} times", calls.get());
+    assert!(replies.iter().all(|(_, body)| body == "computed #1"));
+    assert_eq!(replies.iter().filter(|(label, _)| label == "MISS").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_with_separate_pools_make_one_handler_call() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let mut bursts = Vec::new();
+    for _ in 0..4 {
+        // Each instance has its own pool and its own in-process state, as a process would.
+        let layer = CacheLayer::new(redis_store(&redis).await).lock_across_instances(true);
+        let app = slow_app(layer, calls.clone(), Duration::from_millis(300));
+        bursts.push(tokio::spawn(burst(app, 100, "/hot")));
+    }
+    let mut replies = Vec::new();
+    for b in bursts {
+        replies.extend(b.await.unwrap());
+    }
+    assert_eq!(calls.get(), 1, "the handler ran {} times across 4 instances", calls.get());
+    assert_eq!(replies.len(), 400);
+    assert!(replies.iter().all(|(_, body)| body == "computed #1"));
+}
+
+#[tokio::test]
+async fn without_cross_instance_locking_each_instance_calls_the_handler() {
+    // The control for the test above: the lock is what makes it one call.
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let mut bursts = Vec::new();
+    for _ in 0..4 {
+        let app = slow_app(CacheLayer::new(redis_store(&redis).await), calls.clone(), Duration::from_millis(300));
+        bursts.push(tokio::spawn(burst(app, 10, "/hot")));
+    }
+    for b in bursts {
+        b.await.unwrap();
+    }
+    assert_eq!(calls.get(), 4);
+}
+
+#[tokio::test]
+async fn a_crashed_lock_holder_blocks_others_only_until_the_lock_expires() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(redis_store(&redis).await)
+        .lock_across_instances(true)
+        .lock_ttl(Duration::from_secs(1))
+        .coalesce_timeout(Duration::from_secs(30));
+    let app = slow_app(layer, calls.clone(), Duration::ZERO);
+    // The lock a crashed instance left behind: its owner will never release it.
+    let lock = format!("{}:lock", cache_key("http-cache", "GET", "/hot", ""));
+    let _: () = redis.cmd(&["SET", &lock, "token-of-a-dead-process", "PX", "1000"]);
+    let started = Instant::now();
+    let replies = burst(app, 20, "/hot").await;
+    let waited = started.elapsed();
+    assert_eq!(calls.get(), 1, "after the lock expired, one instance computed the value");
+    assert!(replies.iter().all(|(_, body)| body == "computed #1"));
+    assert!(waited >= Duration::from_millis(800), "the lock was ignored: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "blocked far beyond the lock TTL: {waited:?}");
+}
+
+#[tokio::test]
+async fn a_hung_lock_holder_blocks_other_instances_only_until_the_lock_expires() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let url = redis.url();
+    let instance = |delay| {
+        let (calls, url) = (calls.clone(), url.clone());
+        async move {
+            let layer = CacheLayer::new(RedisStore::connect(&url).await.unwrap())
+                .lock_across_instances(true)
+                .lock_ttl(Duration::from_secs(1))
+                .coalesce_timeout(Duration::from_secs(30));
+            slow_app(layer, calls, delay)
+        }
+    };
+    let stuck = instance(Duration::from_secs(3600)).await;
+    let healthy = instance(Duration::ZERO).await;
+    let stuck_request = tokio::spawn(burst(stuck, 1, "/hot"));
+    tokio::time::sleep(Duration::from_millis(100)).await; // the stuck instance holds the lock
+    let started = Instant::now();
+    let replies = burst(healthy, 5, "/hot").await;
+    assert!(replies.iter().all(|(_, body)| body == "computed #2"));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(calls.get(), 2);
+    stuck_request.abort();
+}
+
+#[tokio::test]
+async fn a_response_that_may_not_be_stored_is_never_handed_to_waiters() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/me",
+            get(move || {
+                let n = counter.bump();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    ([("set-cookie", format!("session={n}"))], format!("user #{n}")).into_response()
+                }
+            }),
+        )
+        .layer(CacheLayer::new(redis_store(&redis).await));
+    let replies = burst(app, 10, "/me").await;
+    let mut bodies: Vec<_> = replies.iter().map(|(_, b)| b.clone()).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 10, "each waiter got its own reply: {bodies:?}");
+    assert_eq!(calls.get(), 10);
+}
+
+#[tokio::test]
+async fn waiters_give_up_after_the_coalesce_timeout_and_call_the_handler() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(redis_store(&redis).await).coalesce_timeout(Duration::from_millis(100));
+    let app = slow_app(layer, calls.clone(), Duration::from_millis(500));
+    let started = Instant::now();
+    burst(app, 5, "/hot").await;
+    assert_eq!(calls.get(), 5, "every waiter called the handler after its timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn stale_is_served_at_once_while_exactly_one_refresh_runs() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(redis_store(&redis).await)
+        .ttl(Duration::from_secs(1))
+        .stale_while_revalidate(Duration::from_secs(30));
+    let addr = serve(slow_app(layer, calls.clone(), Duration::from_millis(400))).await;
+    fetch(addr, "/hot").await;
+    get_until_hit(addr, "/hot", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // now stale, within grace
+
+    let started = Instant::now();
+    let mut stale = Vec::new();
+    for _ in 0..10 {
+        stale.push(tokio::spawn(async move { fetch(addr, "/hot").await }));
+    }
+    for reply in stale {
+        let reply = reply.await.unwrap();
+        assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "computed #1"));
+    }
+    assert!(started.elapsed() < Duration::from_millis(400), "stale copies waited for the refresh");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(calls.get(), 2, "exactly one background refresh");
+    let fresh = fetch(addr, "/hot").await;
+    assert_eq!((fresh.x_cache(), fresh.text()), (Some("HIT"), "computed #2"));
+}
+
+#[tokio::test]
+async fn the_response_stale_while_revalidate_directive_is_honoured() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/r",
+            get(move || {
+                let n = counter.bump();
+                async move { ([("cache-control", "max-age=1, stale-while-revalidate=30")], format!("v{n}")) }
+            }),
+        )
+        .layer(CacheLayer::new(redis_store(&redis).await));
+    let addr = serve(app).await;
+    fetch(addr, "/r").await;
+    get_until_hit(addr, "/r", &[]).await;
+    let ttl: i64 = redis.cmd(&["TTL", &cache_key("http-cache", "GET", "/r", "")]);
+    assert!(ttl > 25, "the store keeps the entry for its grace too: ttl {ttl}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = fetch(addr, "/r").await;
+    assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "v1"));
+}
+
+/// 200 on the first call, 500 afterwards.
+fn failing_app(layer: CacheLayer, calls: Counter, cache_control: &'static str) -> Router {
+    Router::new()
+        .route(
+            "/r",
+            get(move || {
+                let n = calls.bump();
+                async move {
+                    let status = if n == 1 { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
+                    (status, [("cache-control", cache_control)], format!("reply #{n}")).into_response()
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+#[tokio::test]
+async fn stale_is_served_when_the_handler_fails() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(redis_store(&redis).await)
+        .ttl(Duration::from_secs(1))
+        .stale_if_error(Duration::from_secs(30));
+    let addr = serve(failing_app(layer, calls.clone(), "public")).await;
+    fetch(addr, "/r").await;
+    get_until_hit(addr, "/r", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = calls.get();
+    let reply = fetch(addr, "/r").await;
+    assert_eq!(calls.get(), before + 1, "the handler was tried");
+    assert_eq!((reply.status, reply.x_cache(), reply.text()), (StatusCode::OK, Some("STALE"), "reply #1"));
+}
+
+#[tokio::test]
+async fn without_stale_if_error_or_under_must_revalidate_the_error_is_returned() {
+    for (layer_grace, cache_control) in [(Duration::ZERO, "public"), (Duration::from_secs(30), "must-revalidate")] {
+        let redis = RedisServer::start();
+        let calls = Counter::default();
+        let layer = CacheLayer::new(redis_store(&redis).await)
+            .ttl(Duration::from_secs(1))
+            .stale_if_error(layer_grace);
+        let addr = serve(failing_app(layer, calls.clone(), cache_control)).await;
+        fetch(addr, "/r").await;
+        get_until_hit(addr, "/r", &[]).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let reply = fetch(addr, "/r").await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{cache_control}");
+        assert_eq!(reply.x_cache(), Some("MISS"));
+        assert_ne!(reply.text(), "reply #1", "the stale copy was served");
+    }
+}
+
+#[tokio::test]
+async fn the_response_stale_if_error_directive_is_honoured() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(redis_store(&redis).await);
+    let addr = serve(failing_app(layer, calls.clone(), "max-age=1, stale-if-error=30")).await;
+    fetch(addr, "/r").await;
+    get_until_hit(addr, "/r", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = fetch(addr, "/r").await;
+    assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "reply #1"));
+}
+
+#[tokio::test]
+async fn ttl_jitter_spreads_expiry() {
+    let redis = RedisServer::start();
+    let layer = CacheLayer::new(redis_store(&redis).await)
+        .ttl(Duration::from_secs(1000))
+        .ttl_jitter(0.5);
+    let app = Router::new().route("/items/{id}", get(|| async { "x" })).layer(layer);
+    let addr = serve(app).await;
+    for i in 0..30 {
+        fetch(addr, &format!("/items/{i}")).await;
+    }
+    redis.wait_for_keys(30).await;
+    let mut ttls: Vec<i64> = (0..30)
+        .map(|i| redis.cmd(&["TTL", &cache_key("http-cache", "GET", &format!("/items/{i}"), "")]))
+        .collect();
+    assert!(ttls.iter().all(|t| (499..=1000).contains(t)), "{ttls:?}");
+    ttls.sort();
+    ttls.dedup();
+    assert!(ttls.len() > 10, "expiry times were not spread: {ttls:?}");
+}
