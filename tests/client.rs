@@ -466,10 +466,12 @@ mod get_or_insert {
         let cache = client(&server).await;
         let computed = Counter::default();
 
+        let start = Arc::new(tokio::sync::Barrier::new(10));
         let mut callers = JoinSet::new();
         for _ in 0..10 {
-            let (cache, computed) = (cache.clone(), computed.clone());
+            let (cache, computed, start) = (cache.clone(), computed.clone(), start.clone());
             callers.spawn(async move {
+                start.wait().await;
                 cache
                     .get_or_insert_with("k", MINUTE, || async move {
                         computed.bump();
@@ -515,7 +517,15 @@ mod get_or_insert {
                     .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(100)).await; // the leader is computing
+        // Wait until the leader is computing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while computed.get() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the leader never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut waiters = JoinSet::new();
         for _ in 0..5 {
             let (cache, computed) = (cache.clone(), computed.clone());
