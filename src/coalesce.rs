@@ -65,6 +65,7 @@ impl Flights {
             id,
             tx,
             lock: None,
+            linger: Duration::ZERO,
         })
     }
 }
@@ -91,11 +92,18 @@ pub(crate) struct Lead {
     id: u64,
     tx: watch::Sender<Outcome>,
     lock: Option<Lock>,
+    /// How long the shared outcome stays joinable after the lead ends.
+    linger: Duration,
 }
 
+/// How long a finished flight keeps answering late joiners: a request whose lookup missed
+/// just before the entry was written would otherwise call the handler again.
+const MAX_LINGER: Duration = Duration::from_secs(1);
+
 impl Lead {
-    /// Hands the stored response to the followers.
-    pub(crate) fn share(&self, shared: Shared) {
+    /// Hands the stored response to the followers (and, briefly, to late joiners).
+    pub(crate) fn share(&mut self, shared: Shared) {
+        self.linger = shared.response.ttl.min(MAX_LINGER);
         self.tx.send_replace(Some(Arc::new(shared)));
     }
 
@@ -107,11 +115,28 @@ impl Lead {
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        let mut map = self.flights.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            map.remove(&self.key);
+        let (flights, key, id) = (self.flights.clone(), std::mem::take(&mut self.key), self.id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !self.linger.is_zero() => {
+                let linger = self.linger;
+                runtime.spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    flights.leave(&key, id);
+                });
+            }
+            // Nothing shared: followers still waiting are woken by `tx` dropping, and call
+            // the handler themselves.
+            _ => flights.leave(&key, id),
         }
-        // Dropping `tx` wakes followers still waiting: they call the handler themselves.
+    }
+}
+
+impl Flights {
+    fn leave(&self, key: &str, id: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(key).is_some_and(|(current, _)| *current == id) {
+            map.remove(key);
+        }
     }
 }
 

@@ -464,13 +464,13 @@ impl PendingEntry {
 
     /// Encodes the entry, hands it to any coalesced waiters, and writes it in a background
     /// task, so the client never waits on the store for a miss.
-    fn store(self, chunks: Vec<Bytes>) {
+    fn store(mut self, chunks: Vec<Bytes>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!("no tokio runtime; response not stored");
             return;
         };
         let entry = CachedResponse::encode(self.status, &self.headers, &chunks, entry::now_ms(), self.ttl);
-        if let Some(lead) = &self.lead {
+        if let Some(lead) = &mut self.lead {
             if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {
                 lead.share(Shared { response, variant: self.variant.clone() });
             }
