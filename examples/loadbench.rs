@@ -335,6 +335,10 @@ struct Measured {
     p50_us: f64,
     p99_us: f64,
     peak_rss_kib: u64,
+    /// CPU time (user + system) the server process spent per request, in microseconds.
+    server_cpu_us: f64,
+    /// The same for redis-server.
+    redis_cpu_us: f64,
     errors: String,
     redis_hits: i64,
     redis_misses: i64,
@@ -379,7 +383,7 @@ fn run(options: Options) {
     let mut results = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let script = if row == "redis-miss" { &unique } else { &cycle };
-        let m = measure_row(row, &url, &options, script, i);
+        let m = measure_row(row, &url, redis.child.id(), &options, script, i);
         eprintln!(
             "  {row}: {:.0} req/s, p50 {}, p99 {}",
             m.requests_per_sec,
@@ -413,13 +417,21 @@ fn describe(row: &str) -> String {
     }
 }
 
-fn measure_row(row: &str, url: &str, options: &Options, script: &FsPath, seq: usize) -> Measured {
+fn measure_row(
+    row: &str,
+    url: &str,
+    redis_pid: u32,
+    options: &Options,
+    script: &FsPath,
+    seq: usize,
+) -> Measured {
     let mut server = ServerProcess::start(row, url, options);
     let base = format!("http://127.0.0.1:{}/items/", server.port);
     // A short warm-up opens the connections and wakes every thread; its numbers are dropped.
     let warmup_nonce = format!("w{seq}");
     wrk(options, 1, script, &base, &warmup_nonce, options.ids);
     let redis_before = redis_stats(url);
+    let cpu_before = (cpu_time(server.child.id()), cpu_time(redis_pid));
     let output = wrk(
         options,
         options.duration,
@@ -428,6 +440,7 @@ fn measure_row(row: &str, url: &str, options: &Options, script: &FsPath, seq: us
         &format!("r{seq}"),
         options.ids,
     );
+    let cpu_after = (cpu_time(server.child.id()), cpu_time(redis_pid));
     let redis_after = redis_stats(url);
     let peak_rss_kib = server.peak_rss_kib();
     server.stop();
@@ -438,6 +451,8 @@ fn measure_row(row: &str, url: &str, options: &Options, script: &FsPath, seq: us
         p50_us: parsed.1,
         p99_us: parsed.2,
         peak_rss_kib,
+        server_cpu_us: (cpu_after.0 - cpu_before.0) / parsed.4 * 1e6,
+        redis_cpu_us: (cpu_after.1 - cpu_before.1) / parsed.4 * 1e6,
         errors: parsed.3,
         redis_hits: redis_after.0 - redis_before.0,
         redis_misses: redis_after.1 - redis_before.1,
@@ -471,15 +486,17 @@ fn wrk(
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Requests/s, p50 and p99 in microseconds, and any error lines.
-fn parse_wrk(output: &str) -> Option<(f64, f64, f64, String)> {
+/// Requests/s, p50 and p99 in microseconds, any error lines, and the number of requests.
+fn parse_wrk(output: &str) -> Option<(f64, f64, f64, String, f64)> {
     let mut rps = None;
+    let mut total = None;
     let (mut p50, mut p99) = (None, None);
     let mut errors = Vec::new();
     for line in output.lines().map(str::trim) {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
             (Some("Requests/sec:"), Some(n)) => rps = n.parse().ok(),
+            (Some(n), Some("requests")) => total = n.parse().ok(),
             (Some("50%"), Some(t)) => p50 = parse_duration_us(t),
             (Some("99%"), Some(t)) => p99 = parse_duration_us(t),
             (Some("Socket"), Some("errors:")) | (Some("Non-2xx"), _) => {
@@ -488,7 +505,7 @@ fn parse_wrk(output: &str) -> Option<(f64, f64, f64, String)> {
             _ => {}
         }
     }
-    Some((rps?, p50?, p99?, errors.join("; ")))
+    Some((rps?, p50?, p99?, errors.join("; "), total?))
 }
 
 fn parse_duration_us(text: &str) -> Option<f64> {
@@ -505,6 +522,27 @@ fn parse_duration_us(text: &str) -> Option<f64> {
     Some(number * scale)
 }
 
+/// User plus system CPU seconds a process has used so far.
+fn cpu_time(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 fn fmt_us(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2} ms", us / 1000.0)
@@ -515,8 +553,10 @@ fn fmt_us(us: f64) -> String {
 
 fn print_table(results: &[Measured]) {
     println!();
-    println!("| row | requests/s | p50 | p99 | server peak RSS | Redis GET hits / misses |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| row | requests/s | p50 | p99 | server peak RSS | server CPU/req | redis CPU/req | Redis hits / misses |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for m in results {
         let redis = if m.row == "bare" || m.row == "memory" {
             "-".to_owned()
@@ -524,16 +564,18 @@ fn print_table(results: &[Measured]) {
             format!("{} / {}", m.redis_hits, m.redis_misses)
         };
         println!(
-            "| {} | {:.0} | {} | {} | {:.1} MiB | {} |",
+            "| {} | {:.0} | {} | {} | {:.1} MiB | {:.1} µs | {:.1} µs | {} |",
             describe(&m.row),
             m.requests_per_sec,
             fmt_us(m.p50_us),
             fmt_us(m.p99_us),
             m.peak_rss_kib as f64 / 1024.0,
+            m.server_cpu_us,
+            m.redis_cpu_us,
             redis,
         );
         if !m.errors.is_empty() {
-            println!("|   wrk reported: {} | | | | | |", m.errors);
+            println!("|   wrk reported: {} | | | | | | | |", m.errors);
         }
     }
 }

@@ -15,7 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::store::RedisStore;
+use crate::coalesce::{self, Lock};
+use crate::store::{RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -24,6 +25,33 @@ const BATCH: usize = 1000;
 
 /// Where the tag sets live, inside the client's namespace: `{prefix}:__tag:{tag}`.
 const TAG_INFIX: &str = "__tag:";
+
+/// How long a cross-instance lock of [`RedisCache::get_or_insert_with`] lives if its holder
+/// never releases it (a crashed process), by default.
+const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
+
+/// How long a caller waits on another instance's lock before computing the value itself, by
+/// default: two lock lifetimes, so a crashed holder's lock can expire and a successor compute.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a caller waiting on another instance's lock looks for the value.
+const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Returns the value if it is stored; otherwise takes the lock if it is free. One atomic step,
+/// so a lock taken here cannot have been released by a holder whose value this missed.
+///
+/// KEYS[1]: the value's key; KEYS[2]: its lock. ARGV[1]: the lock token; ARGV[2]: lock TTL in
+/// ms. Returns `{0, value}` (stored), `{1, ''}` (lock taken) or `{2, ''}` (lock held).
+const GET_OR_LOCK: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value then
+  return {0, value}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, ''}
+end
+return {2, ''}
+";
 
 /// Stores the value and records its key in each tag set, scored by the value's expiry on the
 /// server's clock (so clients with skewed clocks agree). Expired members are trimmed on each
@@ -88,9 +116,30 @@ return 1
 #[derive(Clone)]
 pub struct RedisCache {
     store: RedisStore,
+    /// The same store, as the cross-instance [`Lock`] takes it.
+    lock_store: Arc<dyn Store>,
     /// `""`, or the prefix followed by `:`.
     namespace: Arc<str>,
     flights: Arc<Flights>,
+    lock: LockSettings,
+}
+
+/// Cross-instance coalescing of [`RedisCache::get_or_insert_with`].
+#[derive(Clone, Copy, Debug)]
+struct LockSettings {
+    enabled: bool,
+    ttl: Duration,
+    wait_timeout: Duration,
+}
+
+/// What a leader found when it went for the cross-instance lock.
+enum Contended {
+    /// The value was stored meanwhile (by the previous lock holder): its JSON.
+    Stored(Vec<u8>),
+    /// This caller holds the lock: compute, store, then release.
+    Locked(Lock),
+    /// Compute without the lock (Redis failed, or waiting timed out).
+    Alone,
 }
 
 /// In-flight computations of [`RedisCache::get_or_insert_with`], by full key: the receiver
@@ -116,8 +165,14 @@ impl RedisCache {
     pub fn from_store(store: &RedisStore) -> Self {
         Self {
             store: store.clone(),
+            lock_store: Arc::new(store.clone()),
             namespace: Arc::from(""),
             flights: Arc::default(),
+            lock: LockSettings {
+                enabled: true,
+                ttl: DEFAULT_LOCK_TTL,
+                wait_timeout: DEFAULT_LOCK_WAIT,
+            },
         }
     }
 
@@ -128,6 +183,39 @@ impl RedisCache {
             Arc::from("")
         } else {
             Arc::from(format!("{prefix}:"))
+        };
+        self
+    }
+
+    /// Whether [`get_or_insert_with`](Self::get_or_insert_with) also coalesces across
+    /// instances (default true): clients with separate pools, in separate processes or on
+    /// separate hosts, that share the Redis server run the closure once per cold key in total,
+    /// rather than once per instance.
+    ///
+    /// It works through a lock in Redis at `{key}:lock`, taken only on a miss, by the one
+    /// caller per instance that leads the in-process single-flight. That costs one more round
+    /// trip per miss (a script that re-checks the key and takes the lock in one step); hits
+    /// cost nothing extra. Instances that find the lock held poll the key every 20 ms; see
+    /// [`with_lock`](Self::with_lock) for the timings. Turn it off when the closure is cheap
+    /// or when running it once per instance is fine.
+    pub fn lock_across_instances(mut self, enable: bool) -> Self {
+        self.lock.enabled = enable;
+        self
+    }
+
+    /// Turns on cross-instance coalescing (see
+    /// [`lock_across_instances`](Self::lock_across_instances)) with these timings:
+    ///
+    /// - `ttl` (default 5 s): how long the lock lives if its holder never releases it (a
+    ///   crashed or stuck process); other instances proceed after it. Make it longer than the
+    ///   closure usually takes: a closure that outlives the lock may run again elsewhere.
+    /// - `wait_timeout` (default 10 s): how long a caller waits for another instance's value
+    ///   before running the closure itself.
+    pub fn with_lock(mut self, ttl: Duration, wait_timeout: Duration) -> Self {
+        self.lock = LockSettings {
+            enabled: true,
+            ttl,
+            wait_timeout,
         };
         self
     }
@@ -352,11 +440,22 @@ impl RedisCache {
     /// - Single-flight: concurrent calls for one key on this client (and its clones) share one
     ///   lookup and one run of `compute`, and all get its value. If the caller running it is
     ///   dropped, a waiting caller takes over.
+    /// - Across instances (on by default, see
+    ///   [`lock_across_instances`](Self::lock_across_instances)): on a miss, the caller about
+    ///   to compute takes a lock in Redis at `{key}:lock` for the lock TTL, re-checking the
+    ///   key in the same step. It runs `compute`, stores the value, and only then releases
+    ///   the lock. A caller that finds the lock held polls the key every 20 ms until the value
+    ///   appears (and returns it), the lock is free (and takes it), or the wait timeout passes
+    ///   (and computes without the lock). So concurrent callers in separate processes run
+    ///   `compute` once in total, and a crashed lock holder delays the others by at most the
+    ///   lock TTL.
     /// - An error from `compute` is returned and nothing is cached; the callers that were
-    ///   waiting on it get an [`ErrorKind::Compute`] error carrying its message.
+    ///   waiting on it in this process get an [`ErrorKind::Compute`] error carrying its
+    ///   message. The lock is released at once, so a caller in another instance then runs its
+    ///   own `compute`.
     /// - The cache never fails the call: if Redis is down or slow, or holds a value that is not
-    ///   valid JSON for `T`, `compute` runs and its value is returned (the problem is logged
-    ///   with `tracing`).
+    ///   valid JSON for `T`, `compute` runs (without the lock) and its value is returned (the
+    ///   problem is logged with `tracing`).
     ///
     /// ```rust,no_run
     /// # async fn run(cache: tower_redis_cache::RedisCache) -> tower_redis_cache::Result<()> {
@@ -406,6 +505,7 @@ impl RedisCache {
             }
         };
 
+        let mut lock = None;
         match self.get_raw(&key).await {
             Ok(Some(json)) => match decode::<T>(&key, &json) {
                 Ok(value) => {
@@ -413,6 +513,17 @@ impl RedisCache {
                     return Ok(value);
                 }
                 Err(e) => tracing::warn!(error = %e, "replacing an undecodable cached value"),
+            },
+            Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
+                Contended::Stored(json) => match decode::<T>(&key, &json) {
+                    Ok(value) => {
+                        flight.land(Landing::Value(Bytes::from(json)));
+                        return Ok(value);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "replacing an undecodable cached value"),
+                },
+                Contended::Locked(taken) => lock = Some(taken),
+                Contended::Alone => {}
             },
             Ok(None) => {}
             Err(e) => tracing::warn!(key, error = %e, "cache lookup failed; computing"),
@@ -422,6 +533,10 @@ impl RedisCache {
             Ok(value) => value,
             Err(e) => {
                 flight.land(Landing::Failed(Arc::from(e.to_string())));
+                // Other instances waiting on the lock compute their own values now.
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
                 return Err(e);
             }
         };
@@ -437,7 +552,44 @@ impl RedisCache {
             // Dropping the flight unlanded makes the waiters compute their own values.
             Err(e) => tracing::warn!(error = %e, "could not cache a computed value"),
         }
+        // Released (in the background) only now that the value is stored, so instances
+        // waiting on the lock find the value rather than the lock free.
+        drop(lock);
         Ok(value)
+    }
+
+    /// After a miss: takes the cross-instance lock for `key`, or waits for the instance
+    /// holding it to store the value, polling both every [`LOCK_POLL_INTERVAL`].
+    async fn lock_or_wait(&self, key: &str) -> Contended {
+        let deadline = tokio::time::Instant::now() + self.lock.wait_timeout;
+        let token = coalesce::new_token();
+        let mut script = ::redis::cmd("EVAL");
+        script
+            .arg(GET_OR_LOCK)
+            .arg(2)
+            .arg(key)
+            .arg(coalesce::lock_key(key))
+            .arg(&token)
+            .arg(millis(self.lock.ttl));
+        loop {
+            match self.store.query::<(u8, Vec<u8>)>(&script).await {
+                Ok((0, json)) => return Contended::Stored(json),
+                Ok((1, _)) => {
+                    return Contended::Locked(Lock::taken(&self.lock_store, key, token));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cache lock unavailable; computing");
+                    return Contended::Alone;
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::debug!(key, "gave up waiting on another instance's lock; computing");
+                return Contended::Alone;
+            }
+            tokio::time::sleep(LOCK_POLL_INTERVAL.min(deadline - now)).await;
+        }
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -525,6 +677,7 @@ impl fmt::Debug for RedisCache {
         f.debug_struct("RedisCache")
             .field("prefix", &self.prefix())
             .field("store", &self.store)
+            .field("lock", &self.lock)
             .field("in_flight", &in_flight)
             .finish()
     }

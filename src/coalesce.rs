@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName};
 use tokio::sync::watch;
@@ -17,12 +17,20 @@ use crate::store::Store;
 /// A response one request produced and its concurrent twins may reuse.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// When the leader shared it: a request whose own lookup started later saw the store
+    /// after this response was written, so it must not reuse it (it may have been
+    /// invalidated since).
+    shared_at: Instant,
     pub(crate) response: CachedResponse,
     /// For a response with `Vary`: the names and the variant key it was stored under.
     pub(crate) variant: Option<(Vec<HeaderName>, String)>,
 }
 
 impl Shared {
+    pub(crate) fn new(response: CachedResponse, variant: Option<(Vec<HeaderName>, String)>) -> Self {
+        Self { shared_at: Instant::now(), response, variant }
+    }
+
     /// Whether a request with `headers` for base key `key` would get this same variant.
     fn fits(&self, key: &str, headers: &HeaderMap) -> bool {
         match &self.variant {
@@ -50,11 +58,18 @@ pub(crate) enum Role {
 }
 
 impl Flights {
-    /// Joins the flight for `key`, or starts one.
-    pub(crate) fn join(self: &Arc<Self>, key: &str) -> Role {
+    /// Joins the flight for `key`, or starts one. `looked_up_at` is when the caller's own
+    /// store lookup started: a flight that finished before then is no use to it.
+    pub(crate) fn join(self: &Arc<Self>, key: &str, looked_up_at: Instant) -> Role {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, rx)) = map.get(key) {
-            return Role::Follower(rx.clone());
+            let finished_before_lookup = rx
+                .borrow()
+                .as_ref()
+                .is_some_and(|shared| shared.shared_at <= looked_up_at);
+            if !finished_before_lookup {
+                return Role::Follower(rx.clone());
+            }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
@@ -96,8 +111,8 @@ pub(crate) struct Lead {
     linger: Duration,
 }
 
-/// How long a finished flight keeps answering late joiners: a request whose lookup missed
-/// just before the entry was written would otherwise call the handler again.
+/// How long a finished flight keeps answering late joiners whose lookup started before it
+/// finished: they missed only because the entry was not written yet.
 const MAX_LINGER: Duration = Duration::from_secs(1);
 
 impl Lead {
@@ -159,10 +174,31 @@ impl Lock {
         let taken = store.try_lock(&key, &token, ttl).await?;
         Ok(taken.then(|| Lock { store: store.clone(), key, token }))
     }
+
+    /// The lock for `entry_key`, already taken with `token` (from [`new_token`]) by a
+    /// command of the caller's own, for example a script that also reads the entry.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn taken(store: &Arc<dyn Store>, entry_key: &str, token: String) -> Lock {
+        Lock { store: store.clone(), key: lock_key(entry_key), token }
+    }
+
+    /// Releases the lock now (if still ours) and waits for the store's answer, rather than
+    /// in the background as dropping it does.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) async fn release(mut self) {
+        let (key, token) = (std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        if let Err(e) = self.store.unlock(&key, &token).await {
+            // The lock expires on its own after its TTL.
+            tracing::debug!(key, error = %e, "releasing cache lock failed");
+        }
+    }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
+        if self.token.is_empty() {
+            return; // already released
+        }
         let (store, key, token) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -181,7 +217,7 @@ pub(crate) fn lock_key(entry_key: &str) -> String {
 }
 
 /// A token unique to this lock holder: process id, a counter, and per-process random bits.
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let random = std::collections::hash_map::RandomState::new().hash_one(COUNTER.load(Ordering::Relaxed));
     format!("{}-{}-{random:016x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))

@@ -7,6 +7,7 @@ use http::Method;
 use tower_layer::Layer;
 
 use crate::coalesce::Flights;
+use crate::invalidate::Invalidator;
 use crate::policy::{Rules, StatusSet};
 use crate::service::CacheService;
 use crate::store::Store;
@@ -32,6 +33,8 @@ pub(crate) struct Config {
     pub(crate) rules: Rules,
     pub(crate) key_prefix: String,
     pub(crate) flights: Arc<Flights>,
+    /// Tags given to every response this layer stores.
+    pub(crate) tags: Arc<[String]>,
 }
 
 impl CacheLayer {
@@ -48,6 +51,7 @@ impl CacheLayer {
                 rules: Rules::default(),
                 key_prefix: "http-cache".to_owned(),
                 flights: Arc::default(),
+                tags: Arc::from([]),
             }),
         }
     }
@@ -161,6 +165,21 @@ impl CacheLayer {
     pub fn lock_across_instances(mut self, enable: bool) -> Self {
         self.rules_mut().lock_across_instances = enable;
         self
+    }
+
+    /// Tags every response stored by this layer with `tags` (in addition to those named by
+    /// the response's `Cache-Tag` / `Surrogate-Key` header), so that
+    /// [`Invalidator::invalidate_tag`] or [`RedisCache::invalidate_tag`](crate::RedisCache::invalidate_tag)
+    /// (on a client with this layer's key prefix) drops them.
+    pub fn tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        Arc::make_mut(&mut self.config).tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A handle that drops this layer's stored responses by tag or by URL, for invalidating
+    /// on writes or events.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator::new(self.config.store.clone(), self.config.key_prefix.clone())
     }
 
     /// How long a cross-instance lock lives if its holder never releases it (a crashed

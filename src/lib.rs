@@ -10,6 +10,7 @@ mod coalesce;
 mod client;
 mod entry;
 mod error;
+mod invalidate;
 mod key;
 mod layer;
 mod policy;
@@ -20,6 +21,7 @@ pub use body::CacheBody;
 #[cfg(feature = "redis")]
 pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
+pub use invalidate::Invalidator;
 pub use layer::CacheLayer;
 pub use service::{CacheService, ResponseFuture, X_CACHE};
 #[cfg(feature = "memory")]

@@ -258,6 +258,26 @@ pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
     }
 }
 
+/// The headers through which a response names its tags for the cache (Cloudflare's
+/// comma-separated `Cache-Tag`, Fastly's space-separated `Surrogate-Key`). Meant for the cache
+/// alone: the layer strips them before the client sees the response.
+pub(crate) const TAG_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("cache-tag"),
+    HeaderName::from_static("surrogate-key"),
+];
+
+/// The tags a response names in its tag headers.
+pub(crate) fn response_tags(headers: &HeaderMap) -> Vec<String> {
+    TAG_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(|c: char| c == ',' || c.is_ascii_whitespace()))
+        .filter(|tag| !tag.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The request headers a response varies on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Vary {
@@ -396,6 +416,12 @@ mod tests {
         let no_origin = Rules { honor_origin_ttl: false, ..Rules::default() };
         let h = headers(&[("cache-control", "stale-while-revalidate=30")]);
         assert_eq!(grace(&no_origin, &h), Grace::default());
+    }
+
+    #[test]
+    fn response_tags_from_both_headers() {
+        let h = headers(&[("Cache-Tag", "a, b"), ("surrogate-key", "c  d"), ("cache-tag", "")]);
+        assert_eq!(response_tags(&h), ["a", "b", "c", "d"]);
     }
 
     #[test]

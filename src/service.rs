@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, AGE, CONTENT_LENGTH};
@@ -15,6 +15,7 @@ use tower_service::Service;
 use crate::body::{CacheBody, Recorder};
 use crate::coalesce::{self, Lead, Lock, Role, Shared};
 use crate::entry::{self, CachedResponse, StoredValue};
+use crate::invalidate;
 use crate::key;
 use crate::layer::Config;
 use crate::policy::{self, RequestAction, Vary};
@@ -134,6 +135,7 @@ where
         }
         RequestAction::Bypass => {
             let mut response = inner.call(req).await?.map(CacheBody::passthrough);
+            strip_tag_headers(response.headers_mut());
             response.headers_mut().insert(X_CACHE, BYPASS);
             return Ok(response);
         }
@@ -147,17 +149,18 @@ where
     let mut stale_if_error = None;
     let mut lead = None;
     if label == MISS {
+        let looked_up_at = Instant::now();
         match lookup(&config, &key, req.headers()).await {
             Found::Fresh(hit) => return Ok(replay(hit, true, HIT)),
             Found::Revalidate(stale) => {
-                refresh_in_background(config, key, inner, req);
+                refresh_in_background(config, key, inner, req, looked_up_at);
                 return Ok(replay(stale, true, STALE));
             }
             Found::IfError(stale) => stale_if_error = Some(stale),
             Found::Absent => {}
         }
         // A cold key: let one request call the handler and the others reuse its response.
-        match coalesce(&config, &key, req.headers()).await {
+        match coalesce(&config, &key, req.headers(), looked_up_at).await {
             Coalesced::Hit(hit) => return Ok(replay(hit, true, HIT)),
             Coalesced::Lead(l) => lead = Some(l),
             Coalesced::Alone => {}
@@ -177,8 +180,16 @@ where
     // 5. Record the body while it streams to the client, if the response may be stored; it is
     // written in the background once complete.
     let recorder = plan_store(&config, key, &request_headers, &parts, &body, lead);
+    strip_tag_headers(&mut parts.headers);
     parts.headers.insert(X_CACHE, label);
     Ok(Response::from_parts(parts, CacheBody::recording(body, recorder)))
+}
+
+/// Tag headers are for the cache, not for clients.
+fn strip_tag_headers(headers: &mut HeaderMap) {
+    for name in &policy::TAG_HEADERS {
+        headers.remove(name);
+    }
 }
 
 /// A recorder that stores the response once its body has streamed through, if the response
@@ -276,12 +287,12 @@ enum Coalesced {
 
 /// Makes concurrent misses for one key wait for a single handler call: in this process
 /// through the flight map, across processes (when enabled) through a lock in the store.
-async fn coalesce(config: &Config, key: &str, headers: &HeaderMap) -> Coalesced {
+async fn coalesce(config: &Config, key: &str, headers: &HeaderMap, looked_up_at: Instant) -> Coalesced {
     let rules = &config.rules;
     if !rules.coalesce {
         return Coalesced::Alone;
     }
-    let mut lead = match config.flights.join(key) {
+    let mut lead = match config.flights.join(key, looked_up_at) {
         Role::Follower(rx) => {
             return match coalesce::follow(rx, rules.coalesce_timeout, key, headers).await {
                 Some(hit) => Coalesced::Hit(hit),
@@ -300,7 +311,7 @@ async fn coalesce(config: &Config, key: &str, headers: &HeaderMap) -> Coalesced 
             Ok(Some(lock)) => {
                 // The previous holder may have just stored the entry and released the lock.
                 if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
-                    lead.share(Shared { response: hit.clone(), variant });
+                    lead.share(Shared::new(hit.clone(), variant));
                     return Coalesced::Hit(hit);
                 }
                 lead.hold(lock);
@@ -317,7 +328,7 @@ async fn coalesce(config: &Config, key: &str, headers: &HeaderMap) -> Coalesced 
         }
         tokio::time::sleep(LOCK_POLL_INTERVAL).await;
         if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
-            lead.share(Shared { response: hit.clone(), variant });
+            lead.share(Shared::new(hit.clone(), variant));
             return Coalesced::Hit(hit);
         }
     }
@@ -343,13 +354,14 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     key: String,
     mut inner: S,
     req: Request<ReqBody>,
+    looked_up_at: Instant,
 ) where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    let Role::Leader(mut lead) = config.flights.join(&key) else {
+    let Role::Leader(mut lead) = config.flights.join(&key, looked_up_at) else {
         return;
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -423,6 +435,8 @@ struct PendingEntry {
     keep: Duration,
     /// The coalesced requests waiting for this response, if this request leads them.
     lead: Option<Lead>,
+    /// The tag sets the entry is recorded in.
+    tag_keys: Vec<String>,
 }
 
 impl PendingEntry {
@@ -450,6 +464,13 @@ impl PendingEntry {
             ttl
         };
         let keep = ttl + policy::grace(rules, &response.headers).longest();
+        let tag_keys = config
+            .tags
+            .iter()
+            .cloned()
+            .chain(policy::response_tags(&response.headers))
+            .map(|tag| invalidate::tag_key(&config.key_prefix, &tag))
+            .collect();
         Some(Self {
             store: config.store.clone(),
             key,
@@ -459,6 +480,7 @@ impl PendingEntry {
             ttl,
             keep,
             lead,
+            tag_keys,
         })
     }
 
@@ -472,17 +494,17 @@ impl PendingEntry {
         let entry = CachedResponse::encode(self.status, &self.headers, &chunks, entry::now_ms(), self.ttl);
         if let Some(lead) = &mut self.lead {
             if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {
-                lead.share(Shared { response, variant: self.variant.clone() });
+                lead.share(Shared::new(response, self.variant.clone()));
             }
         }
         runtime.spawn(async move {
-            let store = &self.store;
+            let (store, tags, keep) = (&self.store, &self.tag_keys, self.keep);
             let result = match &self.variant {
-                None => store.set(&self.key, entry, self.keep).await,
+                None => store.set_tagged(&self.key, entry, keep, tags).await,
                 Some((names, variant_key)) => {
                     // Variant first, so the marker never points at a variant not yet written.
-                    match store.set(variant_key, entry, self.keep).await {
-                        Ok(()) => store.set(&self.key, entry::encode_variants(names), self.keep).await,
+                    match store.set_tagged(variant_key, entry, keep, tags).await {
+                        Ok(()) => store.set_tagged(&self.key, entry::encode_variants(names), keep, tags).await,
                         Err(e) => Err(e),
                     }
                 }
@@ -522,6 +544,8 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         HeaderName::from_static("proxy-connection"),
         CONTENT_LENGTH,
         X_CACHE,
+        policy::TAG_HEADERS[0].clone(),
+        policy::TAG_HEADERS[1].clone(),
     ] {
         stored.remove(name);
     }

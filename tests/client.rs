@@ -594,3 +594,195 @@ mod get_or_insert {
         );
     }
 }
+
+/// `get_or_insert_with` across independent clients (separate pools, as separate processes
+/// would have) sharing one Redis server.
+mod across_instances {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use tokio::task::JoinSet;
+
+    use super::*;
+
+    /// `instances` independent clients x `callers` concurrent callers each, all on one cold
+    /// key, each closure taking 200 ms. Returns how many times the closure ran; asserts that
+    /// every caller got the value.
+    async fn stampede(instances: &[RedisCache], callers: usize) -> usize {
+        let computed = Counter::default();
+        let start = Arc::new(tokio::sync::Barrier::new(instances.len() * callers));
+        let mut tasks = JoinSet::new();
+        for cache in instances {
+            for _ in 0..callers {
+                let (cache, computed, start) = (cache.clone(), computed.clone(), start.clone());
+                tasks.spawn(async move {
+                    start.wait().await;
+                    cache
+                        .get_or_insert_with("report", MINUTE, || async move {
+                            computed.bump();
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Ok::<_, Error>(User {
+                                id: 7,
+                                name: "Grace".into(),
+                            })
+                        })
+                        .await
+                });
+            }
+        }
+        let mut answered = 0;
+        while let Some(result) = tasks.join_next().await {
+            assert_eq!(result.unwrap().unwrap().name, "Grace");
+            answered += 1;
+        }
+        assert_eq!(answered, instances.len() * callers);
+        computed.get()
+    }
+
+    /// Waits until the lock of `key` is gone (it is released in the background once the
+    /// value is stored).
+    async fn wait_for_lock_release(server: &RedisServer, key: &str) {
+        let lock = format!("{key}:lock");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.cmd::<bool>(&["EXISTS", &lock]) {
+            assert!(Instant::now() < deadline, "{lock} was never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn four_instances_on_a_cold_key_run_the_closure_once_in_total() {
+        let server = RedisServer::start();
+        let mut instances = Vec::new();
+        for _ in 0..4 {
+            instances.push(client(&server).await); // each with its own pool
+        }
+
+        let computed = stampede(&instances, 25).await;
+
+        assert_eq!(computed, 1, "the closure ran more than once across instances");
+        assert_eq!(
+            instances[3].get::<User>("report").await.unwrap().map(|u| u.id),
+            Some(7)
+        );
+        wait_for_lock_release(&server, "report").await;
+        assert_eq!(server.dbsize(), 1, "only the value is left");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn without_the_lock_each_instance_runs_the_closure() {
+        let server = RedisServer::start();
+        let mut instances = Vec::new();
+        for _ in 0..4 {
+            instances.push(client(&server).await.lock_across_instances(false));
+        }
+
+        let computed = stampede(&instances, 25).await;
+
+        // Once per instance (in-process single-flight still holds), unless an instance
+        // missed only after another had stored the value.
+        assert!((2..=4).contains(&computed), "ran {computed} times");
+        assert_eq!(calls(&server, "eval"), 0, "no lock taken");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crashed_lock_holder_delays_the_others_by_at_most_the_lock_ttl() {
+        let server = RedisServer::start();
+        // A holder that crashed: its lock stays until its TTL.
+        server.cmd::<()>(&["SET", "report:lock", "crashed-holder", "PX", "1000"]);
+        let instances = [client(&server).await, client(&server).await];
+
+        let started = Instant::now();
+        let computed = stampede(&instances, 5).await;
+        let waited = started.elapsed();
+
+        assert_eq!(computed, 1, "one instance took the expired lock, the others waited");
+        assert!(
+            waited >= Duration::from_millis(800),
+            "did not wait for the lock: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+        wait_for_lock_release(&server, "report").await;
+    }
+
+    #[tokio::test]
+    async fn a_caller_stops_waiting_after_the_wait_timeout() {
+        let server = RedisServer::start();
+        server.cmd::<()>(&["SET", "k:lock", "stuck-holder", "PX", "60000"]);
+        let cache = client(&server)
+            .await
+            .with_lock(Duration::from_secs(5), Duration::from_millis(300));
+
+        let started = Instant::now();
+        let value = cache
+            .get_or_insert_with("k", MINUTE, || async { Ok::<_, Error>(3u32) })
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+
+        assert_eq!(value, 3);
+        assert!(
+            (Duration::from_millis(250)..Duration::from_secs(5)).contains(&waited),
+            "waited {waited:?}"
+        );
+        assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(3));
+        let holder: String = server.cmd(&["GET", "k:lock"]);
+        assert_eq!(holder, "stuck-holder", "another holder's lock is left alone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closure_error_releases_the_lock_at_once() {
+        let server = RedisServer::start();
+        // A lock that would hold the second instance for a minute if it were not released.
+        let first = client(&server)
+            .await
+            .with_lock(MINUTE, Duration::from_secs(30));
+        let second = client(&server)
+            .await
+            .with_lock(MINUTE, Duration::from_secs(30));
+        let computed = Counter::default();
+
+        let failing = {
+            let computed = computed.clone();
+            tokio::spawn(async move {
+                first
+                    .get_or_insert_with("k", MINUTE, || async move {
+                        computed.bump();
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Err::<u32, _>(Error::new(ErrorKind::Backend, "database down"))
+                    })
+                    .await
+            })
+        };
+        // Wait until the first instance holds the lock and is computing.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while computed.get() == 0 {
+            assert!(Instant::now() < deadline, "the first instance never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(server.cmd::<bool>(&["EXISTS", "k:lock"]));
+
+        let started = Instant::now();
+        let value = {
+            let computed = computed.clone();
+            second
+                .get_or_insert_with("k", MINUTE, || async move {
+                    computed.bump();
+                    Ok::<_, Error>(8u32)
+                })
+                .await
+                .unwrap()
+        };
+        let waited = started.elapsed();
+
+        let err = failing.await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "database down");
+        assert_eq!(value, 8);
+        assert_eq!(computed.get(), 2, "the second instance computed after the error");
+        assert!(
+            waited < Duration::from_secs(5),
+            "the second instance waited {waited:?}: the lock was not released"
+        );
+        wait_for_lock_release(&server, "k").await;
+    }
+}

@@ -862,3 +862,69 @@ async fn the_inner_service_called_is_the_one_polled_ready() {
         assert!(response.is_ok(), "{:?}", response.err());
     }
 }
+
+/// Products tagged by the route, and by the response's `Cache-Tag` / `Surrogate-Key`.
+fn tagged_app(layer: CacheLayer, calls: Counter) -> Router {
+    Router::new()
+        .route(
+            "/products/{id}",
+            get(move |axum::extract::Path(id): axum::extract::Path<u32>| {
+                let n = calls.bump();
+                async move {
+                    let tags = if id % 2 == 0 { "even, product" } else { "odd product" };
+                    let header = if id % 2 == 0 { "cache-tag" } else { "surrogate-key" };
+                    ([(header, tags)], format!("product {id} #{n}"))
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+#[tokio::test]
+async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let layer = CacheLayer::new(store.clone()).tags(["catalog"]);
+    let invalidator = layer.invalidator();
+    let addr = serve(tagged_app(layer, Counter::default())).await;
+    for id in 1..=6 {
+        let reply = fetch(addr, &format!("/products/{id}")).await;
+        assert_eq!(reply.header("cache-tag"), None, "tag headers are stripped");
+        assert_eq!(reply.header("surrogate-key"), None);
+    }
+    for id in 1..=6 {
+        let hit = get_until_hit(addr, &format!("/products/{id}"), &[]).await;
+        assert_eq!((hit.header("cache-tag"), hit.header("surrogate-key")), (None, None));
+    }
+    assert_eq!(invalidator.invalidate_tag("even").await.unwrap(), 3);
+    for id in 1..=6 {
+        let reply = fetch(addr, &format!("/products/{id}")).await;
+        let expected = if id % 2 == 0 { "MISS" } else { "HIT" };
+        assert_eq!(reply.x_cache(), Some(expected), "product {id}");
+    }
+    // The typed client with the layer's prefix sees the same tags.
+    let client = tower_redis_cache::RedisCache::from_store(&store).with_prefix("http-cache");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.invalidate_tag("catalog").await.unwrap(), 6);
+    // Only tag sets remain (their members now name removed keys and expire with them).
+    let left: Vec<String> = redis.cmd(&["KEYS", "*"]);
+    assert!(left.iter().all(|k| k.starts_with("http-cache:__tag:")), "{left:?}");
+    assert_eq!(fetch(addr, "/products/1").await.x_cache(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn the_invalidator_drops_one_url_and_works_on_the_memory_store() {
+    let layer = CacheLayer::new(tower_redis_cache::MemoryStore::new());
+    let invalidator = layer.invalidator();
+    let calls = Counter::default();
+    let addr = serve(tagged_app(layer, calls.clone())).await;
+    fetch(addr, "/products/2?a=1&b=2").await;
+    fetch(addr, "/products/3").await;
+    get_until_hit(addr, "/products/2?a=1&b=2", &[]).await;
+    get_until_hit(addr, "/products/3", &[]).await;
+    assert!(invalidator.invalidate(&"/products/2?b=2&a=1".parse().unwrap()).await.unwrap());
+    assert_eq!(fetch(addr, "/products/2?a=1&b=2").await.x_cache(), Some("MISS"));
+    assert_eq!(fetch(addr, "/products/3").await.x_cache(), Some("HIT"));
+    assert_eq!(invalidator.invalidate_tag("product").await.unwrap(), 2);
+    assert_eq!(fetch(addr, "/products/3").await.x_cache(), Some("MISS"));
+}

@@ -1,5 +1,7 @@
 //! `MemoryStore`: an in-process store on moka, for examples, tests and apps without Redis.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +17,8 @@ use super::{Store, StoreFuture};
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Value>,
+    /// Tag set name -> keys stored with that tag (pruned of evicted keys as it grows).
+    tags: Arc<Mutex<HashMap<String, HashSet<String>>>>,
 }
 
 #[derive(Clone)]
@@ -82,6 +86,7 @@ impl MemoryStoreBuilder {
         }
         MemoryStore {
             cache: builder.build(),
+            tags: Arc::default(),
         }
     }
 }
@@ -138,4 +143,40 @@ impl Store for MemoryStore {
         let removed = self.cache.remove(key).is_some();
         Box::pin(std::future::ready(Ok(removed)))
     }
+
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        tag_keys: &'a [String],
+    ) -> StoreFuture<'a, ()> {
+        let stored = self.set(key, value, ttl);
+        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        for tag_key in tag_keys {
+            let members = tags.entry(tag_key.clone()).or_default();
+            members.insert(key.to_owned());
+            if members.len() >= PRUNE_AT && members.len().is_power_of_two() {
+                members.retain(|member| self.cache.contains_key(member));
+            }
+        }
+        stored
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+        let members = self
+            .tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(tag_key)
+            .unwrap_or_default();
+        let removed = members
+            .iter()
+            .filter(|key| self.cache.remove(key.as_str()).is_some())
+            .count() as u64;
+        Box::pin(std::future::ready(Ok(removed)))
+    }
 }
+
+/// Tag sets are pruned of evicted keys when they reach this size (and each doubling).
+const PRUNE_AT: usize = 1024;

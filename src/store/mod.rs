@@ -42,6 +42,27 @@ pub trait Store: Send + Sync + 'static {
     /// Removes `key`; returns whether something was removed.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
 
+    /// Stores `value` under `key` for `ttl` and records `key` in each of the tag sets
+    /// `tag_keys`, so [`invalidate_tag`](Self::invalidate_tag) can remove it. The default
+    /// stores the value and ignores the tags.
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        tag_keys: &'a [String],
+    ) -> StoreFuture<'a, ()> {
+        let _ = tag_keys;
+        self.set(key, value, ttl)
+    }
+
+    /// Removes every key recorded in the tag set `tag_key`, and the set; returns how many
+    /// keys were removed. The default removes nothing.
+    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+        let _ = tag_key;
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
     /// Takes the lock `key` for `ttl` if nobody holds it, recording `token` as its owner;
     /// returns whether it was taken. Used to make one handler call per cold key across app
     /// instances. The default, for stores private to one process, always succeeds: the
@@ -70,6 +91,20 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
         (**self).delete(key)
+    }
+
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        tag_keys: &'a [String],
+    ) -> StoreFuture<'a, ()> {
+        (**self).set_tagged(key, value, ttl, tag_keys)
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+        (**self).invalidate_tag(tag_key)
     }
 
     fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {

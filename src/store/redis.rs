@@ -324,6 +324,28 @@ fn classify(e: RedisError) -> Error {
     Error::new(kind, "Redis command failed").with_source(e)
 }
 
+/// Tag-set members popped and unlinked per step of a tag invalidation.
+const TAG_BATCH: usize = 1000;
+
+/// Stores a value and records its key in each tag set, scored by its expiry on the server's
+/// clock. Expired members are trimmed on each write; a tag set lives as long as its
+/// longest-lived member. KEYS[1]: the value's key; KEYS[2..]: tag sets. ARGV[1]: the value;
+/// ARGV[2]: TTL in ms. Shared by the response layer and [`RedisCache`](crate::RedisCache).
+pub(crate) const SET_TAGGED_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+";
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -355,6 +377,49 @@ impl Store for RedisStore {
         Box::pin(async move {
             let removed: u64 = self.query(::redis::cmd("UNLINK").arg(key)).await?;
             Ok(removed > 0)
+        })
+    }
+
+    fn set_tagged<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+        tag_keys: &'a [String],
+    ) -> StoreFuture<'a, ()> {
+        if tag_keys.is_empty() {
+            return self.set(key, value, ttl);
+        }
+        Box::pin(async move {
+            let mut eval = ::redis::cmd("EVAL");
+            eval.arg(SET_TAGGED_SCRIPT).arg(1 + tag_keys.len()).arg(key);
+            for tag_key in tag_keys {
+                eval.arg(tag_key);
+            }
+            eval.arg(&value[..]).arg(ttl.as_millis().max(1) as u64);
+            let _: i64 = self.query(&eval).await?;
+            Ok(())
+        })
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let mut removed = 0;
+            loop {
+                // Pop in batches: each step is one short command, within the op timeout.
+                let popped: Vec<(Vec<u8>, f64)> =
+                    self.query(::redis::cmd("ZPOPMIN").arg(tag_key).arg(TAG_BATCH)).await?;
+                if !popped.is_empty() {
+                    let mut unlink = ::redis::cmd("UNLINK");
+                    for (key, _) in &popped {
+                        unlink.arg(key);
+                    }
+                    removed += self.query::<u64>(&unlink).await?;
+                }
+                if popped.len() < TAG_BATCH {
+                    return Ok(removed);
+                }
+            }
         })
     }
 
