@@ -75,7 +75,8 @@ return 1
 ";
 
 /// A typed cache client for application data: JSON values under string keys, with
-/// get-or-compute (single-flight), pattern deletes and tag invalidation.
+/// get-or-compute (single-flight, in this process and across processes), pattern deletes and
+/// tag invalidation.
 ///
 /// Built on a [`RedisStore`], so it shares its pool, its operation timeout (default 100 ms)
 /// and its fail-fast back-off. Set the timeout on the store:

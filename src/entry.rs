@@ -69,6 +69,11 @@ impl CachedResponse {
         Duration::from_secs(now_ms.saturating_sub(self.stored_at_ms) / 1000)
     }
 
+    /// Time since the entry was stored (zero if the clock went backwards).
+    pub(crate) fn elapsed(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.stored_at_ms))
+    }
+
     /// How long ago the entry's TTL ran out, or `None` while it is fresh.
     pub(crate) fn staleness(&self, now_ms: u64) -> Option<Duration> {
         let age_ms = now_ms.saturating_sub(self.stored_at_ms);

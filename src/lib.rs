@@ -6,6 +6,7 @@
 
 mod body;
 mod coalesce;
+mod conditional;
 #[cfg(feature = "redis")]
 mod client;
 mod entry;

@@ -2,10 +2,10 @@
 //! and for how long. Pure functions of headers and the route's settings; nothing here knows
 //! about stores.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, SET_COOKIE, VARY};
-use http::{HeaderMap, HeaderName, Method, StatusCode};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, DATE, EXPIRES, PRAGMA, SET_COOKIE, VARY};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
 /// The route's caching rules, fixed when the layer is built.
 #[derive(Debug, Clone)]
@@ -86,14 +86,34 @@ pub(crate) struct CacheControl {
     pub(crate) must_revalidate: bool,
     pub(crate) stale_while_revalidate: Option<u64>,
     pub(crate) stale_if_error: Option<u64>,
+    /// Request only: `max-stale`, with its limit (`Some(None)`: any staleness).
+    pub(crate) max_stale: Option<Option<u64>>,
+    /// Request only: `min-fresh`.
+    pub(crate) min_fresh: Option<u64>,
+    /// Request only: `only-if-cached`.
+    pub(crate) only_if_cached: bool,
 }
 
 impl CacheControl {
     /// Parses every `Cache-Control` field line. Names are case-insensitive; unknown or
     /// malformed directives are ignored; for a repeated numeric directive the first wins.
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
+        Self::parse_field(headers, &CACHE_CONTROL)
+    }
+
+    /// The directives this cache obeys on a response: those of `CDN-Cache-Control`
+    /// (RFC 9213) or `Surrogate-Control` when present, which then replace `Cache-Control`
+    /// for this cache alone; otherwise `Cache-Control`.
+    pub(crate) fn for_cache(headers: &HeaderMap) -> Self {
+        match TARGETED_HEADERS.iter().find(|name| headers.contains_key(*name)) {
+            Some(name) => Self::parse_field(headers, name),
+            None => Self::parse(headers),
+        }
+    }
+
+    fn parse_field(headers: &HeaderMap, field: &HeaderName) -> Self {
         let mut cc = Self::default();
-        for value in headers.get_all(CACHE_CONTROL) {
+        for value in headers.get_all(field) {
             let Ok(value) = value.to_str() else { continue };
             for directive in split_list(value) {
                 let (name, arg) = match directive.split_once('=') {
@@ -123,6 +143,16 @@ impl CacheControl {
                     cc.stale_while_revalidate = cc.stale_while_revalidate.or_else(seconds);
                 } else if name.eq_ignore_ascii_case("stale-if-error") {
                     cc.stale_if_error = cc.stale_if_error.or_else(seconds);
+                } else if name.eq_ignore_ascii_case("max-stale") {
+                    // Without a value: any staleness; with a malformed one: ignored.
+                    match arg {
+                        None => cc.max_stale = cc.max_stale.or(Some(None)),
+                        Some(_) => cc.max_stale = cc.max_stale.or(seconds().map(Some)),
+                    }
+                } else if name.eq_ignore_ascii_case("min-fresh") {
+                    cc.min_fresh = cc.min_fresh.or_else(seconds);
+                } else if name.eq_ignore_ascii_case("only-if-cached") {
+                    cc.only_if_cached = true;
                 }
             }
         }
@@ -157,6 +187,9 @@ fn split_list(value: &str) -> impl Iterator<Item = &str> {
 pub(crate) enum RequestAction {
     /// Not the cache's business: call the handler, leave the response untouched.
     Pass,
+    /// An unsafe method (POST, PUT, PATCH, DELETE) the route does not cache: call the
+    /// handler; on success drop the stored GET entries of the URL (RFC 9111 §4.4).
+    Invalidate,
     /// A HEAD request: answer from a fresh GET entry if there is one, else pass.
     HeadLookup,
     /// Call the handler, store nothing, say `X-Cache: BYPASS`.
@@ -167,29 +200,67 @@ pub(crate) enum RequestAction {
     Lookup,
 }
 
-/// Decides how the cache treats a request (RFC 9111 §5.2.1 subset, plus the route's rules).
-pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderMap) -> RequestAction {
-    let cc = CacheControl::parse(headers);
+/// How the cache treats a request, and what the request asks of a stored response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestPlan {
+    pub(crate) action: RequestAction,
+    /// The request carries `Authorization`: only responses marked shareable (`public`,
+    /// `s-maxage`, `must-revalidate`) may be served to it or stored from it (RFC 9111 §3.5).
+    pub(crate) authorized: bool,
+    /// The request's `Cache-Control` (client limits on age and staleness).
+    pub(crate) directives: CacheControl,
+}
+
+/// Decides how the cache treats a request (RFC 9111 §5.2.1, plus the route's rules).
+pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderMap) -> RequestPlan {
+    let mut cc = CacheControl::parse(headers);
     let authorized = headers.contains_key(AUTHORIZATION) && !rules.cache_authorized;
-    let wants_fresh = rules.honor_request_no_cache
-        && (cc.no_cache
-            || (!headers.contains_key(CACHE_CONTROL) && pragma_no_cache(headers)));
-    if method == Method::HEAD {
+    let has_cache_control = headers.contains_key(CACHE_CONTROL);
+    if !rules.honor_request_no_cache {
+        // The route does not let clients force handler calls: drop every directive that
+        // would (`no-cache`, and `max-age` / `min-fresh` that reject a stored response).
+        cc.no_cache = false;
+        cc.max_age = None;
+        cc.min_fresh = None;
+    }
+    let wants_fresh = cc.no_cache
+        || (rules.honor_request_no_cache && !has_cache_control && pragma_no_cache(headers));
+    let action = if method == Method::HEAD {
         // HEAD responses are never stored (their empty body must not reach a GET); a HEAD is
         // answered from the GET entry when the route caches GET.
         let usable = rules.methods.contains(&Method::GET) && !authorized && !cc.no_store && !wants_fresh;
-        return if usable { RequestAction::HeadLookup } else { RequestAction::Pass };
-    }
-    if !rules.methods.contains(method) {
-        return RequestAction::Pass;
-    }
-    if cc.no_store || authorized {
+        if usable { RequestAction::HeadLookup } else { RequestAction::Pass }
+    } else if !rules.methods.contains(method) {
+        if is_unsafe(method) { RequestAction::Invalidate } else { RequestAction::Pass }
+    } else if cc.no_store {
         RequestAction::Bypass
     } else if wants_fresh {
-        RequestAction::Refresh
+        if authorized { RequestAction::Bypass } else { RequestAction::Refresh }
     } else {
         RequestAction::Lookup
+    };
+    RequestPlan { action, authorized, directives: cc }
+}
+
+/// The URL a `Location` / `Content-Location` value names, when it is on the request's own
+/// origin (a path, or an absolute URL whose authority is the request's Host); a write must
+/// not invalidate entries of other sites (RFC 9111 §4.4).
+pub(crate) fn same_origin_target(value: &HeaderValue, request: &Uri, host: Option<&HeaderValue>) -> Option<Uri> {
+    let target: Uri = value.to_str().ok()?.parse().ok()?;
+    match target.authority() {
+        None => target.path().starts_with('/').then_some(target),
+        Some(authority) => {
+            let own = request
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| host.and_then(|h| h.to_str().ok()).map(str::to_owned))?;
+            authority.as_str().eq_ignore_ascii_case(&own).then_some(target)
+        }
     }
+}
+
+fn is_unsafe(method: &Method) -> bool {
+    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method)
 }
 
 fn pragma_no_cache(headers: &HeaderMap) -> bool {
@@ -202,23 +273,119 @@ fn pragma_no_cache(headers: &HeaderMap) -> bool {
 }
 
 /// How long a response may be stored, or `None` if it must not be stored.
-pub(crate) fn storable_ttl(rules: &Rules, status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
+///
+/// `authorized`: the request carried `Authorization`; then only a response marked
+/// shareable may be stored (RFC 9111 §3.5).
+pub(crate) fn storable_ttl(
+    rules: &Rules,
+    status: StatusCode,
+    headers: &HeaderMap,
+    authorized: bool,
+) -> Option<Duration> {
     if !rules.statuses.contains(status) || headers.contains_key(SET_COOKIE) {
         return None;
     }
-    let cc = CacheControl::parse(headers);
-    if cc.private || cc.no_store || cc.no_cache {
+    let cc = CacheControl::for_cache(headers);
+    if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
         return None;
     }
     if matches!(vary_names(headers), Vary::Any) {
         return None;
     }
-    let origin_ttl = rules
-        .honor_origin_ttl
-        .then(|| cc.s_maxage.or(cc.max_age))
-        .flatten()
-        .map(Duration::from_secs);
-    Some(origin_ttl.unwrap_or(rules.ttl)).filter(|ttl| !ttl.is_zero())
+    let ttl = if rules.honor_origin_ttl {
+        origin_ttl(&cc, headers).unwrap_or(rules.ttl)
+    } else {
+        rules.ttl
+    };
+    // A response with `no-cache` is stored, but validated before every reuse; it needs a
+    // lifetime in the store even when its own is zero.
+    let ttl = if cc.no_cache && ttl.is_zero() { rules.ttl } else { ttl };
+    Some(ttl).filter(|ttl| !ttl.is_zero())
+}
+
+impl CacheControl {
+    /// RFC 9111 §3.5: directives that let a shared cache reuse a response to a request with
+    /// `Authorization`.
+    pub(crate) fn shareable_when_authorized(&self) -> bool {
+        self.public || self.s_maxage.is_some() || self.must_revalidate
+    }
+}
+
+/// The freshness lifetime the origin gave (RFC 9111 §4.2.1): `s-maxage`, else `max-age`,
+/// else `Expires` minus `Date` (an invalid `Expires` means already expired).
+fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
+    if let Some(secs) = cc.s_maxage.or(cc.max_age) {
+        return Some(Duration::from_secs(secs));
+    }
+    let expires = headers.get(EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers.get(DATE).and_then(http_date).unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+/// Parses an HTTP date (IMF-fixdate, RFC 850 or asctime).
+pub(crate) fn http_date(value: &HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?).ok()
+}
+
+/// Fields that give this cache its own directives (RFC 9213's CDN-Cache-Control, and
+/// Surrogate-Control); the layer strips them before the client sees the response.
+pub(crate) const TARGETED_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("cdn-cache-control"),
+    HeaderName::from_static("surrogate-control"),
+];
+
+/// What a stored response is good for, given its age and the request (RFC 9111 §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Serve it.
+    Fresh,
+    /// Stale, but the client accepts it (`max-stale`): serve it, marked stale.
+    StaleAccepted,
+    /// Stale within its stale-while-revalidate grace: serve it and refresh in the background.
+    StaleWhileRevalidate,
+    /// Not servable as is: call the handler (conditionally, when it has validators);
+    /// `if_error`: on a failure or 5xx, serve it instead.
+    Validate { if_error: bool },
+    /// Of no use to this request.
+    Unusable,
+}
+
+/// Judges a stored response for a request.
+pub(crate) fn judge(rules: &Rules, plan: &RequestPlan, stored: &HeaderMap, age: Duration, ttl: Duration) -> Verdict {
+    let cc = CacheControl::for_cache(stored);
+    if plan.authorized && !cc.shareable_when_authorized() {
+        return Verdict::Unusable;
+    }
+    let wants = &plan.directives;
+    let secs = |s: u64| Duration::from_secs(s);
+    let fresh = age < ttl;
+    let acceptable = fresh
+        && !cc.no_cache
+        && wants.max_age.is_none_or(|max| age <= secs(max))
+        && wants.min_fresh.is_none_or(|min| ttl - age >= secs(min));
+    if acceptable {
+        return Verdict::Fresh;
+    }
+    if fresh || cc.no_cache {
+        return Verdict::Validate { if_error: false };
+    }
+    let staleness = age - ttl;
+    if !cc.must_revalidate && !cc.no_cache {
+        if let Some(limit) = wants.max_stale {
+            if limit.is_none_or(|max| staleness <= secs(max)) {
+                return Verdict::StaleAccepted;
+            }
+        }
+    }
+    let grace = grace(rules, stored);
+    if staleness < grace.revalidate && wants.max_age.is_none() && wants.min_fresh.is_none() {
+        Verdict::StaleWhileRevalidate
+    } else {
+        Verdict::Validate { if_error: staleness < grace.if_error }
+    }
 }
 
 /// How long past its TTL a stored response may still be served (RFC 5861).
@@ -241,7 +408,7 @@ impl Grace {
 /// `stale-while-revalidate` / `stale-if-error` when the route honours origin directives, and
 /// none at all under `must-revalidate` / `proxy-revalidate`.
 pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
-    let cc = CacheControl::parse(headers);
+    let cc = CacheControl::for_cache(headers);
     if cc.must_revalidate {
         return Grace::default();
     }
@@ -345,24 +512,31 @@ mod tests {
 
     #[test]
     fn request_classification_table() {
+        use RequestAction::*;
         let rules = Rules::default();
-        let cases: &[(Method, &[(&str, &str)], RequestAction)] = &[
-            (Method::GET, &[], RequestAction::Lookup),
-            (Method::POST, &[], RequestAction::Pass),
-            (Method::HEAD, &[], RequestAction::HeadLookup),
-            (Method::HEAD, &[("authorization", "Bearer x")], RequestAction::Pass),
-            (Method::GET, &[("authorization", "Bearer x")], RequestAction::Bypass),
-            (Method::GET, &[("Cache-Control", "NO-STORE")], RequestAction::Bypass),
-            (Method::GET, &[("cache-control", "no-cache")], RequestAction::Refresh),
-            (Method::GET, &[("pragma", "no-cache")], RequestAction::Refresh),
-            (Method::GET, &[("pragma", "no-cache"), ("cache-control", "max-age=5")], RequestAction::Lookup),
+        let cases: &[(Method, &[(&str, &str)], RequestAction, bool)] = &[
+            (Method::GET, &[], Lookup, false),
+            (Method::POST, &[], Invalidate, false),
+            (Method::DELETE, &[], Invalidate, false),
+            (Method::OPTIONS, &[], Pass, false),
+            (Method::HEAD, &[], HeadLookup, false),
+            (Method::HEAD, &[("authorization", "Bearer x")], Pass, true),
+            (Method::GET, &[("authorization", "Bearer x")], Lookup, true),
+            (Method::GET, &[("authorization", "Bearer x"), ("cache-control", "no-cache")], Bypass, true),
+            (Method::GET, &[("Cache-Control", "NO-STORE")], Bypass, false),
+            (Method::GET, &[("cache-control", "no-cache")], Refresh, false),
+            (Method::GET, &[("pragma", "no-cache")], Refresh, false),
+            (Method::GET, &[("pragma", "no-cache"), ("cache-control", "max-age=5")], Lookup, false),
         ];
-        for (method, input, expected) in cases {
-            assert_eq!(classify_request(&rules, method, &headers(input)), *expected, "{method} {input:?}");
+        for (method, input, action, authorized) in cases {
+            let plan = classify_request(&rules, method, &headers(input));
+            assert_eq!((plan.action, plan.authorized), (*action, *authorized), "{method} {input:?}");
         }
         let no_refresh = Rules { honor_request_no_cache: false, ..Rules::default() };
-        let h = headers(&[("cache-control", "no-cache")]);
-        assert_eq!(classify_request(&no_refresh, &Method::GET, &h), RequestAction::Lookup);
+        let h = headers(&[("cache-control", "no-cache, max-age=0, min-fresh=9")]);
+        let plan = classify_request(&no_refresh, &Method::GET, &h);
+        assert_eq!(plan.action, Lookup);
+        assert_eq!((plan.directives.max_age, plan.directives.min_fresh), (None, None));
     }
 
     #[test]
@@ -370,32 +544,73 @@ mod tests {
         let rules = Rules::default();
         let ok = StatusCode::OK;
         let secs = |s| Some(Duration::from_secs(s));
-        let cases: &[(StatusCode, &[(&str, &str)], Option<Duration>)] = &[
-            (ok, &[], secs(60)),
-            (StatusCode::NOT_FOUND, &[], None),
-            (StatusCode::NO_CONTENT, &[], secs(60)),
-            (ok, &[("set-cookie", "a=b")], None),
-            (ok, &[("cache-control", "Private")], None),
-            (ok, &[("cache-control", "no-store")], None),
-            (ok, &[("vary", "accept-encoding, *")], None),
-            (ok, &[("cache-control", "max-age=5")], secs(5)),
-            (ok, &[("cache-control", "max-age=5, s-maxage=9")], secs(9)),
-            (ok, &[("cache-control", "max-age=0")], None),
+        let cases: &[(StatusCode, &[(&str, &str)], bool, Option<Duration>)] = &[
+            (ok, &[], false, secs(60)),
+            (StatusCode::NOT_FOUND, &[], false, None),
+            (StatusCode::NO_CONTENT, &[], false, secs(60)),
+            (ok, &[("set-cookie", "a=b")], false, None),
+            (ok, &[("cache-control", "Private")], false, None),
+            (ok, &[("cache-control", "no-store")], false, None),
+            (ok, &[("vary", "accept-encoding, *")], false, None),
+            (ok, &[("cache-control", "max-age=5")], false, secs(5)),
+            (ok, &[("cache-control", "max-age=5, s-maxage=9")], false, secs(9)),
+            (ok, &[("cache-control", "max-age=0")], false, None),
+            (ok, &[("cache-control", "no-cache")], false, secs(60)),
+            (ok, &[("date", "Tue, 01 Jan 2030 00:00:00 GMT"), ("expires", "Tue, 01 Jan 2030 00:01:40 GMT")], false, secs(100)),
+            (ok, &[("expires", "0")], false, None),
+            (ok, &[("cache-control", "max-age=7"), ("expires", "0")], false, secs(7)),
+            (ok, &[], true, None),
+            (ok, &[("cache-control", "public")], true, secs(60)),
+            (ok, &[("cache-control", "s-maxage=30")], true, secs(30)),
+            (ok, &[("cache-control", "private"), ("cdn-cache-control", "max-age=90")], false, secs(90)),
+            (ok, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")], false, None),
         ];
-        for (status, input, expected) in cases {
-            assert_eq!(storable_ttl(&rules, *status, &headers(input)), *expected, "{status} {input:?}");
+        for (status, input, authorized, expected) in cases {
+            assert_eq!(storable_ttl(&rules, *status, &headers(input), *authorized), *expected, "{status} {input:?}");
         }
         let route_ttl = Rules { honor_origin_ttl: false, ..Rules::default() };
         let h = headers(&[("cache-control", "max-age=5")]);
-        assert_eq!(storable_ttl(&route_ttl, ok, &h), secs(60));
+        assert_eq!(storable_ttl(&route_ttl, ok, &h, false), secs(60));
     }
 
     #[test]
-    fn vary_is_normalized() {
-        let h = headers(&[("vary", "X-B, accept-encoding"), ("vary", "x-b")]);
-        let names = |v: &[&'static str]| v.iter().map(|n| HeaderName::from_static(n)).collect();
-        assert_eq!(vary_names(&h), Vary::Headers(names(&["accept-encoding", "x-b"])));
-        assert_eq!(vary_names(&headers(&[("vary", "*")])), Vary::Any);
+    fn judging_a_stored_response_table() {
+        use Verdict::*;
+        let secs = Duration::from_secs;
+        let rules = Rules { stale_while_revalidate: secs(10), stale_if_error: secs(100), ..Rules::default() };
+        let plan = |req: &[(&'static str, &'static str)]| classify_request(&rules, &Method::GET, &headers(req));
+        // (request, stored, age, ttl) -> verdict
+        let cases: &[(&[(&str, &str)], &[(&str, &str)], u64, u64, Verdict)] = &[
+            (&[], &[], 5, 60, Fresh),
+            (&[], &[("cache-control", "no-cache")], 5, 60, Validate { if_error: false }),
+            (&[("cache-control", "max-age=3")], &[], 5, 60, Validate { if_error: false }),
+            (&[("cache-control", "min-fresh=58")], &[], 5, 60, Validate { if_error: false }),
+            (&[("cache-control", "min-fresh=50")], &[], 5, 60, Fresh),
+            (&[], &[], 65, 60, StaleWhileRevalidate),
+            (&[], &[], 80, 60, Validate { if_error: true }),
+            (&[], &[], 200, 60, Validate { if_error: false }),
+            (&[("cache-control", "max-stale")], &[], 500, 60, StaleAccepted),
+            (&[("cache-control", "max-stale=10")], &[], 65, 60, StaleAccepted),
+            (&[("cache-control", "max-stale=10")], &[], 80, 60, Validate { if_error: true }),
+            (&[("cache-control", "max-stale")], &[("cache-control", "must-revalidate")], 65, 60, Validate { if_error: false }),
+            (&[("authorization", "x")], &[], 5, 60, Unusable),
+            (&[("authorization", "x")], &[("cache-control", "public")], 5, 60, Fresh),
+        ];
+        for (request, stored, age, ttl, expected) in cases {
+            let verdict = judge(&rules, &plan(request), &headers(stored), secs(*age), secs(*ttl));
+            assert_eq!(verdict, *expected, "request {request:?} stored {stored:?} age {age} ttl {ttl}");
+        }
+    }
+
+    #[test]
+    fn same_origin_targets() {
+        let request: Uri = "/items/1".parse().unwrap();
+        let host = HeaderValue::from_static("example.com");
+        let target = |v: &'static str| same_origin_target(&HeaderValue::from_static(v), &request, Some(&host));
+        assert_eq!(target("/items/2"), Some("/items/2".parse().unwrap()));
+        assert_eq!(target("http://example.com/items/3?x=1").map(|u| u.path().to_owned()), Some("/items/3".into()));
+        assert_eq!(target("https://evil.example/items/1"), None);
+        assert_eq!(target("relative"), None);
     }
 
     #[test]

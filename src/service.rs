@@ -18,7 +18,8 @@ use crate::entry::{self, CachedResponse, StoredValue};
 use crate::invalidate;
 use crate::key;
 use crate::layer::Config;
-use crate::policy::{self, RequestAction, Vary};
+use crate::conditional;
+use crate::policy::{self, RequestAction, Vary, Verdict};
 use crate::store::Store;
 
 /// The header telling clients how the cache handled the request.
@@ -29,6 +30,10 @@ const MISS: HeaderValue = HeaderValue::from_static("MISS");
 const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
 const REFRESH: HeaderValue = HeaderValue::from_static("REFRESH");
 const STALE: HeaderValue = HeaderValue::from_static("STALE");
+const REVALIDATED: HeaderValue = HeaderValue::from_static("REVALIDATED");
+
+/// RFC 9211's `Cache-Status`, sent alongside `X-Cache`.
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -115,7 +120,7 @@ where
 async fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -124,71 +129,229 @@ where
     ResBody: Body + Send + 'static,
 {
     // 1. May this request use the cache at all?
-    let label = match policy::classify_request(&config.rules, req.method(), req.headers()) {
+    let plan = policy::classify_request(&config.rules, req.method(), req.headers());
+    let label = match plan.action {
         RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
+        RequestAction::Invalidate => return invalidate_after_write(&config, inner, req).await,
         RequestAction::HeadLookup => {
             let key = key::base_key(&config.key_prefix, &Method::GET, req.uri());
-            if let Found::Fresh(hit) = lookup(&config, &key, req.headers()).await {
-                return Ok(replay(hit, false, HIT));
+            if let Some(hit) = lookup(&config, &key, req.headers()).await {
+                if judge(&config, &plan, &hit) == Verdict::Fresh {
+                    return Ok(answer(hit, req.headers(), false, Outcome::Hit));
+                }
             }
             return Ok(inner.call(req).await?.map(CacheBody::passthrough));
         }
         RequestAction::Bypass => {
             let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-            strip_tag_headers(response.headers_mut());
-            response.headers_mut().insert(X_CACHE, BYPASS);
+            label_forwarded(response.headers_mut(), Outcome::Bypass);
             return Ok(response);
         }
-        RequestAction::Refresh => REFRESH,
-        RequestAction::Lookup => MISS,
+        RequestAction::Refresh => Outcome::Refresh,
+        RequestAction::Lookup => Outcome::Miss,
     };
     let key = key::base_key(&config.key_prefix, req.method(), req.uri());
 
-    // 2-3. Serve a stored copy unless the client asked for a refresh: fresh as a hit; stale
-    // within its revalidation grace at once while one background call refreshes it.
-    let mut stale_if_error = None;
+    // 2-3. Look up (unless the client asked for a refresh) and judge the stored copy for
+    // this request: serve it, serve it stale while refreshing, or keep it to validate with
+    // the handler or to stand in for a failing handler.
+    let mut stored = None;
+    let mut stale_if_error = false;
     let mut lead = None;
-    if label == MISS {
+    if label == Outcome::Miss {
         let looked_up_at = Instant::now();
-        match lookup(&config, &key, req.headers()).await {
-            Found::Fresh(hit) => return Ok(replay(hit, true, HIT)),
-            Found::Revalidate(stale) => {
-                refresh_in_background(config, key, inner, req, looked_up_at);
-                return Ok(replay(stale, true, STALE));
+        if let Some(entry) = lookup(&config, &key, req.headers()).await {
+            match judge(&config, &plan, &entry) {
+                Verdict::Fresh => return Ok(answer(entry, req.headers(), true, Outcome::Hit)),
+                Verdict::StaleAccepted => {
+                    return Ok(answer(entry, req.headers(), true, Outcome::Stale));
+                }
+                Verdict::StaleWhileRevalidate => {
+                    let response = answer(entry, req.headers(), true, Outcome::Stale);
+                    refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
+                    return Ok(response);
+                }
+                Verdict::Validate { if_error } => {
+                    stale_if_error = if_error;
+                    stored = Some(entry);
+                }
+                Verdict::Unusable => {}
             }
-            Found::IfError(stale) => stale_if_error = Some(stale),
-            Found::Absent => {}
+        }
+        if plan.directives.only_if_cached && stored.is_none() {
+            return Ok(gateway_timeout());
         }
         // A cold key: let one request call the handler and the others reuse its response.
-        match coalesce(&config, &key, req.headers(), looked_up_at).await {
-            Coalesced::Hit(hit) => return Ok(replay(hit, true, HIT)),
-            Coalesced::Lead(l) => lead = Some(l),
-            Coalesced::Alone => {}
+        // Requests with `Authorization` neither lead nor follow: their replies are their own.
+        if stored.is_none() && !plan.authorized {
+            match coalesce(&config, &key, req.headers(), looked_up_at).await {
+                Coalesced::Hit(hit) => return Ok(answer(hit, req.headers(), true, Outcome::Hit)),
+                Coalesced::Lead(l) => lead = Some(l),
+                Coalesced::Alone => {}
+            }
         }
     }
 
-    // 4. Call the handler. If it fails and a stale copy may stand in for errors, serve that.
+    // 4. Call the handler; conditionally when the stored copy has validators, so an
+    // unchanged resource costs the handler a 304 instead of a body.
     let request_headers = req.headers().clone();
-    let result = inner.call(req).await;
-    if let Some(stale) = stale_if_error {
-        if result.as_ref().map_or(true, |r| r.status().is_server_error()) {
-            return Ok(replay(stale, true, STALE));
+    let validating = match stored.as_ref().and_then(|s| conditional::validation_headers(&s.headers)) {
+        Some(validators) => {
+            conditional::replace_conditionals(req.headers_mut(), validators);
+            true
         }
+        None => false,
+    };
+    let result = inner.call(req).await;
+    if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
+        return Ok(answer(stale, &request_headers, true, Outcome::StaleIfError));
     }
     let (mut parts, body) = result?.into_parts();
+    if let Some(stale) = stored.take_if(|_| validating && parts.status == StatusCode::NOT_MODIFIED) {
+        let refreshed = revalidated(&config, key, stale, &parts.headers, &request_headers, plan.authorized);
+        return Ok(answer(refreshed, &request_headers, true, Outcome::Revalidated));
+    }
 
     // 5. Record the body while it streams to the client, if the response may be stored; it is
     // written in the background once complete.
-    let recorder = plan_store(&config, key, &request_headers, &parts, &body, lead);
-    strip_tag_headers(&mut parts.headers);
-    parts.headers.insert(X_CACHE, label);
+    let recorder = plan_store(&config, key, &request_headers, &parts, &body, lead, plan.authorized);
+    let label = if plan.authorized && recorder.is_none() { Outcome::Bypass } else { label };
+    label_forwarded(&mut parts.headers, label);
     Ok(Response::from_parts(parts, CacheBody::recording(body, recorder)))
 }
 
-/// Tag headers are for the cache, not for clients.
-fn strip_tag_headers(headers: &mut HeaderMap) {
-    for name in &policy::TAG_HEADERS {
+fn failed<B, E>(result: &Result<Response<B>, E>) -> bool {
+    result.as_ref().map_or(true, |r| r.status().is_server_error())
+}
+
+/// `only-if-cached` with nothing usable stored (RFC 9111 §5.2.1.7).
+fn gateway_timeout<B>() -> Response<CacheBody<B>> {
+    let mut response = Response::new(CacheBody::replay(Bytes::new()));
+    *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    response.headers_mut().insert(X_CACHE, MISS);
+    response.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static("tower-redis-cache; fwd=miss; detail=only-if-cached"));
+    response
+}
+
+/// A write through an unsafe method: call the handler; if it succeeded, drop the stored GET
+/// responses of the URL and of same-origin `Location` / `Content-Location` targets before
+/// answering, so the client's next read sees its write (RFC 9111 §4.4).
+async fn invalidate_after_write<S, ReqBody, ResBody>(
+    config: &Config,
+    mut inner: S,
+    req: Request<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    let uri = req.uri().clone();
+    let host = req.headers().get(header::HOST).cloned();
+    let response = inner.call(req).await?;
+    if response.status().is_success() || response.status().is_redirection() {
+        let mut targets = vec![uri.clone()];
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let value = response.headers().get(name);
+            targets.extend(value.and_then(|v| policy::same_origin_target(v, &uri, host.as_ref())));
+        }
+        for target in targets {
+            let key = key::base_key(&config.key_prefix, &Method::GET, &target);
+            if let Err(e) = config.store.delete(&key).await {
+                tracing::debug!(key, error = %e, "invalidating after a write failed");
+            }
+        }
+    }
+    Ok(response.map(CacheBody::passthrough))
+}
+
+/// The stored response with the headers and lifetime a 304 from the handler gave it; the
+/// updated entry is written back in the background.
+fn revalidated(
+    config: &Config,
+    key: String,
+    mut stale: CachedResponse,
+    not_modified: &HeaderMap,
+    request_headers: &HeaderMap,
+    authorized: bool,
+) -> CachedResponse {
+    conditional::merge_not_modified(&mut stale.headers, not_modified);
+    let ttl = policy::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
+    stale.stored_at_ms = entry::now_ms();
+    stale.ttl = ttl.unwrap_or(Duration::ZERO);
+    if let Some(ttl) = ttl {
+        let parts = {
+            let mut response = Response::new(());
+            *response.status_mut() = stale.status;
+            *response.headers_mut() = stale.headers.clone();
+            response.into_parts().0
+        };
+        if let Some(pending) = PendingEntry::new(config, key, request_headers, &parts, ttl, None) {
+            pending.store(vec![stale.body.clone()]);
+        }
+    }
+    stale
+}
+
+/// Cache-only headers (tags, CDN-Cache-Control / Surrogate-Control) are for the cache, not
+/// for clients.
+fn strip_cache_only_headers(headers: &mut HeaderMap) {
+    for name in policy::TAG_HEADERS.iter().chain(&policy::TARGETED_HEADERS) {
         headers.remove(name);
+    }
+}
+
+/// Marks a response that came from the handler.
+fn label_forwarded(headers: &mut HeaderMap, outcome: Outcome) {
+    strip_cache_only_headers(headers);
+    headers.insert(X_CACHE, outcome.x_cache());
+    headers.insert(CACHE_STATUS, outcome.forwarded_status());
+}
+
+/// How the cache answered, for `X-Cache` and `Cache-Status` (RFC 9211).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Hit,
+    Miss,
+    Bypass,
+    Refresh,
+    /// A stale copy the client accepted or that is being refreshed in the background.
+    Stale,
+    /// A stale copy served because the handler failed.
+    StaleIfError,
+    /// The handler confirmed the stored copy with a 304.
+    Revalidated,
+}
+
+impl Outcome {
+    fn x_cache(self) -> HeaderValue {
+        match self {
+            Outcome::Hit => HIT,
+            Outcome::Miss => MISS,
+            Outcome::Bypass => BYPASS,
+            Outcome::Refresh => REFRESH,
+            Outcome::Stale | Outcome::StaleIfError => STALE,
+            Outcome::Revalidated => REVALIDATED,
+        }
+    }
+
+    /// `Cache-Status` of a response that came from the handler.
+    fn forwarded_status(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Outcome::Bypass => "tower-redis-cache; fwd=bypass",
+            Outcome::Refresh => "tower-redis-cache; fwd=request",
+            _ => "tower-redis-cache; fwd=uri-miss",
+        })
+    }
+
+    /// `Cache-Status` of an answer from a stored response with `ttl_left` seconds of
+    /// freshness left (negative when stale).
+    fn stored_status(self, ttl_left: i64) -> HeaderValue {
+        let status = match self {
+            Outcome::Stale => format!("tower-redis-cache; hit; ttl={ttl_left}; detail=stale"),
+            Outcome::StaleIfError => format!("tower-redis-cache; fwd=stale; ttl={ttl_left}; detail=stale-if-error"),
+            Outcome::Revalidated => format!("tower-redis-cache; fwd=stale; fwd-status=304; ttl={ttl_left}"),
+            _ => format!("tower-redis-cache; hit; ttl={ttl_left}"),
+        };
+        HeaderValue::from_str(&status).expect("ASCII")
     }
 }
 
@@ -201,9 +364,10 @@ fn plan_store<B: Body>(
     parts: &http::response::Parts,
     body: &B,
     lead: Option<Lead>,
+    authorized: bool,
 ) -> Option<Recorder> {
     let rules = &config.rules;
-    let ttl = policy::storable_ttl(rules, parts.status, &parts.headers)?;
+    let ttl = policy::storable_ttl(rules, parts.status, &parts.headers, authorized)?;
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
@@ -215,33 +379,18 @@ fn plan_store<B: Body>(
     ))
 }
 
-/// What a lookup found.
-enum Found {
-    Fresh(CachedResponse),
-    /// Stale, within the grace in which it is served while a refresh runs.
-    Revalidate(CachedResponse),
-    /// Stale, within the grace in which it may stand in for a failing handler.
-    IfError(CachedResponse),
-    Absent,
+/// The stored response for the request, following a `Vary` marker to the variant that
+/// matches the request's headers; `None` when absent, unreadable, unreachable, or in a
+/// content coding the request does not accept.
+async fn lookup(config: &Config, key: &str, request: &HeaderMap) -> Option<CachedResponse> {
+    let (response, _) = lookup_entry(&*config.store, key, request).await?;
+    // Even without `Vary`, a client that did not ask for gzip must never receive gzip.
+    conditional::accepts_encoding(request, &response.headers).then_some(response)
 }
 
-/// The stored response for the request, following a `Vary` marker to the variant that
-/// matches the request's headers. Unreadable or unreachable entries are `Absent`.
-async fn lookup(config: &Config, key: &str, request: &HeaderMap) -> Found {
-    let Some((response, _)) = lookup_entry(&*config.store, key, request).await else {
-        return Found::Absent;
-    };
-    let Some(staleness) = response.staleness(entry::now_ms()) else {
-        return Found::Fresh(response);
-    };
-    let grace = policy::grace(&config.rules, &response.headers);
-    if staleness < grace.revalidate {
-        Found::Revalidate(response)
-    } else if staleness < grace.if_error {
-        Found::IfError(response)
-    } else {
-        Found::Absent
-    }
+/// What a stored response is good for, for this request.
+fn judge(config: &Config, plan: &policy::RequestPlan, entry: &CachedResponse) -> Verdict {
+    policy::judge(&config.rules, plan, &entry.headers, entry.elapsed(entry::now_ms()), entry.ttl)
 }
 
 /// The stored response (fresh or not) and, for a `Vary` variant, its names and key.
@@ -355,6 +504,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<ReqBody>,
     looked_up_at: Instant,
+    authorized: bool,
 ) where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send,
@@ -379,7 +529,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             return;
         };
         let (parts, body) = response.into_parts();
-        let recorder = plan_store(&config, key, &request_headers, &parts, &body, Some(lead));
+        let recorder = plan_store(&config, key, &request_headers, &parts, &body, Some(lead), authorized);
         drain(CacheBody::recording(body, recorder)).await;
     });
 }
@@ -394,26 +544,35 @@ async fn drain<B: Body>(body: B) {
     }
 }
 
-/// The stored response as an HTTP response, marked with `label`.
-fn replay<B>(hit: CachedResponse, with_body: bool, label: HeaderValue) -> Response<CacheBody<B>> {
-    let age = hit.age(entry::now_ms()).as_secs();
+/// The answer from a stored response: a 304 when the request's own conditional headers
+/// match it, the full stored response otherwise (without its body for HEAD).
+fn answer<B>(hit: CachedResponse, request: &HeaderMap, with_body: bool, outcome: Outcome) -> Response<CacheBody<B>> {
+    let now = entry::now_ms();
+    let age = hit.age(now).as_secs();
+    let ttl_left = hit.ttl.as_secs() as i64 - age as i64;
     let body_len = hit.body.len();
-    let body = if with_body { hit.body } else { Bytes::new() };
-    let mut response = Response::new(CacheBody::replay(body));
-    *response.status_mut() = hit.status;
-    let headers = response.headers_mut();
-    *headers = hit.headers;
+    let (status, mut headers, body) = if conditional::not_modified(&hit.headers, request) {
+        (StatusCode::NOT_MODIFIED, conditional::not_modified_headers(&hit.headers), Bytes::new())
+    } else {
+        let body = if with_body { hit.body } else { Bytes::new() };
+        (hit.status, hit.headers, body)
+    };
     // The age the origin reported when we stored the response, plus our own.
     let origin_age = headers
         .get(AGE)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
     headers.insert(AGE, HeaderValue::from(origin_age.saturating_add(age)));
-    if body_allowed(hit.status) {
+    if body_allowed(status) {
         // Also right for HEAD, which must announce the length a GET would get.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
     }
-    headers.insert(X_CACHE, label);
+    strip_cache_only_headers(&mut headers);
+    headers.insert(X_CACHE, outcome.x_cache());
+    headers.insert(CACHE_STATUS, outcome.stored_status(ttl_left));
+    let mut response = Response::new(CacheBody::replay(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     response
 }
 
@@ -548,6 +707,11 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         policy::TAG_HEADERS[1].clone(),
     ] {
         stored.remove(name);
+    }
+    // A cache stamps a response that lacks a Date with the time it received it, so every
+    // replay carries the same Date (RFC 9110 §6.6.1).
+    if !stored.contains_key(header::DATE) {
+        stored.insert(header::DATE, conditional::date_now());
     }
     stored
 }

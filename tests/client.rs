@@ -660,9 +660,16 @@ mod across_instances {
 
         let computed = stampede(&instances, 25).await;
 
-        assert_eq!(computed, 1, "the closure ran more than once across instances");
         assert_eq!(
-            instances[3].get::<User>("report").await.unwrap().map(|u| u.id),
+            computed, 1,
+            "the closure ran more than once across instances"
+        );
+        assert_eq!(
+            instances[3]
+                .get::<User>("report")
+                .await
+                .unwrap()
+                .map(|u| u.id),
             Some(7)
         );
         wait_for_lock_release(&server, "report").await;
@@ -696,7 +703,10 @@ mod across_instances {
         let computed = stampede(&instances, 5).await;
         let waited = started.elapsed();
 
-        assert_eq!(computed, 1, "one instance took the expired lock, the others waited");
+        assert_eq!(
+            computed, 1,
+            "one instance took the expired lock, the others waited"
+        );
         assert!(
             waited >= Duration::from_millis(800),
             "did not wait for the lock: {waited:?}"
@@ -727,7 +737,10 @@ mod across_instances {
         );
         assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(3));
         let holder: String = server.cmd(&["GET", "k:lock"]);
-        assert_eq!(holder, "stuck-holder", "another holder's lock is left alone");
+        assert_eq!(
+            holder, "stuck-holder",
+            "another holder's lock is left alone"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,7 +770,10 @@ mod across_instances {
         // Wait until the first instance holds the lock and is computing.
         let deadline = Instant::now() + Duration::from_secs(5);
         while computed.get() == 0 {
-            assert!(Instant::now() < deadline, "the first instance never started");
+            assert!(
+                Instant::now() < deadline,
+                "the first instance never started"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(server.cmd::<bool>(&["EXISTS", "k:lock"]));
@@ -778,7 +794,11 @@ mod across_instances {
         let err = failing.await.unwrap().unwrap_err();
         assert_eq!(err.to_string(), "database down");
         assert_eq!(value, 8);
-        assert_eq!(computed.get(), 2, "the second instance computed after the error");
+        assert_eq!(
+            computed.get(),
+            2,
+            "the second instance computed after the error"
+        );
         assert!(
             waited < Duration::from_secs(5),
             "the second instance waited {waited:?}: the lock was not released"

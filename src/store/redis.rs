@@ -15,10 +15,10 @@ use crate::{Error, ErrorKind, Result};
 
 /// A Redis-backed [`Store`] on a few shared multiplexed connections.
 ///
-/// Each command goes out on the next connection in turn, without waiting for the previous
-/// ones to answer: a multiplexed connection pipelines every command sent on it, so a handful
-/// of connections carry thousands of concurrent requests, and a cache hit costs one round
-/// trip. (A pool that lends a connection to one command at a time, as bb8-redis does, makes
+/// Commands go out on a shared multiplexed connection (or on several in turn, see
+/// [`RedisStoreBuilder::max_connections`]) without waiting for the previous ones to answer: a
+/// multiplexed connection pipelines every command sent on it, so one connection carries
+/// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends a connection to one command at a time, as bb8-redis does, makes
 /// requests queue for a connection and halves the throughput; see docs/performance.md.)
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
@@ -87,15 +87,19 @@ pub struct RedisStoreBuilder {
     backoff: Duration,
 }
 
-/// The default number of connections. On the benchmark machine one connection already
-/// carries as many GETs as the server can answer; a few spread the socket work over a
-/// multi-core runtime and keep most traffic flowing while one connection is replaced.
-const DEFAULT_CONNECTIONS: u32 = 4;
+/// The default number of connections: one. A multiplexed connection pipelines every command
+/// sent on it, so one carries as many commands as the server answers; on the benchmark
+/// machine (2 cores) four connections cost the server and Redis 20-60% more CPU per hit than
+/// one, because each socket read and write then carries fewer commands.
+const DEFAULT_CONNECTIONS: u32 = 1;
 
 impl RedisStoreBuilder {
-    /// How many multiplexed connections the store opens and spreads its commands over
-    /// (default 4). Each carries any number of concurrent commands, so this is not a limit
-    /// on concurrency: raise it only when one connection's socket work saturates a core.
+    /// How many multiplexed connections the store opens and spreads its commands over, in
+    /// turn (default 1). Each connection carries any number of concurrent commands, so this
+    /// is not a limit on concurrency, and more connections cost more CPU per command (fewer
+    /// commands per socket read and write). Raise it only when one connection's socket work
+    /// saturates a core of a many-core server, or when a large value would hold up the
+    /// commands queued behind it.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
@@ -140,9 +144,11 @@ impl RedisStoreBuilder {
             )
             .with_source(e)
         })?;
+        // The operation timeout in `with_conn` bounds every command; a second, per-response
+        // timer inside redis-rs would cost a timer-wheel insert and removal per hit for nothing.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
-            .set_response_timeout(Some(self.op_timeout));
+            .set_response_timeout(None);
         let slots = (0..self.max_connections).map(|_| Slot::default()).collect();
         Ok(RedisStore {
             shared: Arc::new(Shared {
@@ -172,8 +178,8 @@ fn redact(url: &str) -> String {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`) with the default settings: 4 multiplexed
-    /// connections, 250 ms connection timeout, 100 ms operation timeout, 500 ms back-off.
+    /// Connects to `url` (`redis://host:port/db`) with the default settings: one multiplexed
+    /// connection, 250 ms connection timeout, 100 ms operation timeout, 500 ms back-off.
     /// Fails if the URL is invalid or the server does not answer.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::builder(url).build().await
