@@ -45,6 +45,16 @@ pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap)
     with_hex(base, ":v", &hasher.finalize())
 }
 
+/// A strong entity tag for a body: the quoted md5 hex of its bytes.
+pub(crate) fn body_etag(chunks: &[bytes::Bytes]) -> http::HeaderValue {
+    let mut hasher = Md5::new();
+    for chunk in chunks {
+        hasher.update(chunk);
+    }
+    let tag = format!("\"{}\"", &with_hex("", "", &hasher.finalize())[1..]);
+    http::HeaderValue::from_str(&tag).expect("hex is a valid header value")
+}
+
 fn with_hex(head: &str, infix: &str, digest: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(head.len() + infix.len() + 1 + digest.len() * 2);

@@ -182,6 +182,23 @@ impl CacheLayer {
         Invalidator::new(self.config.store.clone(), self.config.key_prefix.clone())
     }
 
+    /// Give stored responses that have no `ETag` a strong one, the md5 of their body
+    /// (default false), so clients can revalidate hits with `If-None-Match` and get a 304.
+    /// The tag appears on hits; the first (streamed) response cannot carry it.
+    pub fn generate_etag(mut self, enable: bool) -> Self {
+        self.rules_mut().generate_etag = enable;
+        self
+    }
+
+    /// How long past its TTL a response with a validator (`ETag` or `Last-Modified`) is kept,
+    /// so that once stale it can be revalidated: the handler gets `If-None-Match` /
+    /// `If-Modified-Since`, and a 304 refreshes the entry without resending the body
+    /// (default 60 s; zero turns it off).
+    pub fn revalidation_window(mut self, window: Duration) -> Self {
+        self.rules_mut().revalidation_window = window;
+        self
+    }
+
     /// How long a cross-instance lock lives if its holder never releases it (a crashed
     /// instance): other instances proceed after this (default 5 s).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {

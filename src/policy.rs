@@ -25,6 +25,8 @@ pub(crate) struct Rules {
     pub(crate) coalesce_timeout: Duration,
     pub(crate) lock_across_instances: bool,
     pub(crate) lock_ttl: Duration,
+    pub(crate) generate_etag: bool,
+    pub(crate) revalidation_window: Duration,
 }
 
 impl Default for Rules {
@@ -44,6 +46,8 @@ impl Default for Rules {
             coalesce_timeout: Duration::from_secs(5),
             lock_across_instances: false,
             lock_ttl: Duration::from_secs(5),
+            generate_etag: false,
+            revalidation_window: Duration::from_secs(60),
         }
     }
 }
@@ -423,6 +427,15 @@ pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
         revalidate: rules.stale_while_revalidate.max(origin(cc.stale_while_revalidate)),
         if_error: rules.stale_if_error.max(origin(cc.stale_if_error)),
     }
+}
+
+/// How long past its TTL the store keeps a response: its stale grace, and for a response
+/// with a validator (`ETag` / `Last-Modified`) at least the revalidation window, so that it
+/// can be revalidated with a cheap 304 instead of refetched.
+pub(crate) fn keep_past_ttl(rules: &Rules, headers: &HeaderMap) -> Duration {
+    let grace = grace(rules, headers).longest();
+    let has_validator = headers.contains_key(http::header::ETAG) || headers.contains_key(http::header::LAST_MODIFIED);
+    if has_validator { grace.max(rules.revalidation_window) } else { grace }
 }
 
 /// The headers through which a response names its tags for the cache (Cloudflare's

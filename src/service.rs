@@ -178,12 +178,13 @@ where
                 Verdict::Unusable => {}
             }
         }
-        if plan.directives.only_if_cached && stored.is_none() {
+        if plan.directives.only_if_cached {
             return Ok(gateway_timeout());
         }
-        // A cold key: let one request call the handler and the others reuse its response.
+        // A cold or expired key: let one request call the handler and the others reuse its
+        // response.
         // Requests with `Authorization` neither lead nor follow: their replies are their own.
-        if stored.is_none() && !plan.authorized {
+        if !plan.authorized {
             match coalesce(&config, &key, req.headers(), looked_up_at).await {
                 Coalesced::Hit(hit) => return Ok(answer(hit, req.headers(), true, Outcome::Hit)),
                 Coalesced::Lead(l) => lead = Some(l),
@@ -208,7 +209,7 @@ where
     }
     let (mut parts, body) = result?.into_parts();
     if let Some(stale) = stored.take_if(|_| validating && parts.status == StatusCode::NOT_MODIFIED) {
-        let refreshed = revalidated(&config, key, stale, &parts.headers, &request_headers, plan.authorized);
+        let refreshed = revalidated(&config, key, stale, &parts.headers, &request_headers, plan.authorized, lead);
         return Ok(answer(refreshed, &request_headers, true, Outcome::Revalidated));
     }
 
@@ -272,6 +273,7 @@ fn revalidated(
     not_modified: &HeaderMap,
     request_headers: &HeaderMap,
     authorized: bool,
+    lead: Option<Lead>,
 ) -> CachedResponse {
     conditional::merge_not_modified(&mut stale.headers, not_modified);
     let ttl = policy::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
@@ -284,7 +286,7 @@ fn revalidated(
             *response.headers_mut() = stale.headers.clone();
             response.into_parts().0
         };
-        if let Some(pending) = PendingEntry::new(config, key, request_headers, &parts, ttl, None) {
+        if let Some(pending) = PendingEntry::new(config, key, request_headers, &parts, ttl, lead) {
             pending.store(vec![stale.body.clone()]);
         }
     }
@@ -549,7 +551,7 @@ async fn drain<B: Body>(body: B) {
 fn answer<B>(hit: CachedResponse, request: &HeaderMap, with_body: bool, outcome: Outcome) -> Response<CacheBody<B>> {
     let now = entry::now_ms();
     let age = hit.age(now).as_secs();
-    let ttl_left = hit.ttl.as_secs() as i64 - age as i64;
+    let ttl_left = (hit.ttl.as_millis() as i64 - hit.elapsed(now).as_millis() as i64).div_euclid(1000);
     let body_len = hit.body.len();
     let (status, mut headers, body) = if conditional::not_modified(&hit.headers, request) {
         (StatusCode::NOT_MODIFIED, conditional::not_modified_headers(&hit.headers), Bytes::new())
@@ -596,6 +598,8 @@ struct PendingEntry {
     lead: Option<Lead>,
     /// The tag sets the entry is recorded in.
     tag_keys: Vec<String>,
+    /// Give the entry a strong `ETag` (a hash of its body) if it has none.
+    generate_etag: bool,
 }
 
 impl PendingEntry {
@@ -622,7 +626,7 @@ impl PendingEntry {
         } else {
             ttl
         };
-        let keep = ttl + policy::grace(rules, &response.headers).longest();
+        let keep = ttl + policy::keep_past_ttl(rules, &response.headers);
         let tag_keys = config
             .tags
             .iter()
@@ -640,6 +644,7 @@ impl PendingEntry {
             keep,
             lead,
             tag_keys,
+            generate_etag: rules.generate_etag,
         })
     }
 
@@ -650,6 +655,9 @@ impl PendingEntry {
             tracing::debug!("no tokio runtime; response not stored");
             return;
         };
+        if self.generate_etag && !self.headers.contains_key(header::ETAG) {
+            self.headers.insert(header::ETAG, key::body_etag(&chunks));
+        }
         let entry = CachedResponse::encode(self.status, &self.headers, &chunks, entry::now_ms(), self.ttl);
         if let Some(lead) = &mut self.lead {
             if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {

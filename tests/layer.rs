@@ -16,8 +16,12 @@ use common::{cache_key, fetch, get_until_hit, send, serve, Counter, RedisServer}
 use tower_redis_cache::{CacheLayer, RedisStore};
 
 /// A Redis store on the test's own server.
+/// A Redis store on the test's own server, with a generous operation timeout: on a loaded CI
+/// machine a lookup that timed out would turn an expected HIT into a MISS.
 async fn store(redis: &RedisServer) -> RedisStore {
-    RedisStore::connect(&redis.url())
+    RedisStore::builder(&redis.url())
+        .operation_timeout(Duration::from_secs(2))
+        .build()
         .await
         .expect("connect to test redis")
 }

@@ -31,8 +31,14 @@ fn slow_app(layer: CacheLayer, calls: Counter, delay: Duration) -> Router {
         .layer(layer)
 }
 
+/// A store with a generous operation timeout, so a loaded CI machine does not turn waits
+/// into misses.
 async fn redis_store(redis: &RedisServer) -> RedisStore {
-    RedisStore::connect(&redis.url()).await.unwrap()
+    RedisStore::builder(&redis.url())
+        .operation_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap()
 }
 
 /// Sends `n` concurrent GETs through the router (the axum Router is the tower service) and
@@ -132,7 +138,8 @@ async fn a_hung_lock_holder_blocks_other_instances_only_until_the_lock_expires()
     let instance = |delay| {
         let (calls, url) = (calls.clone(), url.clone());
         async move {
-            let layer = CacheLayer::new(RedisStore::connect(&url).await.unwrap())
+            let store = RedisStore::builder(&url).operation_timeout(Duration::from_secs(2)).build();
+            let layer = CacheLayer::new(store.await.unwrap())
                 .lock_across_instances(true)
                 .lock_ttl(Duration::from_secs(1))
                 .coalesce_timeout(Duration::from_secs(30));
@@ -326,4 +333,24 @@ async fn ttl_jitter_spreads_expiry() {
     ttls.sort();
     ttls.dedup();
     assert!(ttls.len() > 10, "expiry times were not spread: {ttls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_popular_entry_kept_for_revalidation_or_errors_costs_one_handler_call() {
+    // Entries kept past their TTL (stale-if-error grace, or a validator for revalidation)
+    // must not turn their expiry into a stampede.
+    for layer in [
+        |l: CacheLayer| l.stale_if_error(Duration::from_secs(60)),
+        |l: CacheLayer| l.generate_etag(true),
+    ] {
+        let redis = RedisServer::start();
+        let calls = Counter::default();
+        let base = CacheLayer::new(redis_store(&redis).await).ttl(Duration::from_secs(1));
+        let app = slow_app(layer(base), calls.clone(), Duration::from_millis(300));
+        burst(app.clone(), 1, "/hot").await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let replies = burst(app, 200, "/hot").await;
+        assert_eq!(calls.get(), 2, "the expired entry was refetched {} times", calls.get() - 1);
+        assert!(replies.iter().all(|(_, body)| body == "computed #2"));
+    }
 }
