@@ -934,3 +934,59 @@ async fn the_invalidator_drops_one_url_and_works_on_the_memory_store() {
     assert_eq!(invalidator.invalidate_tag("product").await.unwrap(), 2);
     assert_eq!(fetch(addr, "/products/3").await.x_cache(), Some("MISS"));
 }
+
+/// A compressible 2 KiB text body.
+fn long_text() -> String {
+    "tower-redis-cache compresses well. ".repeat(60)
+}
+
+fn gunzip(bytes: &[u8]) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    flate2::read::GzDecoder::new(bytes).read_to_string(&mut out).expect("valid gzip");
+    out
+}
+
+/// Both orders of the cache and tower-http's CompressionLayer are safe: a client that did
+/// not ask for gzip never receives gzip, and a gzip client gets a body that decodes to the
+/// same text.
+#[tokio::test]
+async fn works_inside_and_outside_tower_http_compression() {
+    use tower_http::compression::CompressionLayer;
+    for cache_outside in [false, true] {
+        let redis = RedisServer::start();
+        let calls = Counter::default();
+        let counter = calls.clone();
+        let routes = Router::new().route(
+            "/text",
+            get(move || {
+                counter.bump();
+                async { long_text() }
+            }),
+        );
+        let app = if cache_outside {
+            // The cache stores compressed variants, keyed by Accept-Encoding (the compression
+            // layer adds `Vary: accept-encoding`).
+            routes.layer(CompressionLayer::new()).layer(CacheLayer::new(store(&redis).await))
+        } else {
+            // The cache stores the identity body; compression runs per request on the way out.
+            routes.layer(CacheLayer::new(store(&redis).await)).layer(CompressionLayer::new())
+        };
+        let addr = serve(app).await;
+        let order = if cache_outside { "cache outside" } else { "cache inside" };
+        let gzip = [("accept-encoding", "gzip")];
+        for round in 0..3 {
+            let zipped = send(addr, Method::GET, "/text", &gzip).await;
+            assert_eq!(zipped.header("content-encoding"), Some("gzip"), "{order} round {round}");
+            assert_eq!(gunzip(&zipped.body), long_text(), "{order}");
+            let plain = fetch(addr, "/text").await;
+            assert_eq!(plain.header("content-encoding"), None, "{order}: gzip sent to a client that did not ask");
+            assert_eq!(plain.text(), long_text());
+            let br = send(addr, Method::GET, "/text", &[("accept-encoding", "br")]).await;
+            assert_eq!(br.header("content-encoding"), None, "{order}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let expected = if cache_outside { 3 } else { 1 }; // one per variant, or one in all
+        assert!(calls.get() <= expected + 1, "{order}: {} handler calls", calls.get());
+    }
+}
