@@ -31,6 +31,11 @@ pub use store::MemoryStore;
 pub use store::RedisStore;
 pub use store::Store;
 
+/// Compiles the README's Rust examples as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// NOT PUBLIC API. Thin wrappers over crate internals for the criterion benchmarks in
 /// `benches/`; hidden from the docs, exempt from semver, and may change or vanish in any
 /// release.
