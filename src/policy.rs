@@ -491,7 +491,9 @@ pub(crate) fn vary_names(headers: &HeaderMap) -> Vary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+
+    /// Header pairs in a table row.
+    type Pairs = &'static [(&'static str, &'static str)];
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -527,7 +529,7 @@ mod tests {
     fn request_classification_table() {
         use RequestAction::*;
         let rules = Rules::default();
-        let cases: &[(Method, &[(&str, &str)], RequestAction, bool)] = &[
+        let cases: &[(Method, Pairs, RequestAction, bool)] = &[
             (Method::GET, &[], Lookup, false),
             (Method::POST, &[], Invalidate, false),
             (Method::DELETE, &[], Invalidate, false),
@@ -557,7 +559,7 @@ mod tests {
         let rules = Rules::default();
         let ok = StatusCode::OK;
         let secs = |s| Some(Duration::from_secs(s));
-        let cases: &[(StatusCode, &[(&str, &str)], bool, Option<Duration>)] = &[
+        let cases: &[(StatusCode, Pairs, bool, Option<Duration>)] = &[
             (ok, &[], false, secs(60)),
             (StatusCode::NOT_FOUND, &[], false, None),
             (StatusCode::NO_CONTENT, &[], false, secs(60)),
@@ -593,7 +595,7 @@ mod tests {
         let rules = Rules { stale_while_revalidate: secs(10), stale_if_error: secs(100), ..Rules::default() };
         let plan = |req: &[(&'static str, &'static str)]| classify_request(&rules, &Method::GET, &headers(req));
         // (request, stored, age, ttl) -> verdict
-        let cases: &[(&[(&str, &str)], &[(&str, &str)], u64, u64, Verdict)] = &[
+        let cases: &[(Pairs, Pairs, u64, u64, Verdict)] = &[
             (&[], &[], 5, 60, Fresh),
             (&[], &[("cache-control", "no-cache")], 5, 60, Validate { if_error: false }),
             (&[("cache-control", "max-age=3")], &[], 5, 60, Validate { if_error: false }),
@@ -630,7 +632,7 @@ mod tests {
     fn grace_table() {
         let secs = Duration::from_secs;
         let route = Rules { stale_while_revalidate: secs(5), stale_if_error: secs(7), ..Rules::default() };
-        let cases: &[(&Rules, &[(&str, &str)], (u64, u64))] = &[
+        let cases: &[(&Rules, Pairs, (u64, u64))] = &[
             (&route, &[], (5, 7)),
             (&route, &[("cache-control", "stale-while-revalidate=30, stale-if-error=1")], (30, 7)),
             (&route, &[("cache-control", "max-age=5, Must-Revalidate, stale-if-error=60")], (0, 0)),

@@ -15,6 +15,9 @@ use bytes::Bytes;
 use common::{cache_key, fetch, get_until_hit, send, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, RedisStore};
 
+/// Header pairs in a table row.
+type Pairs = &'static [(&'static str, &'static str)];
+
 /// A Redis store on the test's own server.
 /// A Redis store on the test's own server, with a generous operation timeout: on a loaded CI
 /// machine a lookup that timed out would turn an expected HIT into a MISS.
@@ -425,7 +428,7 @@ async fn stored_status_codes_are_configurable() {
 
 #[tokio::test]
 async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise() {
-    let cases: &[(&[(&str, &str)], bool, i64)] = &[
+    let cases: &[(Pairs, bool, i64)] = &[
         (&[("cache-control", "max-age=100")], true, 100),
         (&[("cache-control", "max-age=100, s-maxage=200")], true, 200),
         (&[("cache-control", "max-age=100")], false, 60),
