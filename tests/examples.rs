@@ -12,7 +12,8 @@ use std::sync::Once;
 
 use common::RedisServer;
 
-const EXAMPLES: [&str; 5] = [
+const EXAMPLES: [&str; 6] = [
+    "quickstart",
     "cache_aside",
     "write_through",
     "write_behind",
@@ -134,4 +135,73 @@ fn invalidation_drops_the_user_its_pages_lists_and_orders_only() {
         &out,
         "user ali* updated: dropped user=true pages=2 lists=0 orders=3",
     );
+}
+
+/// One plain HTTP/1.1 GET; returns the response head and body as text.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn x_cache(response: &str) -> Option<&str> {
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("x-cache: "))
+        .map(str::trim)
+}
+
+/// The README's promise: run the quickstart, curl `/items/1` twice, see MISS then HIT.
+fn quickstart_shows_miss_then_hit(redis_url: Option<&str>) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut command = Command::new(example_binary("quickstart"));
+    command.env("PORT", port.to_string()).env_remove("REDIS_URL");
+    if let Some(url) = redis_url {
+        command.env("REDIS_URL", url);
+    }
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _app = KillOnDrop(command.stdout(std::process::Stdio::null()).spawn().expect("start quickstart"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let first = loop {
+        if let Some(response) = http_get(port, "/items/1") {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "quickstart never answered on port {port}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(x_cache(&first), Some("MISS"), "{first}");
+    assert!(first.ends_with(r#"{"id":1,"name":"item 1"}"#), "{first}");
+    // The entry is written in the background; the next request is a HIT once it lands.
+    let second = (0..50)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            http_get(port, "/items/1").expect("quickstart answers")
+        })
+        .find(|r| x_cache(r) == Some("HIT"))
+        .expect("no HIT after the MISS");
+    assert!(second.ends_with(r#"{"id":1,"name":"item 1"}"#), "{second}");
+}
+
+#[test]
+fn quickstart_serves_miss_then_hit_on_the_memory_store() {
+    quickstart_shows_miss_then_hit(None);
+}
+
+#[test]
+fn quickstart_serves_miss_then_hit_on_redis() {
+    let server = RedisServer::start();
+    quickstart_shows_miss_then_hit(Some(&server.url()));
+    let keys: usize = server.dbsize();
+    assert_eq!(keys, 1, "the quickstart stored its entry in Redis");
 }
