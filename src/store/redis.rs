@@ -13,13 +13,15 @@ use bytes::Bytes;
 use super::{Store, StoreFuture};
 use crate::{Error, ErrorKind, Result};
 
-/// A Redis-backed [`Store`] on a few shared multiplexed connections.
+/// A Redis-backed [`Store`] on a shared multiplexed connection.
 ///
-/// Commands go out on a shared multiplexed connection (or on several in turn, see
-/// [`RedisStoreBuilder::max_connections`]) without waiting for the previous ones to answer: a
-/// multiplexed connection pipelines every command sent on it, so one connection carries
-/// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends a connection to one command at a time, as bb8-redis does, makes
-/// requests queue for a connection and halves the throughput; see docs/performance.md.)
+/// Commands go out on one shared multiplexed connection (or on several in turn, see
+/// [`RedisStoreBuilder::max_connections`]) without waiting for the previous ones to answer:
+/// a multiplexed connection pipelines every command sent on it, so one connection carries
+/// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends
+/// a connection to one command at a time, as bb8-redis does, makes requests queue for a
+/// connection; on the benchmark machine it served 40-60% fewer GETs per second, see
+/// docs/performance.md.)
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
 /// connection failure or timeout the store answers errors at once for a short back-off
@@ -374,8 +376,14 @@ impl Store for RedisStore {
         Box::pin(async move {
             // Redis rejects PX 0; a zero TTL means "do not keep".
             let millis = ttl.as_millis().max(1) as u64;
-            self.query(::redis::cmd("SET").arg(key).arg(&value[..]).arg("PX").arg(millis))
-                .await
+            self.query(
+                ::redis::cmd("SET")
+                    .arg(key)
+                    .arg(&value[..])
+                    .arg("PX")
+                    .arg(millis),
+            )
+            .await
         })
     }
 
@@ -413,8 +421,9 @@ impl Store for RedisStore {
             let mut removed = 0;
             loop {
                 // Pop in batches: each step is one short command, within the op timeout.
-                let popped: Vec<(Vec<u8>, f64)> =
-                    self.query(::redis::cmd("ZPOPMIN").arg(tag_key).arg(TAG_BATCH)).await?;
+                let popped: Vec<(Vec<u8>, f64)> = self
+                    .query(::redis::cmd("ZPOPMIN").arg(tag_key).arg(TAG_BATCH))
+                    .await?;
                 if !popped.is_empty() {
                     let mut unlink = ::redis::cmd("UNLINK");
                     for (key, _) in &popped {
@@ -429,11 +438,23 @@ impl Store for RedisStore {
         })
     }
 
-    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let millis = ttl.as_millis().max(1) as u64;
             let taken: Option<String> = self
-                .query(::redis::cmd("SET").arg(key).arg(token).arg("NX").arg("PX").arg(millis))
+                .query(
+                    ::redis::cmd("SET")
+                        .arg(key)
+                        .arg(token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis),
+                )
                 .await?;
             Ok(taken.is_some())
         })
