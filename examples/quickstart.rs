@@ -42,7 +42,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         get(get_item).layer(CacheLayer::with_shared_store(store).ttl(Duration::from_secs(60))),
     );
 
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3000);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening on http://127.0.0.1:{port}");
     println!("try: curl -si localhost:{port}/items/1 | grep -i x-cache   (twice: MISS, then HIT)");

@@ -89,28 +89,57 @@ async fn run(name: &str, layers: Vec<CacheLayer>, n: usize) {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: usize = std::env::var("BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let n: usize = std::env::var("BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
     let redis_url = std::env::var("REDIS_URL").ok();
     let store = || async {
         match &redis_url {
             Some(url) => {
-                let store = RedisStore::connect(url).await.expect("connect to REDIS_URL");
+                let store = RedisStore::connect(url)
+                    .await
+                    .expect("connect to REDIS_URL");
                 Arc::new(store) as Arc<dyn Store>
             }
             None => Arc::new(MemoryStore::new()) as Arc<dyn Store>,
         }
     };
-    println!("{n} concurrent GETs on one cold key, handler takes {HANDLER_TIME:?}, store: {}",
-        if redis_url.is_some() { "Redis" } else { "memory" });
-    println!("| {:<44} | handler calls | {:>8} | {:>8} | {:>8} |", "setup", "p50", "p99", "max");
-    println!("|{:-<46}|{:-<15}|{:-<10}|{:-<10}|{:-<10}|", "", "", "", "", "");
+    println!(
+        "{n} concurrent GETs on one cold key, handler takes {HANDLER_TIME:?}, store: {}",
+        if redis_url.is_some() {
+            "Redis"
+        } else {
+            "memory"
+        }
+    );
+    println!(
+        "| {:<44} | handler calls | {:>8} | {:>8} | {:>8} |",
+        "setup", "p50", "p99", "max"
+    );
+    println!(
+        "|{:-<46}|{:-<15}|{:-<10}|{:-<10}|{:-<10}|",
+        "", "", "", "", ""
+    );
     // Each burst uses its own key prefix (unique to this run too), so every burst starts cold.
-    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
     let layer = |store, name: &str| {
         CacheLayer::with_shared_store(store).key_prefix(format!("stampede-bench:{run_id}:{name}"))
     };
-    run("no protection (.coalesce(false))", vec![layer(store().await, "a").coalesce(false)], n).await;
-    run("in-process coalescing (default)", vec![layer(store().await, "b")], n).await;
+    run(
+        "no protection (.coalesce(false))",
+        vec![layer(store().await, "a").coalesce(false)],
+        n,
+    )
+    .await;
+    run(
+        "in-process coalescing (default)",
+        vec![layer(store().await, "b")],
+        n,
+    )
+    .await;
     if redis_url.is_some() {
         let two = vec![layer(store().await, "c"), layer(store().await, "c")];
         run("2 instances, in-process coalescing only", two, n).await;

@@ -163,7 +163,9 @@ impl<B> std::fmt::Debug for CacheBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
             Kind::Replay { .. } => "replay",
-            Kind::Inner { recorder: Some(_), .. } => "inner (recording)",
+            Kind::Inner {
+                recorder: Some(_), ..
+            } => "inner (recording)",
             Kind::Inner { .. } => "inner",
         };
         f.debug_struct("CacheBody").field("kind", &kind).finish()

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use crate::entry::CachedResponse;
 use crate::key;
+use crate::layer::Config;
+use crate::lookup::fresh_entry;
 use crate::store::Store;
 
 /// A response one request produced and its concurrent twins may reuse.
@@ -27,8 +29,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(response: CachedResponse, variant: Option<(Vec<HeaderName>, String)>) -> Self {
-        Self { shared_at: Instant::now(), response, variant }
+    pub(crate) fn new(
+        response: CachedResponse,
+        variant: Option<(Vec<HeaderName>, String)>,
+    ) -> Self {
+        Self {
+            shared_at: Instant::now(),
+            response,
+            variant,
+        }
     }
 
     /// Whether a request with `headers` for base key `key` would get this same variant.
@@ -172,21 +181,32 @@ impl Lock {
         let key = lock_key(entry_key);
         let token = new_token();
         let taken = store.try_lock(&key, &token, ttl).await?;
-        Ok(taken.then(|| Lock { store: store.clone(), key, token }))
+        Ok(taken.then(|| Lock {
+            store: store.clone(),
+            key,
+            token,
+        }))
     }
 
     /// The lock for `entry_key`, already taken with `token` (from [`new_token`]) by a
     /// command of the caller's own, for example a script that also reads the entry.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn taken(store: &Arc<dyn Store>, entry_key: &str, token: String) -> Lock {
-        Lock { store: store.clone(), key: lock_key(entry_key), token }
+        Lock {
+            store: store.clone(),
+            key: lock_key(entry_key),
+            token,
+        }
     }
 
     /// Releases the lock now (if still ours) and waits for the store's answer, rather than
     /// in the background as dropping it does.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) async fn release(mut self) {
-        let (key, token) = (std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
         if let Err(e) = self.store.unlock(&key, &token).await {
             // The lock expires on its own after its TTL.
             tracing::debug!(key, error = %e, "releasing cache lock failed");
@@ -199,7 +219,11 @@ impl Drop for Lock {
         if self.token.is_empty() {
             return; // already released
         }
-        let (store, key, token) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        let (store, key, token) = (
+            self.store.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(e) = store.unlock(&key, &token).await {
@@ -219,8 +243,13 @@ pub(crate) fn lock_key(entry_key: &str) -> String {
 /// A token unique to this lock holder: process id, a counter, and per-process random bits.
 pub(crate) fn new_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let random = std::collections::hash_map::RandomState::new().hash_one(COUNTER.load(Ordering::Relaxed));
-    format!("{}-{}-{random:016x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    let random =
+        std::collections::hash_map::RandomState::new().hash_one(COUNTER.load(Ordering::Relaxed));
+    format!(
+        "{}-{}-{random:016x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A random fraction in [0, 1) from the standard library's per-instance hash keys: enough
@@ -229,3 +258,70 @@ pub(crate) fn random_fraction() -> f64 {
     let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
+
+/// How a cold-key request proceeds.
+pub(crate) enum Coalesced {
+    /// Another request (in this process or another) produced the response.
+    Hit(CachedResponse),
+    /// This request calls the handler and shares the result.
+    Lead(Lead),
+    /// This request calls the handler on its own (coalescing off, or waiting gave up).
+    Alone,
+}
+
+/// Makes concurrent misses for one key wait for a single handler call: in this process
+/// through the flight map, across processes (when enabled) through a lock in the store.
+pub(crate) async fn coalesce(
+    config: &Config,
+    key: &str,
+    headers: &HeaderMap,
+    looked_up_at: Instant,
+) -> Coalesced {
+    let rules = &config.rules;
+    if !rules.coalesce {
+        return Coalesced::Alone;
+    }
+    let mut lead = match config.flights.join(key, looked_up_at) {
+        Role::Follower(rx) => {
+            return match follow(rx, rules.coalesce_timeout, key, headers).await {
+                Some(hit) => Coalesced::Hit(hit),
+                None => Coalesced::Alone,
+            };
+        }
+        Role::Leader(lead) => lead,
+    };
+    if !rules.lock_across_instances {
+        return Coalesced::Lead(lead);
+    }
+    // Another instance may be computing this key: take its lock, or wait for its entry.
+    let deadline = tokio::time::Instant::now() + rules.coalesce_timeout;
+    loop {
+        match Lock::try_acquire(&config.store, key, rules.lock_ttl).await {
+            Ok(Some(lock)) => {
+                // The previous holder may have just stored the entry and released the lock.
+                if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
+                    lead.share(Shared::new(hit.clone(), variant));
+                    return Coalesced::Hit(hit);
+                }
+                lead.hold(lock);
+                return Coalesced::Lead(lead);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(key, error = %e, "cache lock unavailable; calling the handler");
+                return Coalesced::Lead(lead);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Coalesced::Lead(lead);
+        }
+        tokio::time::sleep(LOCK_POLL_INTERVAL).await;
+        if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
+            lead.share(Shared::new(hit.clone(), variant));
+            return Coalesced::Hit(hit);
+        }
+    }
+}
+
+/// How often an instance waiting on another's lock looks for the entry.
+pub(crate) const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);

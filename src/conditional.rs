@@ -25,7 +25,10 @@ pub(crate) fn not_modified(stored: &HeaderMap, request: &HeaderMap) -> bool {
     let Some(since) = request.get(IF_MODIFIED_SINCE).and_then(http_date) else {
         return false;
     };
-    let modified = stored.get(LAST_MODIFIED).or_else(|| stored.get(DATE)).and_then(http_date);
+    let modified = stored
+        .get(LAST_MODIFIED)
+        .or_else(|| stored.get(DATE))
+        .and_then(http_date);
     modified.is_some_and(|modified| modified <= since)
 }
 
@@ -48,7 +51,15 @@ fn weak_eq(a: &str, b: &str) -> bool {
 /// The headers a 304 carries from the stored response (RFC 9110 §15.4.5).
 pub(crate) fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for name in [CACHE_CONTROL, CONTENT_LOCATION, DATE, ETAG, EXPIRES, VARY, LAST_MODIFIED] {
+    for name in [
+        CACHE_CONTROL,
+        CONTENT_LOCATION,
+        DATE,
+        ETAG,
+        EXPIRES,
+        VARY,
+        LAST_MODIFIED,
+    ] {
         for value in stored.get_all(&name) {
             out.append(name.clone(), value.clone());
         }
@@ -58,7 +69,9 @@ pub(crate) fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
 
 /// Conditional headers that ask the handler whether the stored response is still current,
 /// or `None` when it has no validator.
-pub(crate) fn validation_headers(stored: &HeaderMap) -> Option<Vec<(http::HeaderName, HeaderValue)>> {
+pub(crate) fn validation_headers(
+    stored: &HeaderMap,
+) -> Option<Vec<(http::HeaderName, HeaderValue)>> {
     let mut out = Vec::new();
     if let Some(etag) = stored.get(ETAG) {
         out.push((IF_NONE_MATCH, etag.clone()));
@@ -71,8 +84,17 @@ pub(crate) fn validation_headers(stored: &HeaderMap) -> Option<Vec<(http::Header
 
 /// Puts the cache's own validators on a request in place of the client's conditional
 /// headers (the client's are evaluated by the cache against the validated response).
-pub(crate) fn replace_conditionals(request: &mut HeaderMap, validators: Vec<(http::HeaderName, HeaderValue)>) {
-    for name in [IF_NONE_MATCH, IF_MODIFIED_SINCE, http::header::IF_MATCH, http::header::IF_UNMODIFIED_SINCE, http::header::IF_RANGE] {
+pub(crate) fn replace_conditionals(
+    request: &mut HeaderMap,
+    validators: Vec<(http::HeaderName, HeaderValue)>,
+) {
+    for name in [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        http::header::IF_MATCH,
+        http::header::IF_UNMODIFIED_SINCE,
+        http::header::IF_RANGE,
+    ] {
         request.remove(name);
     }
     for (name, value) in validators {
@@ -84,7 +106,10 @@ pub(crate) fn replace_conditionals(request: &mut HeaderMap, validators: Vec<(htt
 /// carries replaces the stored one, except those describing the body.
 pub(crate) fn merge_not_modified(stored: &mut HeaderMap, fresh: &HeaderMap) {
     let keep_stored = |name: &http::HeaderName| {
-        matches!(name.as_str(), "content-length" | "content-encoding" | "content-type" | "transfer-encoding")
+        matches!(
+            name.as_str(),
+            "content-length" | "content-encoding" | "content-type" | "transfer-encoding"
+        )
     };
     let mut replaced = Vec::new();
     for (name, value) in fresh {
@@ -119,7 +144,11 @@ pub(crate) fn accepts_encoding(request: &HeaderMap, stored: &HeaderMap) -> bool 
         let mut parts = item.split(';');
         let name = parts.next().unwrap_or("").trim();
         let q = parts
-            .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+            .filter_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .or_else(|| p.trim().strip_prefix("Q="))
+            })
             .find_map(|q| q.trim().parse::<f32>().ok())
             .unwrap_or(1.0);
         if name.eq_ignore_ascii_case(coding) {
@@ -134,7 +163,8 @@ pub(crate) fn accepts_encoding(request: &HeaderMap, stored: &HeaderMap) -> bool 
 
 /// A `Date` value for now, added to a stored response that has none (RFC 9110 §6.6.1).
 pub(crate) fn date_now() -> HeaderValue {
-    HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())).expect("HTTP dates are ASCII")
+    HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now()))
+        .expect("HTTP dates are ASCII")
 }
 
 #[cfg(test)]
@@ -151,7 +181,10 @@ mod tests {
 
     #[test]
     fn conditional_table() {
-        let stored = map(&[("etag", "\"v1\""), ("last-modified", "Tue, 01 Jan 2030 00:00:00 GMT")]);
+        let stored = map(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 01 Jan 2030 00:00:00 GMT"),
+        ]);
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[("if-none-match", "\"v1\"")], true),
             (&[("if-none-match", "W/\"v1\"")], true),
@@ -159,14 +192,30 @@ mod tests {
             (&[("if-none-match", "*")], true),
             (&[("if-none-match", "\"v2\"")], false),
             // If-None-Match wins over If-Modified-Since.
-            (&[("if-none-match", "\"v2\""), ("if-modified-since", "Wed, 01 Jan 2031 00:00:00 GMT")], false),
-            (&[("if-modified-since", "Wed, 01 Jan 2031 00:00:00 GMT")], true),
-            (&[("if-modified-since", "Mon, 01 Jan 2029 00:00:00 GMT")], false),
+            (
+                &[
+                    ("if-none-match", "\"v2\""),
+                    ("if-modified-since", "Wed, 01 Jan 2031 00:00:00 GMT"),
+                ],
+                false,
+            ),
+            (
+                &[("if-modified-since", "Wed, 01 Jan 2031 00:00:00 GMT")],
+                true,
+            ),
+            (
+                &[("if-modified-since", "Mon, 01 Jan 2029 00:00:00 GMT")],
+                false,
+            ),
             (&[("if-modified-since", "not a date")], false),
             (&[], false),
         ];
         for (request, expected) in cases {
-            assert_eq!(not_modified(&stored, &map(request)), *expected, "{request:?}");
+            assert_eq!(
+                not_modified(&stored, &map(request)),
+                *expected,
+                "{request:?}"
+            );
         }
     }
 
@@ -183,15 +232,31 @@ mod tests {
             (&[("accept-encoding", "*;q=0")], false),
         ];
         for (request, expected) in cases {
-            assert_eq!(accepts_encoding(&map(request), &gzip), *expected, "{request:?}");
+            assert_eq!(
+                accepts_encoding(&map(request), &gzip),
+                *expected,
+                "{request:?}"
+            );
         }
         assert!(accepts_encoding(&HeaderMap::new(), &HeaderMap::new()));
     }
 
     #[test]
     fn a_304_replaces_fields_but_not_the_body_description() {
-        let mut stored = map(&[("etag", "\"v1\""), ("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
-        merge_not_modified(&mut stored, &map(&[("x-a", "3"), ("content-type", "image/png"), ("cache-control", "max-age=9")]));
+        let mut stored = map(&[
+            ("etag", "\"v1\""),
+            ("content-type", "text/plain"),
+            ("x-a", "1"),
+            ("x-a", "2"),
+        ]);
+        merge_not_modified(
+            &mut stored,
+            &map(&[
+                ("x-a", "3"),
+                ("content-type", "image/png"),
+                ("cache-control", "max-age=9"),
+            ]),
+        );
         assert_eq!(stored.get_all("x-a").iter().collect::<Vec<_>>(), ["3"]);
         assert_eq!(stored["content-type"], "text/plain");
         assert_eq!(stored["cache-control"], "max-age=9");

@@ -36,20 +36,26 @@ impl Invalidator {
     /// [`tags`](crate::CacheLayer::tags) or the response's `Cache-Tag` / `Surrogate-Key`
     /// header); returns how many entries were removed.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
-        self.store.invalidate_tag(&tag_key(&self.key_prefix, tag)).await
+        self.store
+            .invalidate_tag(&tag_key(&self.key_prefix, tag))
+            .await
     }
 
     /// Removes the stored GET response for `uri` (path and query; the query's order does not
     /// matter); returns whether there was one. For a response with `Vary`, this removes the
     /// marker that leads to its variants, so none of them is served again.
     pub async fn invalidate(&self, uri: &Uri) -> Result<bool> {
-        self.store.delete(&key::base_key(&self.key_prefix, &Method::GET, uri)).await
+        self.store
+            .delete(&key::base_key(&self.key_prefix, &Method::GET, uri))
+            .await
     }
 }
 
 impl std::fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Invalidator").field("key_prefix", &self.key_prefix).finish_non_exhaustive()
+        f.debug_struct("Invalidator")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
     }
 }
 

@@ -88,7 +88,10 @@ mod tests {
     #[test]
     fn keys_differ_by_method_path_query_and_repeated_value_order() {
         let get = key("/x?a=1");
-        assert_ne!(get, base_key("p", &Method::POST, &"/x?a=1".parse().unwrap()));
+        assert_ne!(
+            get,
+            base_key("p", &Method::POST, &"/x?a=1".parse().unwrap())
+        );
         assert_ne!(get, key("/y?a=1"));
         assert_ne!(get, key("/x?a=2"));
         assert_ne!(key("/x?a=1&a=2"), key("/x?a=2&a=1"));
@@ -105,8 +108,17 @@ mod tests {
         let mut gzip_spaced = HeaderMap::new();
         gzip_spaced.insert("accept-encoding", "gzip ".parse().unwrap());
         let base = key("/x");
-        assert_ne!(variant_key(&base, &names, &gzip), variant_key(&base, &names, &br));
-        assert_eq!(variant_key(&base, &names, &gzip), variant_key(&base, &names, &gzip_spaced));
-        assert_ne!(variant_key(&base, &names, &HeaderMap::new()), variant_key(&base, &names, &gzip));
+        assert_ne!(
+            variant_key(&base, &names, &gzip),
+            variant_key(&base, &names, &br)
+        );
+        assert_eq!(
+            variant_key(&base, &names, &gzip),
+            variant_key(&base, &names, &gzip_spaced)
+        );
+        assert_ne!(
+            variant_key(&base, &names, &HeaderMap::new()),
+            variant_key(&base, &names, &gzip)
+        );
     }
 }

@@ -35,6 +35,35 @@ pub(crate) struct Config {
     pub(crate) flights: Arc<Flights>,
     /// Tags given to every response this layer stores.
     pub(crate) tags: Arc<[String]>,
+    /// Background writes in flight, bounded by `rules.max_pending_writes`.
+    pub(crate) pending_writes: Arc<WriteBudget>,
+}
+
+/// Counts the background writes in flight, so a miss storm against a slow store cannot
+/// queue unbounded memory: past the limit, responses are served but not stored.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBudget(std::sync::atomic::AtomicUsize);
+
+impl WriteBudget {
+    /// Takes a slot if fewer than `limit` writes are in flight.
+    pub(crate) fn try_take(self: &Arc<Self>, limit: usize) -> Option<WriteSlot> {
+        use std::sync::atomic::Ordering;
+        let taken = self.0.fetch_add(1, Ordering::AcqRel);
+        if taken >= limit {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(WriteSlot(self.clone()))
+    }
+}
+
+/// One background write in flight; frees its slot when dropped.
+pub(crate) struct WriteSlot(Arc<WriteBudget>);
+
+impl Drop for WriteSlot {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl CacheLayer {
@@ -52,6 +81,7 @@ impl CacheLayer {
                 key_prefix: "http-cache".to_owned(),
                 flights: Arc::default(),
                 tags: Arc::from([]),
+                pending_writes: Arc::default(),
             }),
         }
     }
@@ -139,7 +169,11 @@ impl CacheLayer {
     /// Shorten each entry's TTL by a random fraction of up to `fraction` (0.0 to 1.0,
     /// default 0), so entries written together do not expire together.
     pub fn ttl_jitter(mut self, fraction: f64) -> Self {
-        self.rules_mut().ttl_jitter = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
+        self.rules_mut().ttl_jitter = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -196,6 +230,14 @@ impl CacheLayer {
     /// (default 60 s; zero turns it off).
     pub fn revalidation_window(mut self, window: Duration) -> Self {
         self.rules_mut().revalidation_window = window;
+        self
+    }
+
+    /// At most this many responses are written to the store in the background at once
+    /// (default 1024). Past it, responses are still served, just not stored: a miss storm
+    /// against a slow store costs hit rate, not unbounded memory.
+    pub fn max_pending_writes(mut self, limit: usize) -> Self {
+        self.rules_mut().max_pending_writes = limit;
         self
     }
 

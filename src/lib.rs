@@ -4,27 +4,31 @@
 #![deny(unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod answer;
 mod body;
-mod coalesce;
-mod conditional;
 #[cfg(feature = "redis")]
 mod client;
+mod coalesce;
+mod conditional;
 mod entry;
 mod error;
 mod invalidate;
 mod key;
 mod layer;
+mod lookup;
 mod policy;
 mod service;
 pub mod store;
+mod write;
 
+pub use answer::X_CACHE;
 pub use body::CacheBody;
 #[cfg(feature = "redis")]
 pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
 pub use invalidate::Invalidator;
 pub use layer::CacheLayer;
-pub use service::{CacheService, ResponseFuture, X_CACHE};
+pub use service::{CacheService, ResponseFuture};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "redis")]

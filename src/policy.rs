@@ -27,6 +27,7 @@ pub(crate) struct Rules {
     pub(crate) lock_ttl: Duration,
     pub(crate) generate_etag: bool,
     pub(crate) revalidation_window: Duration,
+    pub(crate) max_pending_writes: usize,
 }
 
 impl Default for Rules {
@@ -48,6 +49,7 @@ impl Default for Rules {
             lock_ttl: Duration::from_secs(5),
             generate_etag: false,
             revalidation_window: Duration::from_secs(60),
+            max_pending_writes: 1024,
         }
     }
 }
@@ -109,7 +111,10 @@ impl CacheControl {
     /// (RFC 9213) or `Surrogate-Control` when present, which then replace `Cache-Control`
     /// for this cache alone; otherwise `Cache-Control`.
     pub(crate) fn for_cache(headers: &HeaderMap) -> Self {
-        match TARGETED_HEADERS.iter().find(|name| headers.contains_key(*name)) {
+        match TARGETED_HEADERS
+            .iter()
+            .find(|name| headers.contains_key(*name))
+        {
             Some(name) => Self::parse_field(headers, name),
             None => Self::parse(headers),
         }
@@ -232,24 +237,45 @@ pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderM
     let action = if method == Method::HEAD {
         // HEAD responses are never stored (their empty body must not reach a GET); a HEAD is
         // answered from the GET entry when the route caches GET.
-        let usable = rules.methods.contains(&Method::GET) && !authorized && !cc.no_store && !wants_fresh;
-        if usable { RequestAction::HeadLookup } else { RequestAction::Pass }
+        let usable =
+            rules.methods.contains(&Method::GET) && !authorized && !cc.no_store && !wants_fresh;
+        if usable {
+            RequestAction::HeadLookup
+        } else {
+            RequestAction::Pass
+        }
     } else if !rules.methods.contains(method) {
-        if is_unsafe(method) { RequestAction::Invalidate } else { RequestAction::Pass }
+        if is_unsafe(method) {
+            RequestAction::Invalidate
+        } else {
+            RequestAction::Pass
+        }
     } else if cc.no_store {
         RequestAction::Bypass
     } else if wants_fresh {
-        if authorized { RequestAction::Bypass } else { RequestAction::Refresh }
+        if authorized {
+            RequestAction::Bypass
+        } else {
+            RequestAction::Refresh
+        }
     } else {
         RequestAction::Lookup
     };
-    RequestPlan { action, authorized, directives: cc }
+    RequestPlan {
+        action,
+        authorized,
+        directives: cc,
+    }
 }
 
 /// The URL a `Location` / `Content-Location` value names, when it is on the request's own
 /// origin (a path, or an absolute URL whose authority is the request's Host); a write must
 /// not invalidate entries of other sites (RFC 9111 §4.4).
-pub(crate) fn same_origin_target(value: &HeaderValue, request: &Uri, host: Option<&HeaderValue>) -> Option<Uri> {
+pub(crate) fn same_origin_target(
+    value: &HeaderValue,
+    request: &Uri,
+    host: Option<&HeaderValue>,
+) -> Option<Uri> {
     let target: Uri = value.to_str().ok()?.parse().ok()?;
     match target.authority() {
         None => target.path().starts_with('/').then_some(target),
@@ -258,7 +284,10 @@ pub(crate) fn same_origin_target(value: &HeaderValue, request: &Uri, host: Optio
                 .authority()
                 .map(|a| a.as_str().to_owned())
                 .or_else(|| host.and_then(|h| h.to_str().ok()).map(str::to_owned))?;
-            authority.as_str().eq_ignore_ascii_case(&own).then_some(target)
+            authority
+                .as_str()
+                .eq_ignore_ascii_case(&own)
+                .then_some(target)
         }
     }
 }
@@ -303,7 +332,11 @@ pub(crate) fn storable_ttl(
     };
     // A response with `no-cache` is stored, but validated before every reuse; it needs a
     // lifetime in the store even when its own is zero.
-    let ttl = if cc.no_cache && ttl.is_zero() { rules.ttl } else { ttl };
+    let ttl = if cc.no_cache && ttl.is_zero() {
+        rules.ttl
+    } else {
+        ttl
+    };
     Some(ttl).filter(|ttl| !ttl.is_zero())
 }
 
@@ -325,7 +358,10 @@ fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
     let Some(expires) = http_date(expires) else {
         return Some(Duration::ZERO);
     };
-    let date = headers.get(DATE).and_then(http_date).unwrap_or_else(SystemTime::now);
+    let date = headers
+        .get(DATE)
+        .and_then(http_date)
+        .unwrap_or_else(SystemTime::now);
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 
@@ -358,7 +394,13 @@ pub(crate) enum Verdict {
 }
 
 /// Judges a stored response for a request.
-pub(crate) fn judge(rules: &Rules, plan: &RequestPlan, stored: &HeaderMap, age: Duration, ttl: Duration) -> Verdict {
+pub(crate) fn judge(
+    rules: &Rules,
+    plan: &RequestPlan,
+    stored: &HeaderMap,
+    age: Duration,
+    ttl: Duration,
+) -> Verdict {
     let cc = CacheControl::for_cache(stored);
     if plan.authorized && !cc.shareable_when_authorized() {
         return Verdict::Unusable;
@@ -388,7 +430,9 @@ pub(crate) fn judge(rules: &Rules, plan: &RequestPlan, stored: &HeaderMap, age: 
     if staleness < grace.revalidate && wants.max_age.is_none() && wants.min_fresh.is_none() {
         Verdict::StaleWhileRevalidate
     } else {
-        Verdict::Validate { if_error: staleness < grace.if_error }
+        Verdict::Validate {
+            if_error: staleness < grace.if_error,
+        }
     }
 }
 
@@ -424,7 +468,9 @@ pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
             .map_or(Duration::ZERO, Duration::from_secs)
     };
     Grace {
-        revalidate: rules.stale_while_revalidate.max(origin(cc.stale_while_revalidate)),
+        revalidate: rules
+            .stale_while_revalidate
+            .max(origin(cc.stale_while_revalidate)),
         if_error: rules.stale_if_error.max(origin(cc.stale_if_error)),
     }
 }
@@ -434,8 +480,13 @@ pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
 /// can be revalidated with a cheap 304 instead of refetched.
 pub(crate) fn keep_past_ttl(rules: &Rules, headers: &HeaderMap) -> Duration {
     let grace = grace(rules, headers).longest();
-    let has_validator = headers.contains_key(http::header::ETAG) || headers.contains_key(http::header::LAST_MODIFIED);
-    if has_validator { grace.max(rules.revalidation_window) } else { grace }
+    let has_validator = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(http::header::LAST_MODIFIED);
+    if has_validator {
+        grace.max(rules.revalidation_window)
+    } else {
+        grace
+    }
 }
 
 /// The headers through which a response names its tags for the cache (Cloudflare's
@@ -471,7 +522,9 @@ pub(crate) enum Vary {
 pub(crate) fn vary_names(headers: &HeaderMap) -> Vary {
     let mut names = Vec::new();
     for value in headers.get_all(VARY) {
-        let Ok(value) = value.to_str() else { return Vary::Any };
+        let Ok(value) = value.to_str() else {
+            return Vary::Any;
+        };
         for name in split_list(value) {
             if name == "*" {
                 return Vary::Any;
@@ -507,18 +560,50 @@ mod tests {
     fn cache_control_parsing_table() {
         let cases: &[(&[(&str, &str)], CacheControl)] = &[
             (&[], CacheControl::default()),
-            (&[("cache-control", "No-Store")], CacheControl { no_store: true, ..Default::default() }),
             (
-                &[("cache-control", "max-age=10, S-MAXAGE=20"), ("cache-control", "max-age=99")],
-                CacheControl { max_age: Some(10), s_maxage: Some(20), ..Default::default() },
+                &[("cache-control", "No-Store")],
+                CacheControl {
+                    no_store: true,
+                    ..Default::default()
+                },
             ),
-            (&[("cache-control", "max-age=\"30\"")], CacheControl { max_age: Some(30), ..Default::default() }),
-            (&[("cache-control", "max-age=ten, foo=\"a,private\"")], CacheControl::default()),
+            (
+                &[
+                    ("cache-control", "max-age=10, S-MAXAGE=20"),
+                    ("cache-control", "max-age=99"),
+                ],
+                CacheControl {
+                    max_age: Some(10),
+                    s_maxage: Some(20),
+                    ..Default::default()
+                },
+            ),
+            (
+                &[("cache-control", "max-age=\"30\"")],
+                CacheControl {
+                    max_age: Some(30),
+                    ..Default::default()
+                },
+            ),
+            (
+                &[("cache-control", "max-age=ten, foo=\"a,private\"")],
+                CacheControl::default(),
+            ),
             (
                 &[("cache-control", "private=\"set-cookie, x\", public")],
-                CacheControl { private: true, public: true, ..Default::default() },
+                CacheControl {
+                    private: true,
+                    public: true,
+                    ..Default::default()
+                },
             ),
-            (&[("cache-control", " , no-cache ,, ")], CacheControl { no_cache: true, ..Default::default() }),
+            (
+                &[("cache-control", " , no-cache ,, ")],
+                CacheControl {
+                    no_cache: true,
+                    ..Default::default()
+                },
+            ),
         ];
         for (input, expected) in cases {
             assert_eq!(&CacheControl::parse(&headers(input)), expected, "{input:?}");
@@ -537,21 +622,46 @@ mod tests {
             (Method::HEAD, &[], HeadLookup, false),
             (Method::HEAD, &[("authorization", "Bearer x")], Pass, true),
             (Method::GET, &[("authorization", "Bearer x")], Lookup, true),
-            (Method::GET, &[("authorization", "Bearer x"), ("cache-control", "no-cache")], Bypass, true),
+            (
+                Method::GET,
+                &[("authorization", "Bearer x"), ("cache-control", "no-cache")],
+                Bypass,
+                true,
+            ),
             (Method::GET, &[("Cache-Control", "NO-STORE")], Bypass, false),
-            (Method::GET, &[("cache-control", "no-cache")], Refresh, false),
+            (
+                Method::GET,
+                &[("cache-control", "no-cache")],
+                Refresh,
+                false,
+            ),
             (Method::GET, &[("pragma", "no-cache")], Refresh, false),
-            (Method::GET, &[("pragma", "no-cache"), ("cache-control", "max-age=5")], Lookup, false),
+            (
+                Method::GET,
+                &[("pragma", "no-cache"), ("cache-control", "max-age=5")],
+                Lookup,
+                false,
+            ),
         ];
         for (method, input, action, authorized) in cases {
             let plan = classify_request(&rules, method, &headers(input));
-            assert_eq!((plan.action, plan.authorized), (*action, *authorized), "{method} {input:?}");
+            assert_eq!(
+                (plan.action, plan.authorized),
+                (*action, *authorized),
+                "{method} {input:?}"
+            );
         }
-        let no_refresh = Rules { honor_request_no_cache: false, ..Rules::default() };
+        let no_refresh = Rules {
+            honor_request_no_cache: false,
+            ..Rules::default()
+        };
         let h = headers(&[("cache-control", "no-cache, max-age=0, min-fresh=9")]);
         let plan = classify_request(&no_refresh, &Method::GET, &h);
         assert_eq!(plan.action, Lookup);
-        assert_eq!((plan.directives.max_age, plan.directives.min_fresh), (None, None));
+        assert_eq!(
+            (plan.directives.max_age, plan.directives.min_fresh),
+            (None, None)
+        );
     }
 
     #[test]
@@ -568,22 +678,63 @@ mod tests {
             (ok, &[("cache-control", "no-store")], false, None),
             (ok, &[("vary", "accept-encoding, *")], false, None),
             (ok, &[("cache-control", "max-age=5")], false, secs(5)),
-            (ok, &[("cache-control", "max-age=5, s-maxage=9")], false, secs(9)),
+            (
+                ok,
+                &[("cache-control", "max-age=5, s-maxage=9")],
+                false,
+                secs(9),
+            ),
             (ok, &[("cache-control", "max-age=0")], false, None),
             (ok, &[("cache-control", "no-cache")], false, secs(60)),
-            (ok, &[("date", "Tue, 01 Jan 2030 00:00:00 GMT"), ("expires", "Tue, 01 Jan 2030 00:01:40 GMT")], false, secs(100)),
+            (
+                ok,
+                &[
+                    ("date", "Tue, 01 Jan 2030 00:00:00 GMT"),
+                    ("expires", "Tue, 01 Jan 2030 00:01:40 GMT"),
+                ],
+                false,
+                secs(100),
+            ),
             (ok, &[("expires", "0")], false, None),
-            (ok, &[("cache-control", "max-age=7"), ("expires", "0")], false, secs(7)),
+            (
+                ok,
+                &[("cache-control", "max-age=7"), ("expires", "0")],
+                false,
+                secs(7),
+            ),
             (ok, &[], true, None),
             (ok, &[("cache-control", "public")], true, secs(60)),
             (ok, &[("cache-control", "s-maxage=30")], true, secs(30)),
-            (ok, &[("cache-control", "private"), ("cdn-cache-control", "max-age=90")], false, secs(90)),
-            (ok, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")], false, None),
+            (
+                ok,
+                &[
+                    ("cache-control", "private"),
+                    ("cdn-cache-control", "max-age=90"),
+                ],
+                false,
+                secs(90),
+            ),
+            (
+                ok,
+                &[
+                    ("cache-control", "max-age=5"),
+                    ("surrogate-control", "no-store"),
+                ],
+                false,
+                None,
+            ),
         ];
         for (status, input, authorized, expected) in cases {
-            assert_eq!(storable_ttl(&rules, *status, &headers(input), *authorized), *expected, "{status} {input:?}");
+            assert_eq!(
+                storable_ttl(&rules, *status, &headers(input), *authorized),
+                *expected,
+                "{status} {input:?}"
+            );
         }
-        let route_ttl = Rules { honor_origin_ttl: false, ..Rules::default() };
+        let route_ttl = Rules {
+            honor_origin_ttl: false,
+            ..Rules::default()
+        };
         let h = headers(&[("cache-control", "max-age=5")]);
         assert_eq!(storable_ttl(&route_ttl, ok, &h, false), secs(60));
     }
@@ -592,28 +743,91 @@ mod tests {
     fn judging_a_stored_response_table() {
         use Verdict::*;
         let secs = Duration::from_secs;
-        let rules = Rules { stale_while_revalidate: secs(10), stale_if_error: secs(100), ..Rules::default() };
-        let plan = |req: &[(&'static str, &'static str)]| classify_request(&rules, &Method::GET, &headers(req));
+        let rules = Rules {
+            stale_while_revalidate: secs(10),
+            stale_if_error: secs(100),
+            ..Rules::default()
+        };
+        let plan = |req: &[(&'static str, &'static str)]| {
+            classify_request(&rules, &Method::GET, &headers(req))
+        };
         // (request, stored, age, ttl) -> verdict
         let cases: &[(Pairs, Pairs, u64, u64, Verdict)] = &[
             (&[], &[], 5, 60, Fresh),
-            (&[], &[("cache-control", "no-cache")], 5, 60, Validate { if_error: false }),
-            (&[("cache-control", "max-age=3")], &[], 5, 60, Validate { if_error: false }),
-            (&[("cache-control", "min-fresh=58")], &[], 5, 60, Validate { if_error: false }),
+            (
+                &[],
+                &[("cache-control", "no-cache")],
+                5,
+                60,
+                Validate { if_error: false },
+            ),
+            (
+                &[("cache-control", "max-age=3")],
+                &[],
+                5,
+                60,
+                Validate { if_error: false },
+            ),
+            (
+                &[("cache-control", "min-fresh=58")],
+                &[],
+                5,
+                60,
+                Validate { if_error: false },
+            ),
             (&[("cache-control", "min-fresh=50")], &[], 5, 60, Fresh),
             (&[], &[], 65, 60, StaleWhileRevalidate),
             (&[], &[], 80, 60, Validate { if_error: true }),
             (&[], &[], 200, 60, Validate { if_error: false }),
-            (&[("cache-control", "max-stale")], &[], 500, 60, StaleAccepted),
-            (&[("cache-control", "max-stale=10")], &[], 65, 60, StaleAccepted),
-            (&[("cache-control", "max-stale=10")], &[], 80, 60, Validate { if_error: true }),
-            (&[("cache-control", "max-stale")], &[("cache-control", "must-revalidate")], 65, 60, Validate { if_error: false }),
+            (
+                &[("cache-control", "max-stale")],
+                &[],
+                500,
+                60,
+                StaleAccepted,
+            ),
+            (
+                &[("cache-control", "max-stale=10")],
+                &[],
+                65,
+                60,
+                StaleAccepted,
+            ),
+            (
+                &[("cache-control", "max-stale=10")],
+                &[],
+                80,
+                60,
+                Validate { if_error: true },
+            ),
+            (
+                &[("cache-control", "max-stale")],
+                &[("cache-control", "must-revalidate")],
+                65,
+                60,
+                Validate { if_error: false },
+            ),
             (&[("authorization", "x")], &[], 5, 60, Unusable),
-            (&[("authorization", "x")], &[("cache-control", "public")], 5, 60, Fresh),
+            (
+                &[("authorization", "x")],
+                &[("cache-control", "public")],
+                5,
+                60,
+                Fresh,
+            ),
         ];
         for (request, stored, age, ttl, expected) in cases {
-            let verdict = judge(&rules, &plan(request), &headers(stored), secs(*age), secs(*ttl));
-            assert_eq!(verdict, *expected, "request {request:?} stored {stored:?} age {age} ttl {ttl}");
+            let verdict = judge(
+                &rules,
+                &plan(request),
+                &headers(stored),
+                secs(*age),
+                secs(*ttl),
+            );
+            assert_eq!(
+                verdict, *expected,
+                "request {request:?} stored {stored:?} age {age} ttl {ttl}"
+            );
         }
     }
 
@@ -621,9 +835,14 @@ mod tests {
     fn same_origin_targets() {
         let request: Uri = "/items/1".parse().unwrap();
         let host = HeaderValue::from_static("example.com");
-        let target = |v: &'static str| same_origin_target(&HeaderValue::from_static(v), &request, Some(&host));
+        let target = |v: &'static str| {
+            same_origin_target(&HeaderValue::from_static(v), &request, Some(&host))
+        };
         assert_eq!(target("/items/2"), Some("/items/2".parse().unwrap()));
-        assert_eq!(target("http://example.com/items/3?x=1").map(|u| u.path().to_owned()), Some("/items/3".into()));
+        assert_eq!(
+            target("http://example.com/items/3?x=1").map(|u| u.path().to_owned()),
+            Some("/items/3".into())
+        );
         assert_eq!(target("https://evil.example/items/1"), None);
         assert_eq!(target("relative"), None);
     }
@@ -631,26 +850,58 @@ mod tests {
     #[test]
     fn grace_table() {
         let secs = Duration::from_secs;
-        let route = Rules { stale_while_revalidate: secs(5), stale_if_error: secs(7), ..Rules::default() };
+        let route = Rules {
+            stale_while_revalidate: secs(5),
+            stale_if_error: secs(7),
+            ..Rules::default()
+        };
         let cases: &[(&Rules, Pairs, (u64, u64))] = &[
             (&route, &[], (5, 7)),
-            (&route, &[("cache-control", "stale-while-revalidate=30, stale-if-error=1")], (30, 7)),
-            (&route, &[("cache-control", "max-age=5, Must-Revalidate, stale-if-error=60")], (0, 0)),
+            (
+                &route,
+                &[(
+                    "cache-control",
+                    "stale-while-revalidate=30, stale-if-error=1",
+                )],
+                (30, 7),
+            ),
+            (
+                &route,
+                &[(
+                    "cache-control",
+                    "max-age=5, Must-Revalidate, stale-if-error=60",
+                )],
+                (0, 0),
+            ),
             (&route, &[("cache-control", "proxy-revalidate")], (0, 0)),
-            (&Rules::default(), &[("cache-control", "stale-if-error=9")], (0, 9)),
+            (
+                &Rules::default(),
+                &[("cache-control", "stale-if-error=9")],
+                (0, 9),
+            ),
         ];
         for (rules, input, (revalidate, if_error)) in cases {
-            let expected = Grace { revalidate: secs(*revalidate), if_error: secs(*if_error) };
+            let expected = Grace {
+                revalidate: secs(*revalidate),
+                if_error: secs(*if_error),
+            };
             assert_eq!(grace(rules, &headers(input)), expected, "{input:?}");
         }
-        let no_origin = Rules { honor_origin_ttl: false, ..Rules::default() };
+        let no_origin = Rules {
+            honor_origin_ttl: false,
+            ..Rules::default()
+        };
         let h = headers(&[("cache-control", "stale-while-revalidate=30")]);
         assert_eq!(grace(&no_origin, &h), Grace::default());
     }
 
     #[test]
     fn response_tags_from_both_headers() {
-        let h = headers(&[("Cache-Tag", "a, b"), ("surrogate-key", "c  d"), ("cache-tag", "")]);
+        let h = headers(&[
+            ("Cache-Tag", "a, b"),
+            ("surrogate-key", "c  d"),
+            ("cache-tag", ""),
+        ]);
         assert_eq!(response_tags(&h), ["a", "b", "c", "d"]);
     }
 

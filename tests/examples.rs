@@ -141,8 +141,14 @@ fn invalidation_drops_the_user_its_pages_lists_and_orders_only() {
 fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)
@@ -157,9 +163,15 @@ fn x_cache(response: &str) -> Option<&str> {
 
 /// The README's promise: run the quickstart, curl `/items/1` twice, see MISS then HIT.
 fn quickstart_shows_miss_then_hit(redis_url: Option<&str>) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut command = Command::new(example_binary("quickstart"));
-    command.env("PORT", port.to_string()).env_remove("REDIS_URL");
+    command
+        .env("PORT", port.to_string())
+        .env_remove("REDIS_URL");
     if let Some(url) = redis_url {
         command.env("REDIS_URL", url);
     }
@@ -170,13 +182,21 @@ fn quickstart_shows_miss_then_hit(redis_url: Option<&str>) {
             let _ = self.0.wait();
         }
     }
-    let _app = KillOnDrop(command.stdout(std::process::Stdio::null()).spawn().expect("start quickstart"));
+    let _app = KillOnDrop(
+        command
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start quickstart"),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let first = loop {
         if let Some(response) = http_get(port, "/items/1") {
             break response;
         }
-        assert!(std::time::Instant::now() < deadline, "quickstart never answered on port {port}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "quickstart never answered on port {port}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");

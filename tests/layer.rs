@@ -112,11 +112,20 @@ async fn query_pairs_in_any_order_share_an_entry_and_other_queries_do_not() {
         calls.clone(),
     ))
     .await;
-    assert_eq!(fetch(addr, "/items/1?a=1&b=2").await.x_cache(), Some("MISS"));
+    assert_eq!(
+        fetch(addr, "/items/1?a=1&b=2").await.x_cache(),
+        Some("MISS")
+    );
     let hit = get_until_hit(addr, "/items/1?b=2&a=1", &[]).await;
     assert_eq!(hit.text(), "item 1 #1");
-    assert_eq!(fetch(addr, "/items/1?a=1&b=3").await.x_cache(), Some("MISS"));
-    assert_eq!(fetch(addr, "/items/2?a=1&b=2").await.x_cache(), Some("MISS"));
+    assert_eq!(
+        fetch(addr, "/items/1?a=1&b=3").await.x_cache(),
+        Some("MISS")
+    );
+    assert_eq!(
+        fetch(addr, "/items/2?a=1&b=2").await.x_cache(),
+        Some("MISS")
+    );
 }
 
 #[tokio::test]
@@ -145,7 +154,11 @@ async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
         );
         assert_eq!(post.x_cache(), None, "untouched: no X-Cache");
     }
-    assert_eq!(redis.dbsize(), 0, "POST responses are not stored, and a successful POST drops the GET entry");
+    assert_eq!(
+        redis.dbsize(),
+        0,
+        "POST responses are not stored, and a successful POST drops the GET entry"
+    );
     assert_eq!(fetch(addr, "/items/1").await.x_cache(), Some("MISS"));
 }
 
@@ -880,8 +893,16 @@ fn tagged_app(layer: CacheLayer, calls: Counter) -> Router {
             get(move |axum::extract::Path(id): axum::extract::Path<u32>| {
                 let n = calls.bump();
                 async move {
-                    let tags = if id % 2 == 0 { "even, product" } else { "odd product" };
-                    let header = if id % 2 == 0 { "cache-tag" } else { "surrogate-key" };
+                    let tags = if id % 2 == 0 {
+                        "even, product"
+                    } else {
+                        "odd product"
+                    };
+                    let header = if id % 2 == 0 {
+                        "cache-tag"
+                    } else {
+                        "surrogate-key"
+                    };
                     ([(header, tags)], format!("product {id} #{n}"))
                 }
             }),
@@ -903,7 +924,10 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries()
     }
     for id in 1..=6 {
         let hit = get_until_hit(addr, &format!("/products/{id}"), &[]).await;
-        assert_eq!((hit.header("cache-tag"), hit.header("surrogate-key")), (None, None));
+        assert_eq!(
+            (hit.header("cache-tag"), hit.header("surrogate-key")),
+            (None, None)
+        );
     }
     assert_eq!(invalidator.invalidate_tag("even").await.unwrap(), 3);
     for id in 1..=6 {
@@ -917,7 +941,10 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries()
     assert_eq!(client.invalidate_tag("catalog").await.unwrap(), 6);
     // Only tag sets remain (their members now name removed keys and expire with them).
     let left: Vec<String> = redis.cmd(&["KEYS", "*"]);
-    assert!(left.iter().all(|k| k.starts_with("http-cache:__tag:")), "{left:?}");
+    assert!(
+        left.iter().all(|k| k.starts_with("http-cache:__tag:")),
+        "{left:?}"
+    );
     assert_eq!(fetch(addr, "/products/1").await.x_cache(), Some("MISS"));
 }
 
@@ -931,8 +958,14 @@ async fn the_invalidator_drops_one_url_and_works_on_the_memory_store() {
     fetch(addr, "/products/3").await;
     get_until_hit(addr, "/products/2?a=1&b=2", &[]).await;
     get_until_hit(addr, "/products/3", &[]).await;
-    assert!(invalidator.invalidate(&"/products/2?b=2&a=1".parse().unwrap()).await.unwrap());
-    assert_eq!(fetch(addr, "/products/2?a=1&b=2").await.x_cache(), Some("MISS"));
+    assert!(invalidator
+        .invalidate(&"/products/2?b=2&a=1".parse().unwrap())
+        .await
+        .unwrap());
+    assert_eq!(
+        fetch(addr, "/products/2?a=1&b=2").await.x_cache(),
+        Some("MISS")
+    );
     assert_eq!(fetch(addr, "/products/3").await.x_cache(), Some("HIT"));
     assert_eq!(invalidator.invalidate_tag("product").await.unwrap(), 2);
     assert_eq!(fetch(addr, "/products/3").await.x_cache(), Some("MISS"));
@@ -946,7 +979,9 @@ fn long_text() -> String {
 fn gunzip(bytes: &[u8]) -> String {
     use std::io::Read;
     let mut out = String::new();
-    flate2::read::GzDecoder::new(bytes).read_to_string(&mut out).expect("valid gzip");
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut out)
+        .expect("valid gzip");
     out
 }
 
@@ -970,26 +1005,63 @@ async fn works_inside_and_outside_tower_http_compression() {
         let app = if cache_outside {
             // The cache stores compressed variants, keyed by Accept-Encoding (the compression
             // layer adds `Vary: accept-encoding`).
-            routes.layer(CompressionLayer::new()).layer(CacheLayer::new(store(&redis).await))
+            routes
+                .layer(CompressionLayer::new())
+                .layer(CacheLayer::new(store(&redis).await))
         } else {
             // The cache stores the identity body; compression runs per request on the way out.
-            routes.layer(CacheLayer::new(store(&redis).await)).layer(CompressionLayer::new())
+            routes
+                .layer(CacheLayer::new(store(&redis).await))
+                .layer(CompressionLayer::new())
         };
         let addr = serve(app).await;
-        let order = if cache_outside { "cache outside" } else { "cache inside" };
+        let order = if cache_outside {
+            "cache outside"
+        } else {
+            "cache inside"
+        };
         let gzip = [("accept-encoding", "gzip")];
         for round in 0..3 {
             let zipped = send(addr, Method::GET, "/text", &gzip).await;
-            assert_eq!(zipped.header("content-encoding"), Some("gzip"), "{order} round {round}");
+            assert_eq!(
+                zipped.header("content-encoding"),
+                Some("gzip"),
+                "{order} round {round}"
+            );
             assert_eq!(gunzip(&zipped.body), long_text(), "{order}");
             let plain = fetch(addr, "/text").await;
-            assert_eq!(plain.header("content-encoding"), None, "{order}: gzip sent to a client that did not ask");
+            assert_eq!(
+                plain.header("content-encoding"),
+                None,
+                "{order}: gzip sent to a client that did not ask"
+            );
             assert_eq!(plain.text(), long_text());
             let br = send(addr, Method::GET, "/text", &[("accept-encoding", "br")]).await;
             assert_eq!(br.header("content-encoding"), None, "{order}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let expected = if cache_outside { 3 } else { 1 }; // one per variant, or one in all
-        assert!(calls.get() <= expected + 1, "{order}: {} handler calls", calls.get());
+        assert!(
+            calls.get() <= expected + 1,
+            "{order}: {} handler calls",
+            calls.get()
+        );
     }
+}
+
+#[tokio::test]
+async fn past_the_pending_write_limit_responses_are_served_but_not_stored() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let layer = CacheLayer::new(store(&redis).await).max_pending_writes(0);
+    let addr = serve(items_app(layer, calls.clone())).await;
+    for n in 1..=3 {
+        let reply = fetch(addr, "/items/1").await;
+        assert_eq!(
+            (reply.x_cache(), reply.text()),
+            (Some("MISS"), &*format!("item 1 #{n}"))
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(redis.dbsize(), 0);
 }

@@ -23,7 +23,11 @@ struct Reply {
 }
 
 const fn ok(headers: &'static [(&'static str, &'static str)], body: &'static str) -> Reply {
-    Reply { status: 200, headers, body }
+    Reply {
+        status: 200,
+        headers,
+        body,
+    }
 }
 
 /// One request of a scenario and what must come of it.
@@ -555,7 +559,9 @@ const RULES: &[Rule] = &[
 
 /// Runs one rule's scenario; returns a description of the first failed expectation.
 async fn run(rule: &'static Rule) -> Result<(), String> {
-    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
     // A generous operation timeout: on a loaded CI machine a timed-out lookup would turn an
     // expected HIT into a MISS.
     let store = RedisStore::builder(&redis.url())
@@ -581,19 +587,32 @@ async fn run(rule: &'static Rule) -> Result<(), String> {
             }
         })
     };
-    let app = Router::new().fallback_service(handler).layer((rule.layer)(CacheLayer::new(store)));
+    let app = Router::new()
+        .fallback_service(handler)
+        .layer((rule.layer)(CacheLayer::new(store)));
     let addr = serve(app).await;
     for (i, step) in rule.steps.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(step.after_ms)).await;
         let method = Method::from_bytes(step.method.as_bytes()).unwrap();
         let reply = send(addr, method, step.path, step.headers).await;
-        let fail = |what: String| Err(format!("step {} ({} {}): {what}; got {reply:?}", i + 1, step.method, step.path));
+        let fail = |what: String| {
+            Err(format!(
+                "step {} ({} {}): {what}; got {reply:?}",
+                i + 1,
+                step.method,
+                step.path
+            ))
+        };
         let calls = seen.lock().unwrap().len();
         if reply.status.as_u16() != step.status {
             return fail(format!("status {} != {}", reply.status, step.status));
         }
         if reply.x_cache() != step.x_cache && (step.x_cache.is_some() || step.method != "GET") {
-            return fail(format!("x-cache {:?} != {:?}", reply.x_cache(), step.x_cache));
+            return fail(format!(
+                "x-cache {:?} != {:?}",
+                reply.x_cache(),
+                step.x_cache
+            ));
         }
         if step.body.is_some_and(|b| reply.body != b.as_bytes()) {
             return fail(format!("body != {:?}", step.body));
@@ -603,7 +622,10 @@ async fn run(rule: &'static Rule) -> Result<(), String> {
         }
         for (name, value) in step.expect_headers {
             if reply.header(name) != *value {
-                return fail(format!("header {name}: {:?} != {value:?}", reply.header(name)));
+                return fail(format!(
+                    "header {name}: {:?} != {value:?}",
+                    reply.header(name)
+                ));
             }
         }
         for (name, prefix) in step.header_prefixes {
@@ -612,7 +634,11 @@ async fn run(rule: &'static Rule) -> Result<(), String> {
             }
         }
         for (name, value) in step.handler_saw {
-            let last = seen.lock().unwrap().last().and_then(|h| h.get(*name).cloned());
+            let last = seen
+                .lock()
+                .unwrap()
+                .last()
+                .and_then(|h| h.get(*name).cloned());
             if last.as_ref().and_then(|v| v.to_str().ok()) != Some(*value) {
                 return fail(format!("handler saw {name}: {last:?}, expected {value:?}"));
             }
@@ -644,5 +670,11 @@ async fn every_rule_of_the_table_holds() {
             failures.push(format!("[{}] {}: {e}", rule.section, rule.rule));
         }
     }
-    assert!(failures.is_empty(), "{} of {} rules failed:\n{}", failures.len(), RULES.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} rules failed:\n{}",
+        failures.len(),
+        RULES.len(),
+        failures.join("\n")
+    );
 }

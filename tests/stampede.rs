@@ -48,7 +48,10 @@ async fn burst(app: Router, n: usize, path: &'static str) -> Vec<(String, String
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move {
-                let response = app.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+                let response = app
+                    .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
                 let label = response.headers()["x-cache"].to_str().unwrap().to_owned();
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 (label, String::from_utf8(body.to_vec()).unwrap())
@@ -66,11 +69,18 @@ async fn burst(app: Router, n: usize, path: &'static str) -> Vec<(String, String
 async fn five_hundred_concurrent_misses_in_one_process_make_one_handler_call() {
     let redis = RedisServer::start();
     let calls = Counter::default();
-    let app = slow_app(CacheLayer::new(redis_store(&redis).await), calls.clone(), Duration::from_millis(300));
+    let app = slow_app(
+        CacheLayer::new(redis_store(&redis).await),
+        calls.clone(),
+        Duration::from_millis(300),
+    );
     let replies = burst(app, 500, "/hot").await;
     assert_eq!(calls.get(), 1, "the handler ran {} times", calls.get());
     assert!(replies.iter().all(|(_, body)| body == "computed #1"));
-    assert_eq!(replies.iter().filter(|(label, _)| label == "MISS").count(), 1);
+    assert_eq!(
+        replies.iter().filter(|(label, _)| label == "MISS").count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +98,12 @@ async fn four_instances_with_separate_pools_make_one_handler_call() {
     for b in bursts {
         replies.extend(b.await.unwrap());
     }
-    assert_eq!(calls.get(), 1, "the handler ran {} times across 4 instances", calls.get());
+    assert_eq!(
+        calls.get(),
+        1,
+        "the handler ran {} times across 4 instances",
+        calls.get()
+    );
     assert_eq!(replies.len(), 400);
     assert!(replies.iter().all(|(_, body)| body == "computed #1"));
 }
@@ -100,7 +115,11 @@ async fn without_cross_instance_locking_each_instance_calls_the_handler() {
     let calls = Counter::default();
     let mut bursts = Vec::new();
     for _ in 0..4 {
-        let app = slow_app(CacheLayer::new(redis_store(&redis).await), calls.clone(), Duration::from_millis(300));
+        let app = slow_app(
+            CacheLayer::new(redis_store(&redis).await),
+            calls.clone(),
+            Duration::from_millis(300),
+        );
         bursts.push(tokio::spawn(burst(app, 10, "/hot")));
     }
     for b in bursts {
@@ -124,10 +143,20 @@ async fn a_crashed_lock_holder_blocks_others_only_until_the_lock_expires() {
     let started = Instant::now();
     let replies = burst(app, 20, "/hot").await;
     let waited = started.elapsed();
-    assert_eq!(calls.get(), 1, "after the lock expired, one instance computed the value");
+    assert_eq!(
+        calls.get(),
+        1,
+        "after the lock expired, one instance computed the value"
+    );
     assert!(replies.iter().all(|(_, body)| body == "computed #1"));
-    assert!(waited >= Duration::from_millis(800), "the lock was ignored: {waited:?}");
-    assert!(waited < Duration::from_secs(10), "blocked far beyond the lock TTL: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "the lock was ignored: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "blocked far beyond the lock TTL: {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -138,7 +167,9 @@ async fn a_hung_lock_holder_blocks_other_instances_only_until_the_lock_expires()
     let instance = |delay| {
         let (calls, url) = (calls.clone(), url.clone());
         async move {
-            let store = RedisStore::builder(&url).operation_timeout(Duration::from_secs(2)).build();
+            let store = RedisStore::builder(&url)
+                .operation_timeout(Duration::from_secs(2))
+                .build();
             let layer = CacheLayer::new(store.await.unwrap())
                 .lock_across_instances(true)
                 .lock_ttl(Duration::from_secs(1))
@@ -153,7 +184,11 @@ async fn a_hung_lock_holder_blocks_other_instances_only_until_the_lock_expires()
     let started = Instant::now();
     let replies = burst(healthy, 5, "/hot").await;
     assert!(replies.iter().all(|(_, body)| body == "computed #2"));
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(calls.get(), 2);
     stuck_request.abort();
 }
@@ -170,7 +205,11 @@ async fn a_response_that_may_not_be_stored_is_never_handed_to_waiters() {
                 let n = counter.bump();
                 async move {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    ([("set-cookie", format!("session={n}"))], format!("user #{n}")).into_response()
+                    (
+                        [("set-cookie", format!("session={n}"))],
+                        format!("user #{n}"),
+                    )
+                        .into_response()
                 }
             }),
         )
@@ -179,7 +218,11 @@ async fn a_response_that_may_not_be_stored_is_never_handed_to_waiters() {
     let mut bodies: Vec<_> = replies.iter().map(|(_, b)| b.clone()).collect();
     bodies.sort();
     bodies.dedup();
-    assert_eq!(bodies.len(), 10, "each waiter got its own reply: {bodies:?}");
+    assert_eq!(
+        bodies.len(),
+        10,
+        "each waiter got its own reply: {bodies:?}"
+    );
     assert_eq!(calls.get(), 10);
 }
 
@@ -187,11 +230,16 @@ async fn a_response_that_may_not_be_stored_is_never_handed_to_waiters() {
 async fn waiters_give_up_after_the_coalesce_timeout_and_call_the_handler() {
     let redis = RedisServer::start();
     let calls = Counter::default();
-    let layer = CacheLayer::new(redis_store(&redis).await).coalesce_timeout(Duration::from_millis(100));
+    let layer =
+        CacheLayer::new(redis_store(&redis).await).coalesce_timeout(Duration::from_millis(100));
     let app = slow_app(layer, calls.clone(), Duration::from_millis(500));
     let started = Instant::now();
     burst(app, 5, "/hot").await;
-    assert_eq!(calls.get(), 5, "every waiter called the handler after its timeout");
+    assert_eq!(
+        calls.get(),
+        5,
+        "every waiter called the handler after its timeout"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
@@ -217,12 +265,23 @@ async fn stale_is_served_at_once_while_exactly_one_refresh_runs() {
         let reply = reply.await.unwrap();
         assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), &*stored));
     }
-    assert!(started.elapsed() < Duration::from_millis(400), "stale copies waited for the refresh");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "stale copies waited for the refresh"
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(calls.get(), calls_before + 1, "exactly one background refresh");
+    assert_eq!(
+        calls.get(),
+        calls_before + 1,
+        "exactly one background refresh"
+    );
     let fresh = fetch(addr, "/hot").await;
     assert_eq!(fresh.x_cache(), Some("HIT"));
-    assert_eq!(fresh.text(), format!("computed #{}", calls_before + 1), "the refreshed copy");
+    assert_eq!(
+        fresh.text(),
+        format!("computed #{}", calls_before + 1),
+        "the refreshed copy"
+    );
 }
 
 #[tokio::test]
@@ -235,7 +294,12 @@ async fn the_response_stale_while_revalidate_directive_is_honoured() {
             "/r",
             get(move || {
                 let n = counter.bump();
-                async move { ([("cache-control", "max-age=1, stale-while-revalidate=30")], format!("v{n}")) }
+                async move {
+                    (
+                        [("cache-control", "max-age=1, stale-while-revalidate=30")],
+                        format!("v{n}"),
+                    )
+                }
             }),
         )
         .layer(CacheLayer::new(redis_store(&redis).await));
@@ -243,7 +307,10 @@ async fn the_response_stale_while_revalidate_directive_is_honoured() {
     fetch(addr, "/r").await;
     get_until_hit(addr, "/r", &[]).await;
     let ttl: i64 = redis.cmd(&["TTL", &cache_key("http-cache", "GET", "/r", "")]);
-    assert!(ttl > 25, "the store keeps the entry for its grace too: ttl {ttl}");
+    assert!(
+        ttl > 25,
+        "the store keeps the entry for its grace too: ttl {ttl}"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let reply = fetch(addr, "/r").await;
     assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "v1"));
@@ -257,8 +324,17 @@ fn failing_app(layer: CacheLayer, calls: Counter, cache_control: &'static str) -
             get(move || {
                 let n = calls.bump();
                 async move {
-                    let status = if n == 1 { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
-                    (status, [("cache-control", cache_control)], format!("reply #{n}")).into_response()
+                    let status = if n == 1 {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    (
+                        status,
+                        [("cache-control", cache_control)],
+                        format!("reply #{n}"),
+                    )
+                        .into_response()
                 }
             }),
         )
@@ -279,12 +355,18 @@ async fn stale_is_served_when_the_handler_fails() {
     let before = calls.get();
     let reply = fetch(addr, "/r").await;
     assert_eq!(calls.get(), before + 1, "the handler was tried");
-    assert_eq!((reply.status, reply.x_cache(), reply.text()), (StatusCode::OK, Some("STALE"), "reply #1"));
+    assert_eq!(
+        (reply.status, reply.x_cache(), reply.text()),
+        (StatusCode::OK, Some("STALE"), "reply #1")
+    );
 }
 
 #[tokio::test]
 async fn without_stale_if_error_or_under_must_revalidate_the_error_is_returned() {
-    for (layer_grace, cache_control) in [(Duration::ZERO, "public"), (Duration::from_secs(30), "must-revalidate")] {
+    for (layer_grace, cache_control) in [
+        (Duration::ZERO, "public"),
+        (Duration::from_secs(30), "must-revalidate"),
+    ] {
         let redis = RedisServer::start();
         let calls = Counter::default();
         let layer = CacheLayer::new(redis_store(&redis).await)
@@ -295,7 +377,11 @@ async fn without_stale_if_error_or_under_must_revalidate_the_error_is_returned()
         get_until_hit(addr, "/r", &[]).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let reply = fetch(addr, "/r").await;
-        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{cache_control}");
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{cache_control}"
+        );
         assert_eq!(reply.x_cache(), Some("MISS"));
         assert_ne!(reply.text(), "reply #1", "the stale copy was served");
     }
@@ -306,7 +392,12 @@ async fn the_response_stale_if_error_directive_is_honoured() {
     let redis = RedisServer::start();
     let calls = Counter::default();
     let layer = CacheLayer::new(redis_store(&redis).await);
-    let addr = serve(failing_app(layer, calls.clone(), "max-age=1, stale-if-error=30")).await;
+    let addr = serve(failing_app(
+        layer,
+        calls.clone(),
+        "max-age=1, stale-if-error=30",
+    ))
+    .await;
     fetch(addr, "/r").await;
     get_until_hit(addr, "/r", &[]).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -320,14 +411,21 @@ async fn ttl_jitter_spreads_expiry() {
     let layer = CacheLayer::new(redis_store(&redis).await)
         .ttl(Duration::from_secs(1000))
         .ttl_jitter(0.5);
-    let app = Router::new().route("/items/{id}", get(|| async { "x" })).layer(layer);
+    let app = Router::new()
+        .route("/items/{id}", get(|| async { "x" }))
+        .layer(layer);
     let addr = serve(app).await;
     for i in 0..30 {
         fetch(addr, &format!("/items/{i}")).await;
     }
     redis.wait_for_keys(30).await;
     let mut ttls: Vec<i64> = (0..30)
-        .map(|i| redis.cmd(&["TTL", &cache_key("http-cache", "GET", &format!("/items/{i}"), "")]))
+        .map(|i| {
+            redis.cmd(&[
+                "TTL",
+                &cache_key("http-cache", "GET", &format!("/items/{i}"), ""),
+            ])
+        })
         .collect();
     assert!(ttls.iter().all(|t| (499..=1000).contains(t)), "{ttls:?}");
     ttls.sort();
@@ -350,7 +448,12 @@ async fn an_expired_popular_entry_kept_for_revalidation_or_errors_costs_one_hand
         burst(app.clone(), 1, "/hot").await;
         tokio::time::sleep(Duration::from_millis(1300)).await;
         let replies = burst(app, 200, "/hot").await;
-        assert_eq!(calls.get(), 2, "the expired entry was refetched {} times", calls.get() - 1);
+        assert_eq!(
+            calls.get(),
+            2,
+            "the expired entry was refetched {} times",
+            calls.get() - 1
+        );
         assert!(replies.iter().all(|(_, body)| body == "computed #2"));
     }
 }

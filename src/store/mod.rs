@@ -16,10 +16,10 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-#[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
+#[cfg(feature = "memory")]
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -67,7 +67,12 @@ pub trait Store: Send + Sync + 'static {
     /// returns whether it was taken. Used to make one handler call per cold key across app
     /// instances. The default, for stores private to one process, always succeeds: the
     /// layer's in-process coalescing already covers them.
-    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         let _ = (key, token, ttl);
         Box::pin(std::future::ready(Ok(true)))
     }
@@ -107,7 +112,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         (**self).invalidate_tag(tag_key)
     }
 
-    fn try_lock<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         (**self).try_lock(key, token, ttl)
     }
 

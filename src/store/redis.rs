@@ -234,11 +234,13 @@ impl RedisStore {
         }
         let index = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
         let slot = &shared.slots[index];
+        let mut used = None;
         let outcome = tokio::time::timeout(shared.op_timeout, async {
             let (generation, conn) = match slot.current() {
                 Some(current) => current,
                 None => self.open_slot(index).await?,
             };
+            used = Some(generation);
             let result = run(conn).await;
             if let Err(e) = &result {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
@@ -249,6 +251,11 @@ impl RedisStore {
         })
         .await;
         let result = outcome.unwrap_or_else(|_| {
+            // A connection that stopped answering may be half-open (a peer gone without a
+            // reset, a failed-over address): replace it rather than wait on it forever.
+            if let Some(generation) = used {
+                slot.discard(generation);
+            }
             Err(Error::new(
                 ErrorKind::Timeout,
                 format!("Redis operation took longer than {:?}", shared.op_timeout),

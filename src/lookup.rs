@@ -1,0 +1,81 @@
+//! Finding the stored response for a request, and judging what it is good for.
+
+use http::{HeaderMap, HeaderName};
+
+use crate::conditional;
+use crate::entry::{self, CachedResponse, StoredValue};
+use crate::key;
+use crate::layer::Config;
+use crate::policy::{self, Verdict};
+use crate::store::Store;
+
+/// The stored response for the request, following a `Vary` marker to the variant that
+/// matches the request's headers; `None` when absent, unreadable, unreachable, or in a
+/// content coding the request does not accept.
+pub(crate) async fn lookup(
+    config: &Config,
+    key: &str,
+    request: &HeaderMap,
+) -> Option<CachedResponse> {
+    let (response, _) = lookup_entry(&*config.store, key, request).await?;
+    // Even without `Vary`, a client that did not ask for gzip must never receive gzip.
+    conditional::accepts_encoding(request, &response.headers).then_some(response)
+}
+
+/// What a stored response is good for, for this request.
+pub(crate) fn judge(
+    config: &Config,
+    plan: &policy::RequestPlan,
+    entry: &CachedResponse,
+) -> Verdict {
+    policy::judge(
+        &config.rules,
+        plan,
+        &entry.headers,
+        entry.elapsed(entry::now_ms()),
+        entry.ttl,
+    )
+}
+
+/// The stored response (fresh or not) and, for a `Vary` variant, its names and key.
+pub(crate) async fn lookup_entry(
+    store: &dyn Store,
+    key: &str,
+    request: &HeaderMap,
+) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+    match fetch(store, key).await? {
+        StoredValue::Response(response) => Some((response, None)),
+        StoredValue::Variants(names) => {
+            let variant_key = key::variant_key(key, &names, request);
+            match fetch(store, &variant_key).await? {
+                StoredValue::Response(response) => Some((response, Some((names, variant_key)))),
+                StoredValue::Variants(_) => None,
+            }
+        }
+    }
+}
+
+pub(crate) async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
+    match store.get(key).await {
+        Ok(Some(bytes)) => entry::decode(bytes)
+            .inspect_err(|e| tracing::debug!(key, error = %e, "treating entry as a miss"))
+            .ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(key, error = %e, "cache store get failed; treating as a miss");
+            None
+        }
+    }
+}
+
+pub(crate) async fn fresh_entry(
+    config: &Config,
+    key: &str,
+    headers: &HeaderMap,
+) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+    let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
+    response
+        .staleness(entry::now_ms())
+        .is_none()
+        .then_some((response, variant))
+}

@@ -1,0 +1,235 @@
+//! Writing responses to the store: what is stored, under which keys and tags, for how long;
+//! written in the background once the body has streamed to the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, CONTENT_LENGTH};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::Body;
+
+use crate::answer::X_CACHE;
+use crate::body::Recorder;
+use crate::coalesce::{self, Lead, Shared};
+use crate::conditional;
+use crate::entry::{self, CachedResponse, StoredValue};
+use crate::invalidate;
+use crate::key;
+use crate::layer::{Config, WriteBudget};
+use crate::policy::{self, Vary};
+use crate::store::Store;
+
+/// A recorder that stores the response once its body has streamed through, if the response
+/// may be stored at all.
+pub(crate) fn plan_store<B: Body>(
+    config: &Arc<Config>,
+    key: String,
+    request_headers: &HeaderMap,
+    parts: &http::response::Parts,
+    body: &B,
+    lead: Option<Lead>,
+    authorized: bool,
+) -> Option<Recorder> {
+    let rules = &config.rules;
+    let ttl = policy::storable_ttl(rules, parts.status, &parts.headers, authorized)?;
+    // A body announcing more than the limit is not recorded at all.
+    if body.size_hint().lower() > rules.max_body_bytes as u64 {
+        return None;
+    }
+    let pending = PendingEntry::new(config, key, request_headers, parts, ttl, lead)?;
+    Some(Recorder::new(
+        rules.max_body_bytes,
+        Box::new(move |chunks| pending.store(chunks)),
+    ))
+}
+
+/// The stored response with the headers and lifetime a 304 from the handler gave it; the
+/// updated entry is written back in the background.
+pub(crate) fn revalidated(
+    config: &Config,
+    key: String,
+    mut stale: CachedResponse,
+    not_modified: &HeaderMap,
+    request_headers: &HeaderMap,
+    authorized: bool,
+    lead: Option<Lead>,
+) -> CachedResponse {
+    conditional::merge_not_modified(&mut stale.headers, not_modified);
+    let ttl = policy::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
+    stale.stored_at_ms = entry::now_ms();
+    stale.ttl = ttl.unwrap_or(Duration::ZERO);
+    if let Some(ttl) = ttl {
+        let parts = {
+            let mut response = Response::new(());
+            *response.status_mut() = stale.status;
+            *response.headers_mut() = stale.headers.clone();
+            response.into_parts().0
+        };
+        if let Some(pending) = PendingEntry::new(config, key, request_headers, &parts, ttl, lead) {
+            pending.store(vec![stale.body.clone()]);
+        }
+    }
+    stale
+}
+
+/// What a storable miss will write once its body has streamed through completely.
+pub(crate) struct PendingEntry {
+    store: Arc<dyn Store>,
+    key: String,
+    /// For a response with `Vary`: the header names and the variant's own key.
+    variant: Option<(Vec<HeaderName>, String)>,
+    status: StatusCode,
+    headers: HeaderMap,
+    /// How long the entry is fresh.
+    ttl: Duration,
+    /// How long the store keeps it: the TTL plus any grace for serving it stale.
+    keep: Duration,
+    /// The coalesced requests waiting for this response, if this request leads them.
+    lead: Option<Lead>,
+    /// The tag sets the entry is recorded in.
+    tag_keys: Vec<String>,
+    /// Give the entry a strong `ETag` (a hash of its body) if it has none.
+    generate_etag: bool,
+    budget: Arc<WriteBudget>,
+    max_pending_writes: usize,
+}
+
+impl PendingEntry {
+    fn new(
+        config: &Config,
+        key: String,
+        request: &HeaderMap,
+        response: &http::response::Parts,
+        ttl: Duration,
+        lead: Option<Lead>,
+    ) -> Option<Self> {
+        let variant = match policy::vary_names(&response.headers) {
+            Vary::Any => return None,
+            Vary::Headers(names) if names.is_empty() => None,
+            Vary::Headers(names) => {
+                let variant_key = key::variant_key(&key, &names, request);
+                Some((names, variant_key))
+            }
+        };
+        let rules = &config.rules;
+        // Entries written together should not all expire together.
+        let ttl = if rules.ttl_jitter > 0.0 {
+            ttl.mul_f64(1.0 - rules.ttl_jitter * coalesce::random_fraction())
+        } else {
+            ttl
+        };
+        let keep = ttl + policy::keep_past_ttl(rules, &response.headers);
+        let tag_keys = config
+            .tags
+            .iter()
+            .cloned()
+            .chain(policy::response_tags(&response.headers))
+            .map(|tag| invalidate::tag_key(&config.key_prefix, &tag))
+            .collect();
+        Some(Self {
+            store: config.store.clone(),
+            key,
+            variant,
+            status: response.status,
+            headers: storable_headers(&response.headers),
+            ttl,
+            keep,
+            lead,
+            tag_keys,
+            generate_etag: rules.generate_etag,
+            budget: config.pending_writes.clone(),
+            max_pending_writes: rules.max_pending_writes,
+        })
+    }
+
+    /// Encodes the entry, hands it to any coalesced waiters, and writes it in a background
+    /// task, so the client never waits on the store for a miss.
+    fn store(mut self, chunks: Vec<Bytes>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!("no tokio runtime; response not stored");
+            return;
+        };
+        if self.generate_etag && !self.headers.contains_key(header::ETAG) {
+            self.headers.insert(header::ETAG, key::body_etag(&chunks));
+        }
+        let entry = CachedResponse::encode(
+            self.status,
+            &self.headers,
+            &chunks,
+            entry::now_ms(),
+            self.ttl,
+        );
+        if let Some(lead) = &mut self.lead {
+            if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {
+                lead.share(Shared::new(response, self.variant.clone()));
+            }
+        }
+        let Some(slot) = self.budget.try_take(self.max_pending_writes) else {
+            tracing::debug!(key = %self.key, "too many cache writes in flight; response not stored");
+            return;
+        };
+        runtime.spawn(async move {
+            let _slot = slot;
+            let (store, tags, keep) = (&self.store, &self.tag_keys, self.keep);
+            let result = match &self.variant {
+                None => store.set_tagged(&self.key, entry, keep, tags).await,
+                Some((names, variant_key)) => {
+                    // Variant first, so the marker never points at a variant not yet written.
+                    match store.set_tagged(variant_key, entry, keep, tags).await {
+                        Ok(()) => {
+                            store
+                                .set_tagged(&self.key, entry::encode_variants(names), keep, tags)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(key = %self.key, error = %e, "cache store set failed");
+            }
+            // `self.lead` drops here, after the write: another instance waiting on the lock
+            // finds the entry as soon as the lock is gone.
+        });
+    }
+}
+
+/// The response headers worth storing: hop-by-hop headers describe one connection, and
+/// `Content-Length` is recomputed from the stored body on replay.
+pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut stored = headers.clone();
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        stored.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("proxy-connection"),
+        CONTENT_LENGTH,
+        X_CACHE,
+        policy::TAG_HEADERS[0].clone(),
+        policy::TAG_HEADERS[1].clone(),
+    ] {
+        stored.remove(name);
+    }
+    // A cache stamps a response that lacks a Date with the time it received it, so every
+    // replay carries the same Date (RFC 9110 §6.6.1).
+    if !stored.contains_key(header::DATE) {
+        stored.insert(header::DATE, conditional::date_now());
+    }
+    stored
+}
