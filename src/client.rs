@@ -1,7 +1,7 @@
 //! `RedisCache`: a typed client for application data, on the same pool as [`RedisStore`].
 //!
 //! Values are JSON (serde_json), so a Rust service and a service in another language can
-//! share keys. See `docs/client.md` for the caching patterns built on it.
+//! share keys. See the README for the caching patterns built on it.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -122,7 +122,7 @@ pub(crate) struct Lead {
 
 /// How long a finished flight keeps answering late joiners whose lookup started before it
 /// finished: they missed only because the entry was not written yet.
-const MAX_LINGER: Duration = Duration::from_secs(1);
+const MAX_LINGER: Duration = Duration::from_millis(100);
 
 impl Lead {
     /// Hands the stored response to the followers (and, briefly, to late joiners).

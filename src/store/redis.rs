@@ -21,7 +21,7 @@ use crate::{Error, ErrorKind, Result};
 /// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends
 /// a connection to one command at a time, as bb8-redis does, makes requests queue for a
 /// connection; on the benchmark machine it served 40-60% fewer GETs per second, see
-/// docs/performance.md.)
+/// the README's Performance section.)
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
 /// connection failure or timeout the store answers errors at once for a short back-off
