@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName};
 use tokio::sync::watch;
 
+use crate::conditional;
 use crate::entry::CachedResponse;
 use crate::key;
 use crate::layer::Config;
@@ -41,11 +42,14 @@ impl Shared {
     }
 
     /// Whether a request with `headers` for base key `key` would get this same variant.
+    /// Whether a request with `headers` for base key `key` may be given this response: the
+    /// same variant, in a content coding it accepts.
     fn fits(&self, key: &str, headers: &HeaderMap) -> bool {
-        match &self.variant {
+        let same_variant = match &self.variant {
             None => true,
             Some((names, variant_key)) => key::variant_key(key, names, headers) == *variant_key,
-        }
+        };
+        same_variant && conditional::accepts_encoding(headers, &self.response.headers)
     }
 }
 

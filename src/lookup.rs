@@ -68,14 +68,16 @@ pub(crate) async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
     }
 }
 
+/// A fresh stored response the request may be given (its variant, in a coding it accepts),
+/// with its variant's names and key: what a request waiting on another instance's lock polls
+/// for.
 pub(crate) async fn fresh_entry(
     config: &Config,
     key: &str,
     headers: &HeaderMap,
 ) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
     let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
-    response
-        .staleness(entry::now_ms())
-        .is_none()
-        .then_some((response, variant))
+    let usable = response.staleness(entry::now_ms()).is_none()
+        && conditional::accepts_encoding(headers, &response.headers);
+    usable.then_some((response, variant))
 }

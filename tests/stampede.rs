@@ -457,3 +457,54 @@ async fn an_expired_popular_entry_kept_for_revalidation_or_errors_costs_one_hand
         assert!(replies.iter().all(|(_, body)| body == "computed #2"));
     }
 }
+
+#[tokio::test]
+async fn a_waiter_never_gets_a_content_coding_it_did_not_ask_for() {
+    // The handler negotiates gzip but forgets `Vary`: a coalesced waiter without gzip must
+    // not be handed the gzip reply of the request it waited on.
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let counter = calls.clone();
+    let app = Router::new()
+        .route(
+            "/asset",
+            get(move |headers: axum::http::HeaderMap| {
+                counter.bump();
+                let gzip = headers
+                    .get("accept-encoding")
+                    .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if gzip {
+                        ([("content-encoding", "gzip")], "GZIP BYTES").into_response()
+                    } else {
+                        "plain".into_response()
+                    }
+                }
+            }),
+        )
+        .layer(CacheLayer::new(redis_store(&redis).await));
+    let leader = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let request = Request::get("/asset")
+                .header("accept-encoding", "gzip")
+                .body(Body::empty())
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            let encoding = response.headers()["content-encoding"].clone();
+            response.into_body().collect().await.unwrap();
+            encoding
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    for (_, body) in burst(app, 10, "/asset").await {
+        assert_eq!(body, "plain", "a client without gzip got the gzip reply");
+    }
+    assert_eq!(leader.await.unwrap(), "gzip");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the waiters were not coalesced"
+    );
+}
