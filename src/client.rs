@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::coalesce::{self, Lock};
-use crate::store::{RedisStore, Store};
+use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -51,27 +51,6 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, ''}
 end
 return {2, ''}
-";
-
-/// Stores the value and records its key in each tag set, scored by the value's expiry on the
-/// server's clock (so clients with skewed clocks agree). Expired members are trimmed on each
-/// write, and a tag set lives as long as its longest-lived member.
-///
-/// KEYS[1]: the value's key; KEYS[2..]: its tag sets. ARGV[1]: the JSON; ARGV[2]: TTL in ms.
-/// (Sent with EVAL; Redis caches the compiled script.)
-const SET_TAGGED: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 2, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return 1
 ";
 
 /// A typed cache client for application data: JSON values under string keys, with
@@ -407,7 +386,7 @@ impl RedisCache {
         let key = self.full_key(key);
         let json = encode(&key, value)?;
         let mut eval = ::redis::cmd("EVAL");
-        eval.arg(SET_TAGGED).arg(1 + tags.len()).arg(&key);
+        eval.arg(SET_TAGGED_SCRIPT).arg(1 + tags.len()).arg(&key);
         for tag in tags {
             eval.arg(self.tag_key(tag));
         }
@@ -419,19 +398,8 @@ impl RedisCache {
     /// itself; returns how many keys it removed. Costs O(keys carrying the tag), whatever the
     /// size of the keyspace: the tag's set is popped and its keys unlinked in batches.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
-        let tag_key = self.tag_key(tag);
-        let mut removed = 0;
-        loop {
-            let popped: Vec<(Vec<u8>, f64)> = self
-                .store
-                .query(::redis::cmd("ZPOPMIN").arg(&tag_key).arg(BATCH))
-                .await?;
-            let keys: Vec<Vec<u8>> = popped.into_iter().map(|(key, _)| key).collect();
-            removed += self.unlink(&keys).await?;
-            if keys.len() < BATCH {
-                return Ok(removed);
-            }
-        }
+        // The same tag sets as the response layer's: one implementation in the store.
+        self.store.invalidate_tag(&self.tag_key(tag)).await
     }
 
     /// The value under `key`; on a miss, runs `compute`, stores its value for `ttl` and
