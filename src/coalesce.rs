@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 use tokio::sync::watch;
@@ -20,10 +20,10 @@ use crate::store::Store;
 /// A response one request produced and its concurrent twins may reuse.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// When the leader shared it: a request whose own lookup started later saw the store
-    /// after this response was written, so it must not reuse it (it may have been
-    /// invalidated since).
-    shared_at: Instant,
+    /// The flights' logical clock once this response was in the store (`u64::MAX` until
+    /// then): a request whose own lookup started later (see [`Flights::mark`]) saw the store
+    /// with it, so it must not reuse it (it may have been invalidated since).
+    written_at: AtomicU64,
     pub(crate) response: CachedResponse,
     /// For a response with `Vary`: the names and the variant key it was stored under.
     pub(crate) variant: Option<(Vec<HeaderName>, String)>,
@@ -35,7 +35,7 @@ impl Shared {
         variant: Option<(Vec<HeaderName>, String)>,
     ) -> Self {
         Self {
-            shared_at: Instant::now(),
+            written_at: AtomicU64::new(u64::MAX),
             response,
             variant,
         }
@@ -60,6 +60,9 @@ type Outcome = Option<Arc<Shared>>;
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, (u64, watch::Receiver<Outcome>)>>,
     next_id: AtomicU64,
+    /// How many shared outcomes reached the store: a logical clock, cheaper to read on every
+    /// lookup than the system's.
+    writes: AtomicU64,
 }
 
 /// What a request for a cold key does.
@@ -71,15 +74,21 @@ pub(crate) enum Role {
 }
 
 impl Flights {
-    /// Joins the flight for `key`, or starts one. `looked_up_at` is when the caller's own
-    /// store lookup started: a flight that finished before then is no use to it.
-    pub(crate) fn join(self: &Arc<Self>, key: &str, looked_up_at: Instant) -> Role {
+    /// A mark taken just before a store lookup, for [`join`](Self::join).
+    pub(crate) fn mark(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// Joins the flight for `key`, or starts one. `looked_up_at` is the [`mark`](Self::mark)
+    /// taken before the caller's own store lookup: a flight that finished before then is no
+    /// use to it.
+    pub(crate) fn join(self: &Arc<Self>, key: &str, looked_up_at: u64) -> Role {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, rx)) = map.get(key) {
             let finished_before_lookup = rx
                 .borrow()
                 .as_ref()
-                .is_some_and(|shared| shared.shared_at <= looked_up_at);
+                .is_some_and(|shared| shared.written_at.load(Ordering::Acquire) <= looked_up_at);
             if !finished_before_lookup {
                 return Role::Follower(rx.clone());
             }
@@ -131,8 +140,19 @@ const MAX_LINGER: Duration = Duration::from_millis(100);
 impl Lead {
     /// Hands the stored response to the followers (and, briefly, to late joiners).
     pub(crate) fn share(&mut self, shared: Shared) {
-        self.linger = shared.response.ttl.min(MAX_LINGER);
         self.tx.send_replace(Some(Arc::new(shared)));
+    }
+
+    /// Records that the shared response is now in the store: from here on, only requests
+    /// whose lookup started earlier (and so may have missed it) reuse it.
+    /// Lingering covers the requests that missed the store just before the write landed;
+    /// a response that was never written has no such race, and does not linger.
+    pub(crate) fn written(&mut self) {
+        if let Some(shared) = &*self.tx.borrow() {
+            let now = self.flights.writes.fetch_add(1, Ordering::AcqRel) + 1;
+            shared.written_at.store(now, Ordering::Release);
+            self.linger = shared.response.ttl.min(MAX_LINGER);
+        }
     }
 
     /// Keeps the cross-process lock until this lead is dropped.
@@ -279,7 +299,7 @@ pub(crate) async fn coalesce(
     config: &Config,
     key: &str,
     headers: &HeaderMap,
-    looked_up_at: Instant,
+    looked_up_at: u64,
 ) -> Coalesced {
     let rules = &config.rules;
     if !rules.coalesce {
@@ -305,6 +325,7 @@ pub(crate) async fn coalesce(
                 // The previous holder may have just stored the entry and released the lock.
                 if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
                     lead.share(Shared::new(hit.clone(), variant));
+                    lead.written();
                     return Coalesced::Hit(hit);
                 }
                 lead.hold(lock);
@@ -322,6 +343,7 @@ pub(crate) async fn coalesce(
         tokio::time::sleep(LOCK_POLL_INTERVAL).await;
         if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
             lead.share(Shared::new(hit.clone(), variant));
+            lead.written();
             return Coalesced::Hit(hit);
         }
     }

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use http::header;
 use http::{Method, Request, Response, StatusCode};
@@ -149,7 +148,7 @@ where
     let mut stale_if_error = false;
     let mut lead = None;
     if label == Outcome::Miss {
-        let looked_up_at = Instant::now();
+        let looked_up_at = config.flights.mark();
         if let Some(entry) = lookup(&config, &key, req.headers()).await {
             match judge(&config, &plan, &entry) {
                 Verdict::Fresh => return Ok(answer(entry, req.headers(), true, Outcome::Hit)),
@@ -287,7 +286,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     key: String,
     mut inner: S,
     req: Request<ReqBody>,
-    looked_up_at: Instant,
+    looked_up_at: u64,
     authorized: bool,
 ) where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,

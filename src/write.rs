@@ -189,6 +189,9 @@ impl PendingEntry {
             if let Err(e) = result {
                 tracing::debug!(key = %self.key, error = %e, "cache store set failed");
             }
+            if let Some(lead) = &mut self.lead {
+                lead.written();
+            }
             // `self.lead` drops here, after the write: another instance waiting on the lock
             // finds the entry as soon as the lock is gone.
         });
