@@ -315,11 +315,26 @@ pub(crate) fn storable_ttl(
     headers: &HeaderMap,
     authorized: bool,
 ) -> Option<Duration> {
-    if !rules.statuses.contains(status) || headers.contains_key(SET_COOKIE) {
+    // A 206 holds part of a body; stored under the URL it would be replayed as the whole.
+    let partial = status == StatusCode::PARTIAL_CONTENT;
+    if partial || !rules.statuses.contains(status) || headers.contains_key(SET_COOKIE) {
         return None;
     }
     let cc = CacheControl::for_cache(headers);
     if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
+        return None;
+    }
+    // An event stream is a live feed, not a document: never replay it, and never make
+    // concurrent subscribers wait for it to end.
+    let event_stream = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    if event_stream {
         return None;
     }
     if matches!(vary_names(headers), Vary::Any) {

@@ -391,6 +391,7 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
         (StatusCode::OK, &[("cache-control", "Private, max-age=60")]),
         (StatusCode::OK, &[("cache-control", "no-store")]),
         (StatusCode::OK, &[("vary", "*")]),
+        (StatusCode::OK, &[("content-type", "text/event-stream")]),
         (
             StatusCode::OK,
             &[("vary", "accept-encoding"), ("vary", "*")],

@@ -521,6 +521,20 @@ const RULES: &[Rule] = &[
         ],
     },
     Rule {
+        section: "RFC 9111 §3.3, §3.4",
+        rule: "a partial (206) response is never stored as the URL's response",
+        layer: same,
+        replies: &[
+            Reply { status: 206, headers: &[("content-range", "bytes 0-1/5")], body: "12" },
+            ok(&[], "12345"),
+        ],
+        steps: &[
+            Step { headers: &[("range", "bytes=0-1")], status: 206, x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { x_cache: Some("MISS"), body: Some("12345"), calls: 2, ..GET },
+            Step { x_cache: Some("HIT"), body: Some("12345"), calls: 2, ..GET },
+        ],
+    },
+    Rule {
         section: "RFC 9111 §3.1, RFC 9110 §7.6.1",
         rule: "hop-by-hop fields are not stored; Content-Length is right on replay",
         layer: same,
