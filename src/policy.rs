@@ -327,9 +327,10 @@ pub(crate) fn storable_ttl(
     // An event stream is a live feed, not a document: never replay it, and never make
     // concurrent subscribers wait for it to end.
     let event_stream = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
             v.trim_start()
                 .to_ascii_lowercase()
                 .starts_with("text/event-stream")
