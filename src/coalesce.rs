@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use tokio::sync::watch;
 
 use crate::conditional;
@@ -26,14 +26,11 @@ pub(crate) struct Shared {
     written_at: AtomicU64,
     pub(crate) response: CachedResponse,
     /// For a response with `Vary`: the names and the variant key it was stored under.
-    pub(crate) variant: Option<(Vec<HeaderName>, String)>,
+    pub(crate) variant: Option<key::Variant>,
 }
 
 impl Shared {
-    pub(crate) fn new(
-        response: CachedResponse,
-        variant: Option<(Vec<HeaderName>, String)>,
-    ) -> Self {
+    pub(crate) fn new(response: CachedResponse, variant: Option<key::Variant>) -> Self {
         Self {
             written_at: AtomicU64::new(u64::MAX),
             response,
@@ -153,6 +150,16 @@ impl Lead {
             shared.written_at.store(now, Ordering::Release);
             self.linger = shared.response.ttl.min(MAX_LINGER);
         }
+    }
+
+    /// Another instance stored the response: give it to this process's waiters too.
+    fn hand_over(
+        mut self,
+        (response, variant): (CachedResponse, Option<key::Variant>),
+    ) -> Coalesced {
+        self.share(Shared::new(response.clone(), variant));
+        self.written();
+        Coalesced::Hit(response)
     }
 
     /// Keeps the cross-process lock until this lead is dropped.
@@ -323,10 +330,8 @@ pub(crate) async fn coalesce(
         match Lock::try_acquire(&config.store, key, rules.lock_ttl).await {
             Ok(Some(lock)) => {
                 // The previous holder may have just stored the entry and released the lock.
-                if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
-                    lead.share(Shared::new(hit.clone(), variant));
-                    lead.written();
-                    return Coalesced::Hit(hit);
+                if let Some(found) = fresh_entry(config, key, headers).await {
+                    return lead.hand_over(found);
                 }
                 lead.hold(lock);
                 return Coalesced::Lead(lead);
@@ -341,10 +346,8 @@ pub(crate) async fn coalesce(
             return Coalesced::Lead(lead);
         }
         tokio::time::sleep(LOCK_POLL_INTERVAL).await;
-        if let Some((hit, variant)) = fresh_entry(config, key, headers).await {
-            lead.share(Shared::new(hit.clone(), variant));
-            lead.written();
-            return Coalesced::Hit(hit);
+        if let Some(found) = fresh_entry(config, key, headers).await {
+            return lead.hand_over(found);
         }
     }
 }

@@ -28,6 +28,10 @@ pub(crate) fn base_key(prefix: &str, method: &Method, uri: &Uri) -> String {
     with_hex(prefix, "", &hasher.finalize())
 }
 
+/// A stored variant of a response with `Vary`: the normalized header names and the variant's
+/// own key.
+pub(crate) type Variant = (Vec<HeaderName>, String);
+
 /// The key of the variant of `base` selected by the request's values of the `names` headers.
 pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut hasher = Md5::new();

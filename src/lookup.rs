@@ -1,6 +1,6 @@
 //! Finding the stored response for a request, and judging what it is good for.
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 
 use crate::conditional;
 use crate::entry::{self, CachedResponse, StoredValue};
@@ -42,7 +42,7 @@ pub(crate) async fn lookup_entry(
     store: &dyn Store,
     key: &str,
     request: &HeaderMap,
-) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+) -> Option<(CachedResponse, Option<key::Variant>)> {
     match fetch(store, key).await? {
         StoredValue::Response(response) => Some((response, None)),
         StoredValue::Variants(names) => {
@@ -75,7 +75,7 @@ pub(crate) async fn fresh_entry(
     config: &Config,
     key: &str,
     headers: &HeaderMap,
-) -> Option<(CachedResponse, Option<(Vec<HeaderName>, String)>)> {
+) -> Option<(CachedResponse, Option<key::Variant>)> {
     let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
     let usable = response.staleness(entry::now_ms()).is_none()
         && conditional::accepts_encoding(headers, &response.headers);

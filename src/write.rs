@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, CONTENT_LENGTH};
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, StatusCode};
 use http_body::Body;
 
 use crate::answer::X_CACHE;
@@ -37,7 +37,14 @@ pub(crate) fn plan_store<B: Body>(
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
     }
-    let pending = PendingEntry::new(config, key, request_headers, parts, ttl, lead)?;
+    let pending = PendingEntry::new(
+        config,
+        key,
+        request_headers,
+        (parts.status, &parts.headers),
+        ttl,
+        lead,
+    )?;
     Some(Recorder::new(
         rules.max_body_bytes,
         Box::new(move |chunks| pending.store(chunks)),
@@ -60,13 +67,9 @@ pub(crate) fn revalidated(
     stale.stored_at_ms = entry::now_ms();
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
-        let parts = {
-            let mut response = Response::new(());
-            *response.status_mut() = stale.status;
-            *response.headers_mut() = stale.headers.clone();
-            response.into_parts().0
-        };
-        if let Some(pending) = PendingEntry::new(config, key, request_headers, &parts, ttl, lead) {
+        let response = (stale.status, &stale.headers);
+        if let Some(pending) = PendingEntry::new(config, key, request_headers, response, ttl, lead)
+        {
             pending.store(vec![stale.body.clone()]);
         }
     }
@@ -78,7 +81,7 @@ pub(crate) struct PendingEntry {
     store: Arc<dyn Store>,
     key: String,
     /// For a response with `Vary`: the header names and the variant's own key.
-    variant: Option<(Vec<HeaderName>, String)>,
+    variant: Option<key::Variant>,
     status: StatusCode,
     headers: HeaderMap,
     /// How long the entry is fresh.
@@ -100,11 +103,11 @@ impl PendingEntry {
         config: &Config,
         key: String,
         request: &HeaderMap,
-        response: &http::response::Parts,
+        (status, headers): (StatusCode, &HeaderMap),
         ttl: Duration,
         lead: Option<Lead>,
     ) -> Option<Self> {
-        let variant = match policy::vary_names(&response.headers) {
+        let variant = match policy::vary_names(headers) {
             Vary::Any => return None,
             Vary::Headers(names) if names.is_empty() => None,
             Vary::Headers(names) => {
@@ -119,20 +122,20 @@ impl PendingEntry {
         } else {
             ttl
         };
-        let keep = ttl + policy::keep_past_ttl(rules, &response.headers);
+        let keep = ttl + policy::keep_past_ttl(rules, headers);
         let tag_keys = config
             .tags
             .iter()
             .cloned()
-            .chain(policy::response_tags(&response.headers))
+            .chain(policy::response_tags(headers))
             .map(|tag| invalidate::tag_key(&config.key_prefix, &tag))
             .collect();
         Some(Self {
             store: config.store.clone(),
             key,
             variant,
-            status: response.status,
-            headers: storable_headers(&response.headers),
+            status,
+            headers: storable_headers(headers),
             ttl,
             keep,
             lead,
