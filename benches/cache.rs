@@ -55,10 +55,24 @@ fn keys(c: &mut Criterion) {
         .parse()
         .unwrap();
     group.bench_function("path_only", |b| {
-        b.iter(|| internals::base_key(black_box("http-cache"), &Method::GET, black_box(&plain)))
+        b.iter(|| {
+            internals::base_key(
+                black_box("http-cache"),
+                &Method::GET,
+                "localhost:3000",
+                black_box(&plain),
+            )
+        })
     });
     group.bench_function("query_5_pairs", |b| {
-        b.iter(|| internals::base_key(black_box("http-cache"), &Method::GET, black_box(&query)))
+        b.iter(|| {
+            internals::base_key(
+                black_box("http-cache"),
+                &Method::GET,
+                "localhost:3000",
+                black_box(&query),
+            )
+        })
     });
     group.finish();
 }

@@ -8,7 +8,7 @@ use http::{HeaderMap, Response, StatusCode};
 use crate::body::CacheBody;
 use crate::conditional;
 use crate::entry::{self, CachedResponse};
-use crate::policy;
+use crate::policy::{self, BypassReason};
 
 /// The header telling clients how the cache handled the request.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -28,7 +28,7 @@ pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-statu
 pub(crate) enum Outcome {
     Hit,
     Miss,
-    Bypass,
+    Bypass(BypassReason),
     Refresh,
     /// A stale copy the client accepted or that is being refreshed in the background.
     Stale,
@@ -43,7 +43,7 @@ impl Outcome {
         match self {
             Outcome::Hit => HIT,
             Outcome::Miss => MISS,
-            Outcome::Bypass => BYPASS,
+            Outcome::Bypass(_) => BYPASS,
             Outcome::Refresh => REFRESH,
             Outcome::Stale | Outcome::StaleIfError => STALE,
             Outcome::Revalidated => REVALIDATED,
@@ -53,7 +53,14 @@ impl Outcome {
     /// `Cache-Status` of a response that came from the handler.
     fn forwarded_status(self) -> HeaderValue {
         HeaderValue::from_static(match self {
-            Outcome::Bypass => "tower-redis-cache; fwd=bypass",
+            Outcome::Bypass(BypassReason::NoStore) => {
+                "tower-redis-cache; fwd=bypass; detail=no-store"
+            }
+            Outcome::Bypass(BypassReason::Authorization) => {
+                "tower-redis-cache; fwd=bypass; detail=authorization"
+            }
+            Outcome::Bypass(BypassReason::Cookie) => "tower-redis-cache; fwd=bypass; detail=cookie",
+            Outcome::Bypass(BypassReason::NoKey) => "tower-redis-cache; fwd=bypass; detail=no-key",
             Outcome::Refresh => "tower-redis-cache; fwd=request",
             _ => "tower-redis-cache; fwd=uri-miss",
         })
@@ -86,8 +93,11 @@ pub(crate) fn answer<B>(
 ) -> Response<CacheBody<B>> {
     let now = entry::now_ms();
     let age = hit.age(now).as_secs();
-    let ttl_left =
-        (hit.ttl.as_millis() as i64 - hit.elapsed(now).as_millis() as i64).div_euclid(1000);
+    // Both are below 2^63 ms (entries' TTLs are clamped on decode); saturate regardless.
+    let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let ttl_left = millis(hit.ttl)
+        .saturating_sub(millis(hit.elapsed(now)))
+        .div_euclid(1000);
     let body_len = hit.body.len();
     let (status, mut headers, body) = if conditional::not_modified(&hit.headers, request) {
         (

@@ -27,27 +27,35 @@ pin_project! {
 
 /// Copies a body's chunks as they stream by, up to a limit, and hands them over once the
 /// body has ended cleanly. Dropped without calling back if the body fails, carries trailers,
-/// outgrows the limit, or is abandoned by the client: a truncated body is never stored.
+/// outgrows the limit, is abandoned by the client, or ends at another length than its
+/// `Content-Length` announced: a truncated body is never stored.
 pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
+    /// The length the response's `Content-Length` announced, if any.
+    expected: Option<u64>,
     on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
 }
 
 impl Recorder {
-    pub(crate) fn new(limit: usize, on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>) -> Self {
+    pub(crate) fn new(
+        limit: usize,
+        expected: Option<u64>,
+        on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
+    ) -> Self {
         Self {
             chunks: Vec::new(),
             len: 0,
             limit,
+            expected,
             on_complete,
         }
     }
 
     /// Records a chunk; false once the body is over the limit.
     fn record(&mut self, chunk: &Bytes) -> bool {
-        self.len += chunk.len();
+        self.len = self.len.saturating_add(chunk.len());
         if self.len > self.limit {
             return false;
         }
@@ -59,6 +67,14 @@ impl Recorder {
     }
 
     fn complete(self) {
+        if self.expected.is_some_and(|n| n != self.len as u64) {
+            tracing::debug!(
+                announced = self.expected,
+                received = self.len,
+                "body length contradicts Content-Length; response not stored"
+            );
+            return;
+        }
         (self.on_complete)(self.chunks);
     }
 }

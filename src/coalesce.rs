@@ -14,7 +14,8 @@ use crate::conditional;
 use crate::entry::CachedResponse;
 use crate::key;
 use crate::layer::Config;
-use crate::lookup::fresh_entry;
+use crate::lookup::{fresh_entry, judge};
+use crate::policy::{RequestPlan, Verdict};
 use crate::store::Store;
 
 /// A response one request produced and its concurrent twins may reuse.
@@ -302,8 +303,13 @@ pub(crate) enum Coalesced {
 
 /// Makes concurrent misses for one key wait for a single handler call: in this process
 /// through the flight map, across processes (when enabled) through a lock in the store.
+///
+/// A waiter is only handed a response it could have been served from the store: fresh for
+/// its own request directives, not one that needs validation first (`no-cache`), of its
+/// variant and in a coding it accepts. Otherwise it calls the handler itself.
 pub(crate) async fn coalesce(
     config: &Config,
+    plan: &RequestPlan,
     key: &str,
     headers: &HeaderMap,
     looked_up_at: u64,
@@ -315,8 +321,8 @@ pub(crate) async fn coalesce(
     let mut lead = match config.flights.join(key, looked_up_at) {
         Role::Follower(rx) => {
             return match follow(rx, rules.coalesce_timeout, key, headers).await {
-                Some(hit) => Coalesced::Hit(hit),
-                None => Coalesced::Alone,
+                Some(hit) if judge(config, plan, &hit) == Verdict::Fresh => Coalesced::Hit(hit),
+                _ => Coalesced::Alone,
             };
         }
         Role::Leader(lead) => lead,
@@ -331,7 +337,9 @@ pub(crate) async fn coalesce(
             Ok(Some(lock)) => {
                 // The previous holder may have just stored the entry and released the lock.
                 if let Some(found) = fresh_entry(config, key, headers).await {
-                    return lead.hand_over(found);
+                    if judge(config, plan, &found.0) == Verdict::Fresh {
+                        return lead.hand_over(found);
+                    }
                 }
                 lead.hold(lock);
                 return Coalesced::Lead(lead);
@@ -347,6 +355,11 @@ pub(crate) async fn coalesce(
         }
         tokio::time::sleep(LOCK_POLL_INTERVAL).await;
         if let Some(found) = fresh_entry(config, key, headers).await {
+            // An entry that needs validation before use is validated by this request's own
+            // handler call, not handed over.
+            if judge(config, plan, &found.0) != Verdict::Fresh {
+                return Coalesced::Lead(lead);
+            }
             return lead.hand_over(found);
         }
     }

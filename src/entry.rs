@@ -11,18 +11,40 @@
 //!
 //! Decoding slices the input `Bytes`: header values and the body share the buffer the store
 //! returned, so a hit copies no body bytes. The decoder checks every length and every header
-//! name and value, and returns an error (never panics) on anything malformed.
+//! name and value, and returns an error (never panics) on anything malformed. It also checks
+//! that the entry means something a cache may replay: a final status other than 206 / 304, no
+//! connection-level or framing headers, no body where the status allows none, and a TTL
+//! within RFC 9111's 2^31 s. A store holding garbage (or an attacker's bytes) gives misses.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+
+use crate::policy;
 
 const MAGIC: &[u8; 3] = b"TRC";
 const VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_VARIANTS: u8 = 1;
 const PREAMBLE: usize = MAGIC.len() + 2;
+
+/// Headers that describe one connection or the framing of one message (RFC 9110 §7.6.1,
+/// §6.1): never stored, never accepted from a store. `Content-Length` is recomputed from the
+/// stored body on replay.
+pub(crate) const CONNECTION_HEADERS: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::CONTENT_LENGTH,
+];
 
 /// A response as stored: status, every header value in order, body bytes, and when it was
 /// stored for how long.
@@ -77,7 +99,7 @@ impl CachedResponse {
     /// How long ago the entry's TTL ran out, or `None` while it is fresh.
     pub(crate) fn staleness(&self, now_ms: u64) -> Option<Duration> {
         let age_ms = now_ms.saturating_sub(self.stored_at_ms);
-        let ttl_ms = self.ttl.as_millis() as u64;
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         (age_ms >= ttl_ms).then(|| Duration::from_millis(age_ms - ttl_ms))
     }
 
@@ -100,7 +122,7 @@ impl CachedResponse {
         buf.put_u8(VERSION);
         buf.put_u8(KIND_RESPONSE);
         buf.put_u64(stored_at_ms);
-        buf.put_u64(ttl.as_millis() as u64);
+        buf.put_u64(policy::clamp(ttl).as_millis() as u64);
         buf.put_u16(status.as_u16());
         buf.put_u32(headers.len() as u32);
         for (name, value) in headers {
@@ -197,8 +219,14 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
         KIND_RESPONSE => {
             let stored_at_ms = r.u64()?;
             let ttl = Duration::from_millis(r.u64()?);
+            if ttl > Duration::from_secs(policy::MAX_DELTA_SECS) {
+                return Err(DecodeError("TTL beyond 2^31 s"));
+            }
             let status =
                 StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status code"))?;
+            if !policy::storable_status(status) {
+                return Err(DecodeError("status a cache never replays"));
+            }
             let count = r.u32()? as usize;
             // Each header takes at least 6 bytes, which bounds the allocation below by the
             // input's size however large the count claims to be.
@@ -210,6 +238,9 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
             let mut headers = HeaderMap::with_capacity(count + 4);
             for _ in 0..count {
                 let name = r.header_name()?;
+                if CONNECTION_HEADERS.contains(&name) {
+                    return Err(DecodeError("connection or framing header"));
+                }
                 let len = r.u32()? as usize;
                 let value = HeaderValue::from_maybe_shared(r.take(len)?)
                     .map_err(|_| DecodeError("bad header value"))?;
@@ -219,6 +250,9 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
             let body = r.rest();
             if body.len() as u64 != body_len {
                 return Err(DecodeError("body length mismatch"));
+            }
+            if status == StatusCode::NO_CONTENT && !body.is_empty() {
+                return Err(DecodeError("body on a 204"));
             }
             Ok(StoredValue::Response(CachedResponse {
                 status,

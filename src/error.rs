@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Codec,
     /// The backend answered with an error (for example a Redis error reply).
     Backend,
+    /// An argument cannot be used as given (for example a relative URL where the layer
+    /// needs the host, or a value over the store's size limit).
+    InvalidInput,
     /// The computation of a value failed in another, concurrent call that this call waited
     /// on (see `RedisCache::get_or_insert_with`); the message carries that call's error.
     Compute,

@@ -1,31 +1,217 @@
-//! Cache keys: `{prefix}:{md5 hex of METHOD:PATH:QUERY}`, the query's pairs sorted by name.
+//! Cache keys: `{prefix}:{md5 hex}` of the request's method, authority, path and raw query
+//! (and any extra material the route keys on), each field length-prefixed so no two distinct
+//! requests share a key.
 //!
 //! User input reaches the key only through the hash, so keys are bounded in length and cannot
 //! escape the prefix's namespace.
 
-use http::{HeaderMap, HeaderName, Method, Uri};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use md5::{Digest, Md5};
 
-/// The key of the entry for `method` on `uri`.
-pub(crate) fn base_key(prefix: &str, method: &Method, uri: &Uri) -> String {
-    let mut hasher = Md5::new();
-    hasher.update(method.as_str().as_bytes());
-    hasher.update(b":");
-    hasher.update(uri.path().as_bytes());
-    hasher.update(b":");
-    if let Some(query) = uri.query() {
-        let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-        // A stable sort by name alone: `?a=1&b=2` and `?b=2&a=1` share an entry, while the
-        // order of repeated names (`?a=2&a=1`), which apps may read as a list, is kept.
-        pairs.sort_by_key(|pair| pair.split_once('=').map_or(*pair, |(name, _)| name));
-        for (i, pair) in pairs.iter().enumerate() {
-            if i > 0 {
-                hasher.update(b"&");
-            }
-            hasher.update(pair.as_bytes());
+/// What a request's key is made of: the fields [`base_key`] hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyFields<'a> {
+    pub(crate) method: &'a Method,
+    /// Lower-cased authority (`host[:port]`), or `None` when the route does not key on it.
+    pub(crate) authority: Option<&'a str>,
+    pub(crate) path: &'a str,
+    /// The query exactly as sent (`Some("")` for a bare `?`), or its normalised form.
+    pub(crate) query: Option<&'a str>,
+    /// Anything else the route keys on (named cookies, a user key function's output).
+    pub(crate) extra: Option<&'a str>,
+}
+
+/// Writes one field as a tag byte, a 4-byte length and the bytes (or a lone absent tag), so
+/// that the concatenation of fields decodes back to exactly one tuple: `GET /a:b?c` and
+/// `GET /a?b:c` hash different material, whatever bytes the fields contain.
+fn field(hasher: &mut Md5, tag: u8, value: Option<&[u8]>) {
+    match value {
+        None => hasher.update([tag, 0]),
+        Some(bytes) => {
+            hasher.update([tag, 1]);
+            // Request lines and headers are far below 4 GiB; saturate rather than wrap anyway.
+            hasher.update(u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+            hasher.update(bytes);
         }
     }
+}
+
+/// The key of the entry for `fields` under `prefix`.
+pub(crate) fn base_key(prefix: &str, fields: &KeyFields<'_>) -> String {
+    let mut hasher = Md5::new();
+    hasher.update(b"trc-key-v2");
+    field(&mut hasher, b'm', Some(fields.method.as_str().as_bytes()));
+    field(&mut hasher, b'a', fields.authority.map(str::as_bytes));
+    field(&mut hasher, b'p', Some(fields.path.as_bytes()));
+    field(&mut hasher, b'q', fields.query.map(str::as_bytes));
+    field(&mut hasher, b'x', fields.extra.map(str::as_bytes));
     with_hex(prefix, "", &hasher.finalize())
+}
+
+/// A user function adding key material: see [`CacheLayer::key_fn`](crate::CacheLayer::key_fn).
+pub(crate) type KeyFn = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
+
+/// How a route derives keys from requests.
+#[derive(Clone)]
+pub(crate) struct Keying {
+    /// Key on the request's authority (URI authority, else `Host`).
+    pub(crate) host: bool,
+    /// Sort the query's pairs by name and drop empty ones (opt-in: apps may read pairs in
+    /// order).
+    pub(crate) sort_query: bool,
+    /// Query parameters left out of the key (`utm_*` style prefixes end in `*`).
+    pub(crate) ignore_params: Arc<[String]>,
+    /// Cookies whose values are part of the key.
+    pub(crate) key_cookies: Arc<[String]>,
+    pub(crate) key_fn: Option<KeyFn>,
+}
+
+impl Default for Keying {
+    fn default() -> Self {
+        Self {
+            host: true,
+            sort_query: false,
+            ignore_params: Arc::from([]),
+            key_cookies: Arc::from([]),
+            key_fn: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Keying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keying")
+            .field("host", &self.host)
+            .field("sort_query", &self.sort_query)
+            .field("ignore_params", &self.ignore_params)
+            .field("key_cookies", &self.key_cookies)
+            .field("key_fn", &self.key_fn.is_some())
+            .finish()
+    }
+}
+
+/// Why a request has no key: the user's key function declined it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NoKey;
+
+impl Keying {
+    /// The key of the entry `method` would use for the request with `parts` (the URI to key
+    /// on, which under axum's `nest` is the original one).
+    pub(crate) fn key(
+        &self,
+        prefix: &str,
+        method: &Method,
+        uri: &Uri,
+        parts: &http::request::Parts,
+    ) -> Result<String, NoKey> {
+        let extra = self.extra(parts)?;
+        Ok(self.key_with(prefix, method, uri, &parts.headers, extra.as_deref()))
+    }
+
+    /// The key for `uri` with already computed extra material.
+    pub(crate) fn key_with(
+        &self,
+        prefix: &str,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        extra: Option<&str>,
+    ) -> String {
+        // A request naming no host (a test's `oneshot`, HTTP/1.0) is keyed apart from every
+        // named host.
+        let authority = self.host.then(|| authority(uri, headers)).flatten();
+        let query = uri.query().map(|q| self.query(q));
+        base_key(
+            prefix,
+            &KeyFields {
+                method,
+                authority: authority.as_deref(),
+                path: uri.path(),
+                query: query.as_deref(),
+                extra,
+            },
+        )
+    }
+
+    /// Key material beyond the URL: the named cookies' values, then the key function's.
+    pub(crate) fn extra(&self, parts: &http::request::Parts) -> Result<Option<String>, NoKey> {
+        let custom = match &self.key_fn {
+            Some(f) => Some(f(parts).ok_or(NoKey)?),
+            None => None,
+        };
+        if self.key_cookies.is_empty() {
+            return Ok(custom);
+        }
+        let mut extra = String::new();
+        for name in self.key_cookies.iter() {
+            // Length-prefixed like the key's fields, so values cannot run into each other.
+            match cookie_value(&parts.headers, name) {
+                Some(value) => extra.push_str(&format!("{}:{value};", value.len())),
+                None => extra.push('-'),
+            }
+        }
+        if let Some(custom) = custom {
+            extra.push_str(&format!("|{}:{custom}", custom.len()));
+        }
+        Ok(Some(extra))
+    }
+
+    fn query<'q>(&self, query: &'q str) -> std::borrow::Cow<'q, str> {
+        if !self.sort_query && self.ignore_params.is_empty() {
+            return query.into();
+        }
+        let mut pairs: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| !self.ignored(p.split_once('=').map_or(*p, |(name, _)| name)))
+            .collect();
+        if self.sort_query {
+            // A stable sort by name alone: the order of repeated names is kept.
+            pairs.sort_by_key(|pair| pair.split_once('=').map_or(*pair, |(name, _)| name));
+        }
+        pairs.join("&").into()
+    }
+
+    fn ignored(&self, name: &str) -> bool {
+        self.ignore_params
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == pattern,
+            })
+    }
+}
+
+/// The request's authority, lower-cased: the URI's (absolute-form targets, HTTP/2), else the
+/// `Host` header's.
+pub(crate) fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => headers.get(http::header::HOST)?.to_str().ok()?,
+    };
+    let raw = raw.trim();
+    (!raw.is_empty()).then(|| raw.to_ascii_lowercase())
+}
+
+/// The cookies a request carries, as `(name, value)` pairs from every `Cookie` field line.
+pub(crate) fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) => (name.trim(), value.trim()),
+            None => ("", pair),
+        })
+}
+
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    cookies(headers).find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
 /// A stored variant of a response with `Vary`: the normalized header names and the variant's
@@ -36,27 +222,32 @@ pub(crate) type Variant = (Vec<HeaderName>, String);
 pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut hasher = Md5::new();
     for name in names {
-        hasher.update(name.as_str().as_bytes());
-        hasher.update(b":");
-        for (i, value) in request.get_all(name).iter().enumerate() {
-            if i > 0 {
-                hasher.update(b",");
-            }
-            hasher.update(value.as_bytes().trim_ascii());
+        field(&mut hasher, b'n', Some(name.as_str().as_bytes()));
+        let values: Vec<&[u8]> = request
+            .get_all(name)
+            .iter()
+            .map(|v| v.as_bytes().trim_ascii())
+            .collect();
+        hasher.update(
+            u32::try_from(values.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        for value in values {
+            field(&mut hasher, b'v', Some(value));
         }
-        hasher.update(b"\n");
     }
     with_hex(base, ":v", &hasher.finalize())
 }
 
 /// A strong entity tag for a body: the quoted md5 hex of its bytes.
-pub(crate) fn body_etag(chunks: &[bytes::Bytes]) -> http::HeaderValue {
+pub(crate) fn body_etag(chunks: &[bytes::Bytes]) -> HeaderValue {
     let mut hasher = Md5::new();
     for chunk in chunks {
         hasher.update(chunk);
     }
     let tag = format!("\"{}\"", &with_hex("", "", &hasher.finalize())[1..]);
-    http::HeaderValue::from_str(&tag).expect("hex is a valid header value")
+    HeaderValue::from_str(&tag).expect("hex is a valid header value")
 }
 
 fn with_hex(head: &str, infix: &str, digest: &[u8]) -> String {
@@ -70,59 +261,4 @@ fn with_hex(head: &str, infix: &str, digest: &[u8]) -> String {
         key.push(char::from(HEX[usize::from(byte & 0xf)]));
     }
     key
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(uri: &str) -> String {
-        base_key("p", &Method::GET, &uri.parse().unwrap())
-    }
-
-    #[test]
-    fn key_is_prefix_and_md5_of_method_path_sorted_query() {
-        // md5("GET:/items/1:a=1&b=2")
-        let expected = format!("p:{:x}", Md5::digest(b"GET:/items/1:a=1&b=2"));
-        assert_eq!(key("/items/1?b=2&a=1"), expected);
-        assert_eq!(key("/items/1?a=1&b=2"), expected);
-        assert_eq!(key("/items/1?a=1&&b=2&"), expected);
-    }
-
-    #[test]
-    fn keys_differ_by_method_path_query_and_repeated_value_order() {
-        let get = key("/x?a=1");
-        assert_ne!(
-            get,
-            base_key("p", &Method::POST, &"/x?a=1".parse().unwrap())
-        );
-        assert_ne!(get, key("/y?a=1"));
-        assert_ne!(get, key("/x?a=2"));
-        assert_ne!(key("/x?a=1&a=2"), key("/x?a=2&a=1"));
-        assert_eq!(key("/x"), key("/x?"));
-    }
-
-    #[test]
-    fn variant_keys_follow_request_values() {
-        let names = [HeaderName::from_static("accept-encoding")];
-        let mut gzip = HeaderMap::new();
-        gzip.insert("accept-encoding", "gzip".parse().unwrap());
-        let mut br = HeaderMap::new();
-        br.insert("accept-encoding", " br".parse().unwrap());
-        let mut gzip_spaced = HeaderMap::new();
-        gzip_spaced.insert("accept-encoding", "gzip ".parse().unwrap());
-        let base = key("/x");
-        assert_ne!(
-            variant_key(&base, &names, &gzip),
-            variant_key(&base, &names, &br)
-        );
-        assert_eq!(
-            variant_key(&base, &names, &gzip),
-            variant_key(&base, &names, &gzip_spaced)
-        );
-        assert_ne!(
-            variant_key(&base, &names, &HeaderMap::new()),
-            variant_key(&base, &names, &gzip)
-        );
-    }
 }

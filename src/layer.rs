@@ -8,16 +8,20 @@ use tower_layer::Layer;
 
 use crate::coalesce::Flights;
 use crate::invalidate::Invalidator;
-use crate::policy::{Rules, StatusSet};
+use crate::key::Keying;
+use crate::policy::{clamp, Rules, StatusSet};
 use crate::service::CacheService;
 use crate::store::Store;
 
 /// A tower [`Layer`] that caches responses of the wrapped service in a [`Store`].
 ///
 /// Defaults: GET responses with a 2xx status are stored for 60 s (or for the response's
-/// `s-maxage` / `max-age`), bodies up to 1 MiB, keys prefixed with `http-cache`. Requests
-/// with `Authorization` bypass the cache; `Cache-Control: no-cache` from the client forces a
+/// `s-maxage` / `max-age`), bodies up to 1 MiB, keys prefixed with `http-cache` and made of
+/// method, host, path and raw query. Requests with `Authorization`, `Proxy-Authorization` or
+/// any `Cookie` bypass the cache; `Cache-Control: no-cache` from the client forces a
 /// refresh. See the crate docs for the full behaviour table.
+///
+/// Every duration is clamped to 2^31 s (RFC 9111 §1.2.2), so no setting can overflow.
 ///
 /// Clone it to apply the same settings to several routes; each builder call returns a new
 /// layer, so one route's settings never change another's.
@@ -32,6 +36,7 @@ pub(crate) struct Config {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) rules: Rules,
     pub(crate) key_prefix: String,
+    pub(crate) keying: Keying,
     pub(crate) flights: Arc<Flights>,
     /// Tags given to every response this layer stores.
     pub(crate) tags: Arc<[String]>,
@@ -79,6 +84,7 @@ impl CacheLayer {
                 store,
                 rules: Rules::default(),
                 key_prefix: "http-cache".to_owned(),
+                keying: Keying::default(),
                 flights: Arc::default(),
                 tags: Arc::from([]),
                 pending_writes: Arc::default(),
@@ -92,7 +98,7 @@ impl CacheLayer {
 
     /// How long a response is kept when it does not set its own lifetime (default 60 s).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.rules_mut().ttl = ttl;
+        self.rules_mut().ttl = clamp(ttl);
         self
     }
 
@@ -140,11 +146,82 @@ impl CacheLayer {
         self
     }
 
-    /// Whether requests carrying `Authorization` are cached (default false: they bypass the
-    /// cache). Turn it on only for routes whose responses are the same for every user: the
-    /// stored response is served to every client, authorized or not.
+    /// Whether requests carrying `Authorization` or `Proxy-Authorization` are cached (default
+    /// false: they are only served, and only store, responses marked `public`, `s-maxage` or
+    /// `must-revalidate`). Turn it on only for routes whose responses are the same for every
+    /// user: the stored response is served to every client, authorized or not.
     pub fn cache_authorized_requests(mut self, cache: bool) -> Self {
         self.rules_mut().cache_authorized = cache;
+        self
+    }
+}
+
+/// Keys and cookies.
+impl CacheLayer {
+    /// Whether the request's authority (the URI's, else the `Host` header's) is part of the
+    /// key (default true). Turn it off only for an app that renders the same page whatever
+    /// host it is reached on; with it on, apps serving several tenants on several hosts never
+    /// serve one tenant's page to another. A request that names no host bypasses the cache.
+    pub fn key_host(mut self, enable: bool) -> Self {
+        Arc::make_mut(&mut self.config).keying.host = enable;
+        self
+    }
+
+    /// Sort the query's pairs by name (keeping the order of repeated names) and drop empty
+    /// pairs before keying (default false: the raw query is the key, since apps may read
+    /// pairs in order). `?a=1&b=2` and `?b=2&a=1` then share an entry.
+    pub fn sort_query(mut self, enable: bool) -> Self {
+        Arc::make_mut(&mut self.config).keying.sort_query = enable;
+        self
+    }
+
+    /// Query parameters left out of the key, such as tracking parameters; a name ending in
+    /// `*` is a prefix (`"utm_*"`). The handler still sees them. Only list parameters the
+    /// page does not depend on.
+    pub fn ignore_query_params<T: Into<String>>(
+        mut self,
+        names: impl IntoIterator<Item = T>,
+    ) -> Self {
+        Arc::make_mut(&mut self.config).keying.ignore_params =
+            names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds material of your own to each request's key (a tenant id, a user segment from a
+    /// request extension, ...). The function sees the request's head; returning `None` makes
+    /// the request bypass the cache (`Cache-Status: ...; detail=no-key`). Entries keyed on
+    /// it are dropped by tags, not by [`Invalidator::invalidate`] or writes to the URL.
+    pub fn key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.config).keying.key_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Cache requests whatever cookies they carry (default false: a request with any cookie
+    /// that is not ignored or keyed on bypasses the cache, since pages rendered from a
+    /// session cookie are personal). The cookies are not part of the key: turn this on only
+    /// for routes whose pages never depend on cookies.
+    pub fn cache_requests_with_cookies(mut self, enable: bool) -> Self {
+        self.rules_mut().cookies.cache_all = enable;
+        self
+    }
+
+    /// Cookies that do not make a request bypass the cache (analytics cookies and the like,
+    /// which the page does not depend on). They are not part of the key.
+    pub fn ignore_cookies<T: Into<String>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
+        self.rules_mut().cookies.ignore = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Cookies whose values are part of the key (a `lang` or `currency` cookie): each value
+    /// gets its own entry, and the cookie does not make a request bypass. Entries keyed on
+    /// cookies are dropped by tags, not by [`Invalidator::invalidate`] or writes to the URL.
+    pub fn key_on_cookies<T: Into<String>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        Arc::make_mut(&mut self.config).keying.key_cookies = names.clone().into();
+        self.rules_mut().cookies.key_on = names;
         self
     }
 }
@@ -154,7 +231,7 @@ impl CacheLayer {
     /// background call refreshes it (default zero; a response's own
     /// `stale-while-revalidate=N` extends it when origin TTLs are honoured).
     pub fn stale_while_revalidate(mut self, grace: Duration) -> Self {
-        self.rules_mut().stale_while_revalidate = grace;
+        self.rules_mut().stale_while_revalidate = clamp(grace);
         self
     }
 
@@ -162,7 +239,7 @@ impl CacheLayer {
     /// or answers 5xx (default zero; a response's own `stale-if-error=N` extends it when
     /// origin TTLs are honoured). `must-revalidate` on a response turns both graces off.
     pub fn stale_if_error(mut self, grace: Duration) -> Self {
-        self.rules_mut().stale_if_error = grace;
+        self.rules_mut().stale_if_error = clamp(grace);
         self
     }
 
@@ -188,7 +265,7 @@ impl CacheLayer {
     /// How long a coalesced request waits for another's handler call before calling the
     /// handler itself (default 5 s).
     pub fn coalesce_timeout(mut self, timeout: Duration) -> Self {
-        self.rules_mut().coalesce_timeout = timeout;
+        self.rules_mut().coalesce_timeout = clamp(timeout);
         self
     }
 
@@ -213,7 +290,11 @@ impl CacheLayer {
     /// A handle that drops this layer's stored responses by tag or by URL, for invalidating
     /// on writes or events.
     pub fn invalidator(&self) -> Invalidator {
-        Invalidator::new(self.config.store.clone(), self.config.key_prefix.clone())
+        Invalidator::new(
+            self.config.store.clone(),
+            self.config.key_prefix.clone(),
+            self.config.keying.clone(),
+        )
     }
 
     /// Give stored responses that have no `ETag` a strong one, the md5 of their body
@@ -229,7 +310,7 @@ impl CacheLayer {
     /// `If-Modified-Since`, and a 304 refreshes the entry without resending the body
     /// (default 60 s; zero turns it off).
     pub fn revalidation_window(mut self, window: Duration) -> Self {
-        self.rules_mut().revalidation_window = window;
+        self.rules_mut().revalidation_window = clamp(window);
         self
     }
 
@@ -244,7 +325,7 @@ impl CacheLayer {
     /// How long a cross-instance lock lives if its holder never releases it (a crashed
     /// instance): other instances proceed after this (default 5 s).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
-        self.rules_mut().lock_ttl = ttl;
+        self.rules_mut().lock_ttl = clamp(ttl);
         self
     }
 }

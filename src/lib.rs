@@ -52,9 +52,18 @@ pub mod __bench {
 
     use crate::policy::{self, CacheControl, Rules};
 
-    /// `key::base_key`.
-    pub fn base_key(prefix: &str, method: &Method, uri: &Uri) -> String {
-        crate::key::base_key(prefix, method, uri)
+    /// `key::base_key` of a request for `uri` on `host`.
+    pub fn base_key(prefix: &str, method: &Method, host: &str, uri: &Uri) -> String {
+        crate::key::base_key(
+            prefix,
+            &crate::key::KeyFields {
+                method,
+                authority: Some(host),
+                path: uri.path(),
+                query: uri.query(),
+                extra: None,
+            },
+        )
     }
 
     /// `entry::CachedResponse::encode`.

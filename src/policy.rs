@@ -4,7 +4,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, DATE, EXPIRES, PRAGMA, SET_COOKIE, VARY};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, DATE, EXPIRES, PRAGMA, PROXY_AUTHORIZATION, SET_COOKIE, VARY,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
 /// The route's caching rules, fixed when the layer is built.
@@ -28,6 +30,37 @@ pub(crate) struct Rules {
     pub(crate) generate_etag: bool,
     pub(crate) revalidation_window: Duration,
     pub(crate) max_pending_writes: usize,
+    pub(crate) cookies: CookieRule,
+}
+
+/// How requests carrying cookies are treated.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CookieRule {
+    /// Cache them regardless of their cookies (which are not part of the key).
+    pub(crate) cache_all: bool,
+    /// Cookies that never make a request bypass (analytics and the like).
+    pub(crate) ignore: Vec<String>,
+    /// Cookies that are part of the key, and so never make a request bypass.
+    pub(crate) key_on: Vec<String>,
+}
+
+impl CookieRule {
+    /// Whether a request with these headers carries a cookie that may personalise the page.
+    fn personal(&self, headers: &HeaderMap) -> bool {
+        !self.cache_all
+            && crate::key::cookies(headers).any(|(name, _)| {
+                !self.ignore.iter().any(|n| n == name) && !self.key_on.iter().any(|n| n == name)
+            })
+    }
+}
+
+/// The longest delta-seconds value the cache keeps (RFC 9111 §1.2.2: 2^31 s, about 68
+/// years); larger values, and durations set on the builder, are clamped to it.
+pub(crate) const MAX_DELTA_SECS: u64 = 1 << 31;
+
+/// A duration no longer than [`MAX_DELTA_SECS`], so sums of durations never overflow.
+pub(crate) fn clamp(duration: Duration) -> Duration {
+    duration.min(Duration::from_secs(MAX_DELTA_SECS))
 }
 
 impl Default for Rules {
@@ -50,6 +83,7 @@ impl Default for Rules {
             generate_etag: false,
             revalidation_window: Duration::from_secs(60),
             max_pending_writes: 1024,
+            cookies: CookieRule::default(),
         }
     }
 }
@@ -129,7 +163,15 @@ impl CacheControl {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (directive, None),
                 };
-                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+                // Digits only (no sign); values past 2^31 s mean "very long" (RFC 9111
+                // §1.2.2), including those too large for any integer type.
+                let seconds = || {
+                    arg.filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
+                        .map(|a| {
+                            a.parse::<u64>()
+                                .map_or(MAX_DELTA_SECS, |s| s.min(MAX_DELTA_SECS))
+                        })
+                };
                 if name.eq_ignore_ascii_case("no-store") {
                     cc.no_store = true;
                 } else if name.eq_ignore_ascii_case("no-cache") {
@@ -201,12 +243,26 @@ pub(crate) enum RequestAction {
     Invalidate,
     /// A HEAD request: answer from a fresh GET entry if there is one, else pass.
     HeadLookup,
-    /// Call the handler, store nothing, say `X-Cache: BYPASS`.
-    Bypass,
+    /// Call the handler, store nothing, say `X-Cache: BYPASS` (and why).
+    Bypass(BypassReason),
     /// Call the handler without looking up, then store (`X-Cache: REFRESH`).
     Refresh,
     /// Look up; on a miss call the handler and store.
     Lookup,
+}
+
+/// Why a request bypassed the cache, for `Cache-Status`'s `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BypassReason {
+    /// The client sent `Cache-Control: no-store`.
+    NoStore,
+    /// The request carries credentials (`Authorization` / `Proxy-Authorization`) and the
+    /// response was not marked shareable.
+    Authorization,
+    /// The request carries a cookie the route does not ignore or key on.
+    Cookie,
+    /// The route's key function declined the request.
+    NoKey,
 }
 
 /// How the cache treats a request, and what the request asks of a stored response.
@@ -223,7 +279,11 @@ pub(crate) struct RequestPlan {
 /// Decides how the cache treats a request (RFC 9111 §5.2.1, plus the route's rules).
 pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderMap) -> RequestPlan {
     let mut cc = CacheControl::parse(headers);
-    let authorized = headers.contains_key(AUTHORIZATION) && !rules.cache_authorized;
+    // Proxy credentials are credentials too: a reply to them is as personal.
+    let authorized = (headers.contains_key(AUTHORIZATION)
+        || headers.contains_key(PROXY_AUTHORIZATION))
+        && !rules.cache_authorized;
+    let personal_cookie = rules.cookies.personal(headers);
     let has_cache_control = headers.contains_key(CACHE_CONTROL);
     if !rules.honor_request_no_cache {
         // The route does not let clients force handler calls: drop every directive that
@@ -237,8 +297,11 @@ pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderM
     let action = if method == Method::HEAD {
         // HEAD responses are never stored (their empty body must not reach a GET); a HEAD is
         // answered from the GET entry when the route caches GET.
-        let usable =
-            rules.methods.contains(&Method::GET) && !authorized && !cc.no_store && !wants_fresh;
+        let usable = rules.methods.contains(&Method::GET)
+            && !authorized
+            && !personal_cookie
+            && !cc.no_store
+            && !wants_fresh;
         if usable {
             RequestAction::HeadLookup
         } else {
@@ -251,10 +314,12 @@ pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderM
             RequestAction::Pass
         }
     } else if cc.no_store {
-        RequestAction::Bypass
+        RequestAction::Bypass(BypassReason::NoStore)
+    } else if personal_cookie {
+        RequestAction::Bypass(BypassReason::Cookie)
     } else if wants_fresh {
         if authorized {
-            RequestAction::Bypass
+            RequestAction::Bypass(BypassReason::Authorization)
         } else {
             RequestAction::Refresh
         }
@@ -315,9 +380,10 @@ pub(crate) fn storable_ttl(
     headers: &HeaderMap,
     authorized: bool,
 ) -> Option<Duration> {
-    // A 206 holds part of a body; stored under the URL it would be replayed as the whole.
-    let partial = status == StatusCode::PARTIAL_CONTENT;
-    if partial || !rules.statuses.contains(status) || headers.contains_key(SET_COOKIE) {
+    if !storable_status(status)
+        || !rules.statuses.contains(status)
+        || headers.contains_key(SET_COOKIE)
+    {
         return None;
     }
     let cc = CacheControl::for_cache(headers);
@@ -356,6 +422,15 @@ pub(crate) fn storable_ttl(
     Some(ttl).filter(|ttl| !ttl.is_zero())
 }
 
+/// Whether a response with `status` can be replayed from a store at all: a final status
+/// (200-599) other than 206, which holds part of a body and would be replayed as the whole,
+/// and 304, which only confirms another response.
+pub(crate) fn storable_status(status: StatusCode) -> bool {
+    (200..=599).contains(&status.as_u16())
+        && status != StatusCode::PARTIAL_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+}
+
 impl CacheControl {
     /// RFC 9111 §3.5: directives that let a shared cache reuse a response to a request with
     /// `Authorization`.
@@ -371,6 +446,7 @@ fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let expires = headers.get(EXPIRES)?;
+    // Past 2^31 s the lifetime is clamped like a delta-seconds value.
     let Some(expires) = http_date(expires) else {
         return Some(Duration::ZERO);
     };
@@ -378,7 +454,9 @@ fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
         .get(DATE)
         .and_then(http_date)
         .unwrap_or_else(SystemTime::now);
-    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+    Some(clamp(
+        expires.duration_since(date).unwrap_or(Duration::ZERO),
+    ))
 }
 
 /// Parses an HTTP date (IMF-fixdate, RFC 850 or asctime).
@@ -427,14 +505,16 @@ pub(crate) fn judge(
     let acceptable = fresh
         && !cc.no_cache
         && wants.max_age.is_none_or(|max| age <= secs(max))
-        && wants.min_fresh.is_none_or(|min| ttl - age >= secs(min));
+        && wants
+            .min_fresh
+            .is_none_or(|min| ttl.saturating_sub(age) >= secs(min));
     if acceptable {
         return Verdict::Fresh;
     }
     if fresh || cc.no_cache {
         return Verdict::Validate { if_error: false };
     }
-    let staleness = age - ttl;
+    let staleness = age.saturating_sub(ttl);
     if !cc.must_revalidate && !cc.no_cache {
         if let Some(limit) = wants.max_stale {
             if limit.is_none_or(|max| staleness <= secs(max)) {
@@ -641,10 +721,34 @@ mod tests {
             (
                 Method::GET,
                 &[("authorization", "Bearer x"), ("cache-control", "no-cache")],
-                Bypass,
+                Bypass(BypassReason::Authorization),
                 true,
             ),
-            (Method::GET, &[("Cache-Control", "NO-STORE")], Bypass, false),
+            (
+                Method::GET,
+                &[("proxy-authorization", "Basic x")],
+                Lookup,
+                true,
+            ),
+            (
+                Method::HEAD,
+                &[("proxy-authorization", "Basic x")],
+                Pass,
+                true,
+            ),
+            (
+                Method::GET,
+                &[("Cache-Control", "NO-STORE")],
+                Bypass(BypassReason::NoStore),
+                false,
+            ),
+            (
+                Method::GET,
+                &[("cookie", "session=abc")],
+                Bypass(BypassReason::Cookie),
+                false,
+            ),
+            (Method::HEAD, &[("cookie", "session=abc")], Pass, false),
             (
                 Method::GET,
                 &[("cache-control", "no-cache")],

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tower_service::Service;
 
@@ -17,7 +17,7 @@ use crate::conditional;
 use crate::key;
 use crate::layer::Config;
 use crate::lookup::{judge, lookup};
-use crate::policy::{self, RequestAction, Verdict};
+use crate::policy::{self, BypassReason, RequestAction, Verdict};
 use crate::write::{plan_store, revalidated};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
@@ -109,7 +109,7 @@ where
 async fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
-    mut req: Request<ReqBody>,
+    req: Request<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -117,29 +117,30 @@ where
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    // 1. May this request use the cache at all?
+    // 1. May this request use the cache at all, and under which key?
     let plan = policy::classify_request(&config.rules, req.method(), req.headers());
-    let label = match plan.action {
+    let (label, method) = match plan.action {
         RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
         RequestAction::Invalidate => return invalidate_after_write(&config, inner, req).await,
-        RequestAction::HeadLookup => {
-            let key = key::base_key(&config.key_prefix, &Method::GET, req.uri());
-            if let Some(hit) = lookup(&config, &key, req.headers()).await {
-                if judge(&config, &plan, &hit) == Verdict::Fresh {
-                    return Ok(answer(hit, req.headers(), false, Outcome::Hit));
-                }
-            }
-            return Ok(inner.call(req).await?.map(CacheBody::passthrough));
-        }
-        RequestAction::Bypass => {
-            let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-            label_forwarded(response.headers_mut(), Outcome::Bypass);
-            return Ok(response);
-        }
-        RequestAction::Refresh => Outcome::Refresh,
-        RequestAction::Lookup => Outcome::Miss,
+        RequestAction::Bypass(reason) => return bypass(inner, req, reason).await,
+        // A HEAD is answered from the GET entry.
+        RequestAction::HeadLookup => (Outcome::Hit, Method::GET),
+        RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
+        RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
     };
-    let key = key::base_key(&config.key_prefix, req.method(), req.uri());
+    let (req, key) = request_key(&config, &method, req);
+    let Ok(key) = key else {
+        return bypass(inner, req, BypassReason::NoKey).await;
+    };
+    if plan.action == RequestAction::HeadLookup {
+        if let Some(hit) = lookup(&config, &key, req.headers()).await {
+            if judge(&config, &plan, &hit) == Verdict::Fresh {
+                return Ok(answer(hit, req.headers(), false, Outcome::Hit));
+            }
+        }
+        return Ok(inner.call(req).await?.map(CacheBody::passthrough));
+    }
+    let mut req = req;
 
     // 2-3. Look up (unless the client asked for a refresh) and judge the stored copy for
     // this request: serve it, serve it stale while refreshing, or keep it to validate with
@@ -174,7 +175,7 @@ where
         // response.
         // Requests with `Authorization` neither lead nor follow: their replies are their own.
         if !plan.authorized {
-            match coalesce(&config, &key, req.headers(), looked_up_at).await {
+            match coalesce(&config, &plan, &key, req.headers(), looked_up_at).await {
                 Coalesced::Hit(hit) => return Ok(answer(hit, req.headers(), true, Outcome::Hit)),
                 Coalesced::Lead(l) => lead = Some(l),
                 Coalesced::Alone => {}
@@ -231,7 +232,7 @@ where
         plan.authorized,
     );
     let label = if plan.authorized && recorder.is_none() {
-        Outcome::Bypass
+        Outcome::Bypass(BypassReason::Authorization)
     } else {
         label
     };
@@ -240,6 +241,44 @@ where
         parts,
         CacheBody::recording(body, recorder),
     ))
+}
+
+/// Calls the handler and labels its response as having bypassed the cache, and why.
+async fn bypass<S, ReqBody, ResBody>(
+    mut inner: S,
+    req: Request<ReqBody>,
+    reason: BypassReason,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    let mut response = inner.call(req).await?.map(CacheBody::passthrough);
+    label_forwarded(response.headers_mut(), Outcome::Bypass(reason));
+    Ok(response)
+}
+
+/// The URI a request is keyed on: under axum's `nest`, the original one (nested routers see
+/// the path without their prefix, and two of them must never share keys).
+fn key_uri(parts: &http::request::Parts) -> &Uri {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(uri)) = parts.extensions.get() {
+        return uri;
+    }
+    &parts.uri
+}
+
+/// The key of the entry `method` would use for `req`.
+fn request_key<B>(
+    config: &Config,
+    method: &Method,
+    req: Request<B>,
+) -> (Request<B>, Result<String, key::NoKey>) {
+    // The key function sees the request's head; taking it apart and back is two moves.
+    let (parts, body) = req.into_parts();
+    let key = config
+        .keying
+        .key(&config.key_prefix, method, key_uri(&parts), &parts);
+    (Request::from_parts(parts, body), key)
 }
 
 fn failed<B, E>(result: &Result<Response<B>, E>) -> bool {
@@ -259,17 +298,26 @@ async fn invalidate_after_write<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    let uri = req.uri().clone();
-    let host = req.headers().get(header::HOST).cloned();
-    let response = inner.call(req).await?;
+    let (parts, body) = req.into_parts();
+    let uri = key_uri(&parts).clone();
+    let request_headers = parts.headers.clone();
+    let extra = config.keying.extra(&parts).ok().flatten();
+    let response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status().is_success() || response.status().is_redirection() {
+        let host = request_headers.get(header::HOST);
         let mut targets = vec![uri.clone()];
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let value = response.headers().get(name);
-            targets.extend(value.and_then(|v| policy::same_origin_target(v, &uri, host.as_ref())));
+            targets.extend(value.and_then(|v| policy::same_origin_target(v, &uri, host)));
         }
         for target in targets {
-            let key = key::base_key(&config.key_prefix, &Method::GET, &target);
+            let key = config.keying.key_with(
+                &config.key_prefix,
+                &Method::GET,
+                &target,
+                &request_headers,
+                extra.as_deref(),
+            );
             if let Err(e) = config.store.delete(&key).await {
                 tracing::debug!(key, error = %e, "invalidating after a write failed");
             }

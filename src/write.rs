@@ -37,6 +37,8 @@ pub(crate) fn plan_store<B: Body>(
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
     }
+    // A body must end at the length it announced, or it was cut short (or padded).
+    let expected = declared_length(&parts.headers).ok()?;
     let pending = PendingEntry::new(
         config,
         key,
@@ -47,8 +49,29 @@ pub(crate) fn plan_store<B: Body>(
     )?;
     Some(Recorder::new(
         rules.max_body_bytes,
+        expected,
         Box::new(move |chunks| pending.store(chunks)),
     ))
+}
+
+/// The body length `Content-Length` announces: `Ok(None)` without one, `Err` when its
+/// values are malformed or disagree (RFC 9110 §8.6), which makes the response unstorable.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut declared = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.to_str().map_err(|_| ())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n = part.parse::<u64>().map_err(|_| ())?;
+            if declared.is_some_and(|d| d != n) {
+                return Err(());
+            }
+            declared = Some(n);
+        }
+    }
+    Ok(declared)
 }
 
 /// The stored response with the headers and lifetime a 304 from the handler gave it; the
@@ -122,7 +145,7 @@ impl PendingEntry {
         } else {
             ttl
         };
-        let keep = ttl + policy::keep_past_ttl(rules, headers);
+        let keep = ttl.saturating_add(policy::keep_past_ttl(rules, headers));
         let tag_keys = config
             .tags
             .iter()
@@ -215,21 +238,12 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     for name in listed {
         stored.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("proxy-connection"),
-        CONTENT_LENGTH,
+    let cache_only = [
         X_CACHE,
         policy::TAG_HEADERS[0].clone(),
         policy::TAG_HEADERS[1].clone(),
-    ] {
+    ];
+    for name in entry::CONNECTION_HEADERS.into_iter().chain(cache_only) {
         stored.remove(name);
     }
     // A cache stamps a response that lacks a Date with the time it received it, so every

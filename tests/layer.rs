@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use common::{cache_key, fetch, get_until_hit, send, serve, Counter, RedisServer};
+use common::{fetch, get_until_hit, http_key, send, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, RedisStore};
 
 /// Header pairs in a table row.
@@ -68,7 +68,7 @@ async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body() {
     assert_eq!(hit.header("content-length"), Some("9"));
     assert_eq!(calls.get(), 1, "a hit must not call the handler");
     assert_eq!(redis.dbsize(), 1);
-    let key = cache_key("http-cache", "GET", "/items/1", "");
+    let key = http_key(addr, "GET", "/items/1");
     assert_eq!(
         redis.cmd::<i64>(&["EXISTS", &key]),
         1,
@@ -104,11 +104,11 @@ async fn entries_expire_after_the_ttl() {
 }
 
 #[tokio::test]
-async fn query_pairs_in_any_order_share_an_entry_and_other_queries_do_not() {
+async fn with_sort_query_pairs_in_any_order_share_an_entry_and_other_queries_do_not() {
     let redis = RedisServer::start();
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
+        CacheLayer::new(store(&redis).await).sort_query(true),
         calls.clone(),
     ))
     .await;
@@ -460,7 +460,7 @@ async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise
         .await;
         fetch(addr, "/r").await;
         redis.wait_for_keys(1).await;
-        let key = cache_key("http-cache", "GET", "/r", "");
+        let key = http_key(addr, "GET", "/r");
         let ttl: i64 = redis.cmd(&["TTL", &key]);
         assert!(
             (expected - 2..=*expected).contains(&ttl),
@@ -737,9 +737,8 @@ async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
     fetch(addr, "/short").await;
     fetch(addr, "/long").await;
     redis.wait_for_keys(3).await;
-    let ttl = |method: &str, path: &str| -> i64 {
-        redis.cmd(&["TTL", &cache_key("http-cache", method, path, "")])
-    };
+    let ttl =
+        |method: &str, path: &str| -> i64 { redis.cmd(&["TTL", &http_key(addr, method, path)]) };
     assert!(
         (8..=10).contains(&ttl("GET", "/short")),
         "short ttl {}",
@@ -752,7 +751,7 @@ async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
     );
     assert!((298..=300).contains(&ttl("POST", "/long")));
     assert_eq!(
-        redis.cmd::<i64>(&["EXISTS", &cache_key("http-cache", "POST", "/short", "")]),
+        redis.cmd::<i64>(&["EXISTS", &http_key(addr, "POST", "/short")]),
         0
     );
 }
@@ -766,7 +765,7 @@ async fn a_corrupt_entry_is_a_miss_and_is_overwritten() {
         calls.clone(),
     ))
     .await;
-    let key = cache_key("http-cache", "GET", "/items/1", "");
+    let key = http_key(addr, "GET", "/items/1");
     for junk in ["not an entry", "TRC\u{1}\u{0}\u{0}", ""] {
         let _: () = redis.cmd(&["SET", &key, junk]);
         let reply = fetch(addr, "/items/1").await;
@@ -959,10 +958,17 @@ async fn the_invalidator_drops_one_url_and_works_on_the_memory_store() {
     fetch(addr, "/products/3").await;
     get_until_hit(addr, "/products/2?a=1&b=2", &[]).await;
     get_until_hit(addr, "/products/3", &[]).await;
-    assert!(invalidator
-        .invalidate(&"/products/2?b=2&a=1".parse().unwrap())
-        .await
-        .unwrap());
+    let relative = "/products/2?a=1&b=2".parse().unwrap();
+    let error = (invalidator.invalidate(&relative).await)
+        .expect_err("a relative URL cannot name a host-keyed entry");
+    assert_eq!(error.kind(), tower_redis_cache::ErrorKind::InvalidInput);
+    let other_order = format!("http://{addr}/products/2?b=2&a=1").parse().unwrap();
+    assert!(
+        !invalidator.invalidate(&other_order).await.unwrap(),
+        "raw queries are keys"
+    );
+    let url = format!("http://{addr}/products/2?a=1&b=2").parse().unwrap();
+    assert!(invalidator.invalidate(&url).await.unwrap());
     assert_eq!(
         fetch(addr, "/products/2?a=1&b=2").await.x_cache(),
         Some("MISS")

@@ -10,7 +10,7 @@ use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use common::{cache_key, fetch, get_until_hit, serve, Counter, RedisServer};
+use common::{cache_key, fetch, get_until_hit, http_key, serve, Counter, RedisServer};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, RedisStore};
@@ -138,7 +138,10 @@ async fn a_crashed_lock_holder_blocks_others_only_until_the_lock_expires() {
         .coalesce_timeout(Duration::from_secs(30));
     let app = slow_app(layer, calls.clone(), Duration::ZERO);
     // The lock a crashed instance left behind: its owner will never release it.
-    let lock = format!("{}:lock", cache_key("http-cache", "GET", "/hot", ""));
+    let lock = format!(
+        "{}:lock",
+        cache_key("http-cache", "GET", None, "/hot", None)
+    );
     let _: () = redis.cmd(&["SET", &lock, "token-of-a-dead-process", "PX", "1000"]);
     let started = Instant::now();
     let replies = burst(app, 20, "/hot").await;
@@ -306,7 +309,7 @@ async fn the_response_stale_while_revalidate_directive_is_honoured() {
     let addr = serve(app).await;
     fetch(addr, "/r").await;
     get_until_hit(addr, "/r", &[]).await;
-    let ttl: i64 = redis.cmd(&["TTL", &cache_key("http-cache", "GET", "/r", "")]);
+    let ttl: i64 = redis.cmd(&["TTL", &http_key(addr, "GET", "/r")]);
     assert!(
         ttl > 25,
         "the store keeps the entry for its grace too: ttl {ttl}"
@@ -420,12 +423,7 @@ async fn ttl_jitter_spreads_expiry() {
     }
     redis.wait_for_keys(30).await;
     let mut ttls: Vec<i64> = (0..30)
-        .map(|i| {
-            redis.cmd(&[
-                "TTL",
-                &cache_key("http-cache", "GET", &format!("/items/{i}"), ""),
-            ])
-        })
+        .map(|i| redis.cmd(&["TTL", &http_key(addr, "GET", &format!("/items/{i}"))]))
         .collect();
     assert!(ttls.iter().all(|t| (499..=1000).contains(t)), "{ttls:?}");
     ttls.sort();

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
@@ -13,18 +14,63 @@ use super::{Store, StoreFuture};
 /// An embedded, bounded, in-process store (moka) with per-entry TTL.
 ///
 /// Cloning is cheap and clones share the same entries. Entries are evicted when the bound is
-/// reached (TinyLFU admission, LRU eviction) and expire after their TTL.
+/// reached (TinyLFU admission, LRU eviction) and expire after their TTL. The bound counts
+/// each entry's key, value and tags plus an estimate of the bookkeeping around them, and a
+/// tag's record of an entry goes when the entry goes, so the process's memory follows the
+/// bound (see the README's "Security and failure modes" for the measured factor).
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Value>,
-    /// Tag set name -> keys stored with that tag (pruned of evicted keys as it grows).
-    tags: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    tags: TagIndex,
 }
+
+/// Tag set name -> keys stored with that tag. An entry leaves its tag sets when it is
+/// evicted, expires or is removed.
+type TagIndex = Arc<Mutex<HashMap<String, HashSet<String>>>>;
 
 #[derive(Clone)]
 struct Value {
     bytes: Bytes,
     ttl: Duration,
+    /// The tag sets the entry is recorded in.
+    tags: Option<Arc<[String]>>,
+}
+
+impl Value {
+    /// What the entry costs against the bound: its bytes, and an estimate of moka's node,
+    /// the key's and value's allocations and the tag index's records.
+    fn weight(&self, key: &str) -> u64 {
+        let tags = self.tags.as_deref().unwrap_or_default();
+        let tag_bytes: usize = tags
+            .iter()
+            .map(|t| t.len() + key.len() + TAG_OVERHEAD)
+            .sum();
+        (key.len() + self.bytes.len() + ENTRY_OVERHEAD + tag_bytes) as u64
+    }
+}
+
+/// Bytes of bookkeeping per entry beyond its key and value (moka's node and timer wheel
+/// entry, the key's `String`, the value's `Bytes`, allocator rounding), measured with
+/// `examples/memory_bound.rs`.
+const ENTRY_OVERHEAD: usize = 320;
+
+/// Bytes of bookkeeping per tag record (a hash set slot and the key's copy in it).
+const TAG_OVERHEAD: usize = 64;
+
+fn lock(tags: &TagIndex) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+    tags.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drops `key` from the tag sets `tags`, and any set left empty.
+fn unrecord(index: &mut HashMap<String, HashSet<String>>, key: &str, tags: &[String]) {
+    for tag in tags {
+        if let Some(members) = index.get_mut(tag) {
+            members.remove(key);
+            if members.is_empty() {
+                index.remove(tag);
+            }
+        }
+    }
 }
 
 /// Expires each entry after the TTL it was stored with.
@@ -75,18 +121,25 @@ impl MemoryStoreBuilder {
             // weights sum to at most max_bytes, so there are at most max_entries entries.
             (Some(entries), Some(bytes)) => (bytes, Some((bytes / entries).max(1))),
         };
+        let tags = TagIndex::default();
+        let index = tags.clone();
         let mut builder = Cache::builder()
             .max_capacity(capacity)
-            .expire_after(PerEntryTtl);
+            .expire_after(PerEntryTtl)
+            // A replaced entry's tag records are updated by the write that replaced it.
+            .eviction_listener(move |key: Arc<String>, value: Value, cause| {
+                if let (Some(tags), false) = (&value.tags, cause == RemovalCause::Replaced) {
+                    unrecord(&mut lock(&index), &key, tags);
+                }
+            });
         if let Some(floor) = floor {
             builder = builder.weigher(move |key: &String, value: &Value| {
-                let size = (key.len() + value.bytes.len()) as u64;
-                u32::try_from(size.max(floor)).unwrap_or(u32::MAX)
+                u32::try_from(value.weight(key).max(floor)).unwrap_or(u32::MAX)
             });
         }
         MemoryStore {
             cache: builder.build(),
-            tags: Arc::default(),
+            tags,
         }
     }
 }
@@ -108,6 +161,21 @@ impl MemoryStore {
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
+    }
+
+    /// How many keys the tag index records, over all tags (for tests and health checks).
+    pub fn tag_records(&self) -> usize {
+        self.cache.run_pending_tasks();
+        lock(&self.tags).values().map(HashSet::len).sum()
+    }
+
+    fn insert(&self, key: &str, bytes: Bytes, ttl: Duration, tags: Option<Arc<[String]>>) {
+        // A zero TTL means "do not keep", in every store.
+        if !ttl.is_zero() {
+            let ttl = crate::policy::clamp(ttl);
+            self.cache
+                .insert(key.to_owned(), Value { bytes, ttl, tags });
+        }
     }
 }
 
@@ -132,10 +200,7 @@ impl Store for MemoryStore {
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
-        if !ttl.is_zero() {
-            let value = Value { bytes: value, ttl };
-            self.cache.insert(key.to_owned(), value);
-        }
+        self.insert(key, value, ttl, None);
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -151,25 +216,55 @@ impl Store for MemoryStore {
         ttl: Duration,
         tag_keys: &'a [String],
     ) -> StoreFuture<'a, ()> {
-        let stored = self.set(key, value, ttl);
-        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
-        for tag_key in tag_keys {
-            let members = tags.entry(tag_key.clone()).or_default();
-            members.insert(key.to_owned());
-            if members.len() >= PRUNE_AT && members.len().is_power_of_two() {
-                members.retain(|member| self.cache.contains_key(member));
+        // Never call the cache while holding the index: its eviction listener takes the
+        // index, and may run inside any cache call.
+        let old_tags = self.cache.get(key).and_then(|v| v.tags);
+        let new_tags: Option<Arc<[String]>> = (!tag_keys.is_empty()).then(|| tag_keys.into());
+        self.insert(key, value, ttl, new_tags);
+        let mut grown = Vec::new();
+        {
+            let mut index = lock(&self.tags);
+            if let Some(old) = old_tags {
+                let dropped: Vec<String> = old
+                    .iter()
+                    .filter(|tag| !tag_keys.contains(tag))
+                    .cloned()
+                    .collect();
+                unrecord(&mut index, key, &dropped);
+            }
+            if !ttl.is_zero() {
+                for tag_key in tag_keys {
+                    let members = index.entry(tag_key.clone()).or_default();
+                    if members.insert(key.to_owned())
+                        && members.len() >= PRUNE_AT
+                        && members.len().is_power_of_two()
+                    {
+                        grown.push(tag_key.clone());
+                    }
+                }
             }
         }
-        stored
+        // An entry evicted between its insert and its record above leaves a record behind;
+        // sweep such records when a set doubles, so they stay a small fraction of it.
+        for tag_key in grown {
+            let members: Vec<String> = lock(&self.tags)
+                .get(&tag_key)
+                .map(|m| m.iter().cloned().collect())
+                .unwrap_or_default();
+            let dead: Vec<String> = members
+                .into_iter()
+                .filter(|m| !self.cache.contains_key(m))
+                .collect();
+            let mut index = lock(&self.tags);
+            for key in &dead {
+                unrecord(&mut index, key, std::slice::from_ref(&tag_key));
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
-        let members = self
-            .tags
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(tag_key)
-            .unwrap_or_default();
+        let members = lock(&self.tags).remove(tag_key).unwrap_or_default();
         let removed = members
             .iter()
             .filter(|key| self.cache.remove(key.as_str()).is_some())

@@ -47,6 +47,7 @@ struct Shared {
     connection_timeout: Duration,
     op_timeout: Duration,
     backoff: Duration,
+    max_value_bytes: usize,
     epoch: Instant,
     /// Milliseconds since `epoch` before which operations fail fast; 0 when healthy.
     down_until_ms: AtomicU64,
@@ -87,6 +88,7 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     op_timeout: Duration,
     backoff: Duration,
+    max_value_bytes: usize,
 }
 
 /// The default number of connections: one. A multiplexed connection pipelines every command
@@ -94,6 +96,10 @@ pub struct RedisStoreBuilder {
 /// machine (2 cores) four connections cost the server and Redis 20-60% more CPU per hit than
 /// one, because each socket read and write then carries fewer commands.
 const DEFAULT_CONNECTIONS: u32 = 1;
+
+/// The default write size limit: a value this large takes a few milliseconds on a local
+/// network; a 64 MiB one took longer than the whole operation timeout.
+const DEFAULT_MAX_VALUE_BYTES: usize = 8 * 1024 * 1024;
 
 impl RedisStoreBuilder {
     /// How many multiplexed connections the store opens and spreads its commands over, in
@@ -119,10 +125,21 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// After a connection failure or a timeout, how long operations fail at once before the
-    /// server is tried again (default 500 ms; zero disables it).
+    /// After a connection-level failure (the server refused or dropped the connection, or
+    /// connecting failed or timed out), how long operations fail at once before the server is
+    /// tried again (default 500 ms; zero disables it). A single slow command is not one: it
+    /// costs its own request a miss and its connection is replaced, but other requests carry
+    /// on.
     pub fn failure_backoff(mut self, backoff: Duration) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// The largest value the store writes (default 8 MiB); a larger one is refused at once
+    /// with [`ErrorKind::InvalidInput`] instead of holding up the commands queued behind it
+    /// on the shared connection.
+    pub fn max_value_bytes(mut self, limit: usize) -> Self {
+        self.max_value_bytes = limit;
         self
     }
 
@@ -162,6 +179,7 @@ impl RedisStoreBuilder {
                 connection_timeout: self.connection_timeout,
                 op_timeout: self.op_timeout,
                 backoff: self.backoff,
+                max_value_bytes: self.max_value_bytes,
                 epoch: Instant::now(),
                 down_until_ms: AtomicU64::new(0),
             }),
@@ -195,6 +213,7 @@ impl RedisStore {
             connection_timeout: Duration::from_millis(250),
             op_timeout: Duration::from_millis(100),
             backoff: Duration::from_millis(500),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
         }
     }
 
@@ -235,10 +254,14 @@ impl RedisStore {
         let index = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
         let slot = &shared.slots[index];
         let mut used = None;
+        let mut connect_failed = false;
         let outcome = tokio::time::timeout(shared.op_timeout, async {
             let (generation, conn) = match slot.current() {
                 Some(current) => current,
-                None => self.open_slot(index).await?,
+                None => self
+                    .open_slot(index)
+                    .await
+                    .inspect_err(|_| connect_failed = true)?,
             };
             used = Some(generation);
             let result = run(conn).await;
@@ -250,6 +273,7 @@ impl RedisStore {
             result.map_err(classify)
         })
         .await;
+        let timed_out = outcome.is_err();
         let result = outcome.unwrap_or_else(|_| {
             // A connection that stopped answering may be half-open (a peer gone without a
             // reset, a failed-over address): replace it rather than wait on it forever.
@@ -261,12 +285,30 @@ impl RedisStore {
                 format!("Redis operation took longer than {:?}", shared.op_timeout),
             ))
         });
-        if let Err(e) = &result {
-            if matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Timeout) {
-                shared.back_off();
-            }
+        // Back off only when the server itself is unreachable: connecting failed or timed
+        // out, or the connection was refused or broke. One slow command (a large value) must
+        // not fail every other request for the back-off period.
+        let still_connecting = timed_out && used.is_none();
+        let unreachable = matches!(&result, Err(e) if e.kind() == ErrorKind::Unreachable);
+        if connect_failed || still_connecting || unreachable {
+            shared.back_off();
         }
         result
+    }
+
+    /// Refuses a value over the write size limit.
+    fn check_size(&self, value: &[u8]) -> Result<()> {
+        let limit = self.shared.max_value_bytes;
+        if value.len() > limit {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "value of {} bytes is over the store's limit of {limit} bytes",
+                    value.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Opens the connection of slot `index` unless another command already did. The connect
@@ -322,10 +364,21 @@ impl Shared {
 
     fn back_off(&self) {
         if !self.backoff.is_zero() {
-            let until = (self.epoch.elapsed() + self.backoff).as_millis() as u64;
+            let until = self
+                .epoch
+                .elapsed()
+                .saturating_add(self.backoff)
+                .as_millis();
+            let until = u64::try_from(until).unwrap_or(u64::MAX);
             self.down_until_ms.store(until, Ordering::Relaxed);
         }
     }
+}
+
+/// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s.
+pub(crate) fn px(ttl: Duration) -> u64 {
+    let millis = crate::policy::clamp(ttl).as_millis();
+    u64::try_from(millis).unwrap_or(u64::MAX).max(1)
 }
 
 fn classify(e: RedisError) -> Error {
@@ -381,8 +434,9 @@ impl Store for RedisStore {
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            self.check_size(&value)?;
             // Redis rejects PX 0; a zero TTL means "do not keep".
-            let millis = ttl.as_millis().max(1) as u64;
+            let millis = px(ttl);
             self.query(
                 ::redis::cmd("SET")
                     .arg(key)
@@ -412,12 +466,13 @@ impl Store for RedisStore {
             return self.set(key, value, ttl);
         }
         Box::pin(async move {
+            self.check_size(&value)?;
             let mut eval = ::redis::cmd("EVAL");
             eval.arg(SET_TAGGED_SCRIPT).arg(1 + tag_keys.len()).arg(key);
             for tag_key in tag_keys {
                 eval.arg(tag_key);
             }
-            eval.arg(&value[..]).arg(ttl.as_millis().max(1) as u64);
+            eval.arg(&value[..]).arg(px(ttl));
             let _: i64 = self.query(&eval).await?;
             Ok(())
         })
@@ -452,7 +507,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let millis = ttl.as_millis().max(1) as u64;
+            let millis = px(ttl);
             let taken: Option<String> = self
                 .query(
                     ::redis::cmd("SET")

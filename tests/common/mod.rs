@@ -295,9 +295,41 @@ impl Counter {
     }
 }
 
-/// The md5-based key the layer uses for `METHOD:PATH:QUERY` under `prefix`.
-pub fn cache_key(prefix: &str, method: &str, path: &str, sorted_query: &str) -> String {
+/// The key the layer uses for a GET-like request, computed from the documented encoding:
+/// `{prefix}:{md5 hex}` of "trc-key-v2" then, for each field (method, authority, path,
+/// query, extra), a tag byte and either `0` (absent) or `1`, a u32 big-endian length and the
+/// bytes.
+pub fn cache_key(
+    prefix: &str,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    query: Option<&str>,
+) -> String {
     use md5::{Digest, Md5};
-    let digest = Md5::digest(format!("{method}:{path}:{sorted_query}").as_bytes());
-    format!("{prefix}:{digest:x}")
+    let mut hasher = Md5::new();
+    hasher.update(b"trc-key-v2");
+    let fields: [(u8, Option<&str>); 5] = [
+        (b'm', Some(method)),
+        (b'a', host),
+        (b'p', Some(path)),
+        (b'q', query),
+        (b'x', None),
+    ];
+    for (tag, value) in fields {
+        match value {
+            None => hasher.update([tag, 0]),
+            Some(v) => {
+                hasher.update([tag, 1]);
+                hasher.update((v.len() as u32).to_be_bytes());
+                hasher.update(v.as_bytes());
+            }
+        }
+    }
+    format!("{prefix}:{:x}", hasher.finalize())
+}
+
+/// The key of `path` (no query) requested over HTTP from a server at `addr`.
+pub fn http_key(addr: SocketAddr, method: &str, path: &str) -> String {
+    cache_key("http-cache", method, Some(&addr.to_string()), path, None)
 }
