@@ -17,6 +17,8 @@ mod key;
 mod layer;
 mod lookup;
 mod policy;
+#[cfg(test)]
+mod properties;
 mod service;
 pub mod store;
 mod write;

@@ -52,10 +52,10 @@ impl Value {
 /// Bytes of bookkeeping per entry beyond its key and value (moka's node and timer wheel
 /// entry, the key's `String`, the value's `Bytes`, allocator rounding), measured with
 /// `examples/memory_bound.rs`.
-const ENTRY_OVERHEAD: usize = 320;
+const ENTRY_OVERHEAD: usize = 640;
 
 /// Bytes of bookkeeping per tag record (a hash set slot and the key's copy in it).
-const TAG_OVERHEAD: usize = 64;
+const TAG_OVERHEAD: usize = 96;
 
 fn lock(tags: &TagIndex) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
     tags.lock().unwrap_or_else(|e| e.into_inner())
