@@ -1,5 +1,6 @@
-//! Request coalescing: one handler call per cold key, in one process (single-flight over a
-//! map of in-flight keys) and, when enabled, across processes (a short lock in the store).
+//! Request coalescing: one computation per cold key, in one process (single-flight over a
+//! map of in-flight keys) and across processes (a short lock in the store). The request flow
+//! decides who may reuse what (see `flow::join`); this module only runs the protocol.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -7,15 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::HeaderMap;
 use tokio::sync::watch;
 
-use crate::conditional;
 use crate::entry::CachedResponse;
 use crate::key;
-use crate::layer::Config;
-use crate::lookup::{fresh_entry, judge};
-use crate::policy::{RequestPlan, Verdict};
 use crate::store::Store;
 
 /// A response one request produced and its concurrent twins may reuse.
@@ -37,17 +33,6 @@ impl Shared {
             response,
             variant,
         }
-    }
-
-    /// Whether a request with `headers` for base key `key` would get this same variant.
-    /// Whether a request with `headers` for base key `key` may be given this response: the
-    /// same variant, in a content coding it accepts.
-    fn fits(&self, key: &str, headers: &HeaderMap) -> bool {
-        let same_variant = match &self.variant {
-            None => true,
-            Some((names, variant_key)) => key::variant_key(key, names, headers) == *variant_key,
-        };
-        same_variant && conditional::accepts_encoding(headers, &self.response.headers)
     }
 }
 
@@ -106,17 +91,11 @@ impl Flights {
 }
 
 /// Waits for the leader's outcome, at most `timeout`. `None` when the leader's response was
-/// not shareable (not storable, failed, abandoned), for another variant, or too slow: the
-/// caller then calls the handler itself.
-pub(crate) async fn follow(
-    mut rx: watch::Receiver<Outcome>,
-    timeout: Duration,
-    key: &str,
-    headers: &HeaderMap,
-) -> Option<CachedResponse> {
+/// not shareable (not storable, failed, abandoned) or too slow: the caller then calls the
+/// handler itself.
+pub(crate) async fn follow(mut rx: watch::Receiver<Outcome>, timeout: Duration) -> Outcome {
     let outcome = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
-    let shared = outcome.ok()?.ok()?.clone()?;
-    shared.fits(key, headers).then(|| shared.response.clone())
+    outcome.ok()?.ok()?.clone()
 }
 
 /// The leader's duty: share the outcome with followers, then leave the flight (and release
@@ -154,13 +133,13 @@ impl Lead {
     }
 
     /// Another instance stored the response: give it to this process's waiters too.
-    fn hand_over(
+    pub(crate) fn hand_over(
         mut self,
         (response, variant): (CachedResponse, Option<key::Variant>),
-    ) -> Coalesced {
+    ) -> CachedResponse {
         self.share(Shared::new(response.clone(), variant));
         self.written();
-        Coalesced::Hit(response)
+        response
     }
 
     /// Keeps the cross-process lock until this lead is dropped.
@@ -282,87 +261,6 @@ pub(crate) fn new_token() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// A random fraction in [0, 1) from the standard library's per-instance hash keys: enough
-/// to spread expiry times, no cryptographic strength needed.
-pub(crate) fn random_fraction() -> f64 {
-    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// How a cold-key request proceeds.
-pub(crate) enum Coalesced {
-    /// Another request (in this process or another) produced the response.
-    Hit(CachedResponse),
-    /// This request calls the handler and shares the result.
-    Lead(Lead),
-    /// This request calls the handler on its own (coalescing off, or waiting gave up).
-    Alone,
-}
-
-/// Makes concurrent misses for one key wait for a single handler call: in this process
-/// through the flight map, across processes (when enabled) through a lock in the store.
-///
-/// A waiter is only handed a response it could have been served from the store: fresh for
-/// its own request directives, not one that needs validation first (`no-cache`), of its
-/// variant and in a coding it accepts. Otherwise it calls the handler itself.
-pub(crate) async fn coalesce(
-    config: &Config,
-    plan: &RequestPlan,
-    key: &str,
-    headers: &HeaderMap,
-    looked_up_at: u64,
-) -> Coalesced {
-    let rules = &config.rules;
-    if !rules.coalesce {
-        return Coalesced::Alone;
-    }
-    let mut lead = match config.flights.join(key, looked_up_at) {
-        Role::Follower(rx) => {
-            return match follow(rx, rules.coalesce_timeout, key, headers).await {
-                Some(hit) if judge(config, plan, &hit) == Verdict::Fresh => Coalesced::Hit(hit),
-                _ => Coalesced::Alone,
-            };
-        }
-        Role::Leader(lead) => lead,
-    };
-    if !rules.lock_across_instances {
-        return Coalesced::Lead(lead);
-    }
-    // Another instance may be computing this key: take its lock, or wait for its entry.
-    let deadline = tokio::time::Instant::now() + rules.coalesce_timeout;
-    loop {
-        match Lock::try_acquire(&config.store, key, rules.lock_ttl).await {
-            Ok(Some(lock)) => {
-                // The previous holder may have just stored the entry and released the lock.
-                if let Some(found) = fresh_entry(config, key, headers).await {
-                    if judge(config, plan, &found.0) == Verdict::Fresh {
-                        return lead.hand_over(found);
-                    }
-                }
-                lead.hold(lock);
-                return Coalesced::Lead(lead);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(key, error = %e, "cache lock unavailable; calling the handler");
-                return Coalesced::Lead(lead);
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Coalesced::Lead(lead);
-        }
-        tokio::time::sleep(LOCK_POLL_INTERVAL).await;
-        if let Some(found) = fresh_entry(config, key, headers).await {
-            // An entry that needs validation before use is validated by this request's own
-            // handler call, not handed over.
-            if judge(config, plan, &found.0) != Verdict::Fresh {
-                return Coalesced::Lead(lead);
-            }
-            return lead.hand_over(found);
-        }
-    }
 }
 
 /// How often an instance waiting on another's lock looks for the entry.

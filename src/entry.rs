@@ -22,7 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
-use crate::policy;
+use crate::settings::{clamp, MAX_DELTA_SECS};
 
 const MAGIC: &[u8; 3] = b"TRC";
 const VERSION: u8 = 1;
@@ -122,7 +122,7 @@ impl CachedResponse {
         buf.put_u8(VERSION);
         buf.put_u8(KIND_RESPONSE);
         buf.put_u64(stored_at_ms);
-        buf.put_u64(policy::clamp(ttl).as_millis() as u64);
+        buf.put_u64(clamp(ttl).as_millis() as u64);
         buf.put_u16(status.as_u16());
         buf.put_u32(headers.len() as u32);
         for (name, value) in headers {
@@ -153,6 +153,15 @@ pub(crate) fn encode_variants(names: &[HeaderName]) -> Bytes {
         buf.put_slice(name.as_str().as_bytes());
     }
     buf.freeze()
+}
+
+/// Whether a response with `status` can be replayed from a store at all: a final status
+/// (200-599) other than 206, which holds part of a body and would be replayed as the whole,
+/// and 304, which only confirms another response.
+pub(crate) fn storable_status(status: StatusCode) -> bool {
+    (200..=599).contains(&status.as_u16())
+        && status != StatusCode::PARTIAL_CONTENT
+        && status != StatusCode::NOT_MODIFIED
 }
 
 /// A cursor over the stored bytes that fails instead of reading past the end.
@@ -219,12 +228,12 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
         KIND_RESPONSE => {
             let stored_at_ms = r.u64()?;
             let ttl = Duration::from_millis(r.u64()?);
-            if ttl > Duration::from_secs(policy::MAX_DELTA_SECS) {
+            if ttl > Duration::from_secs(MAX_DELTA_SECS) {
                 return Err(DecodeError("TTL beyond 2^31 s"));
             }
             let status =
                 StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status code"))?;
-            if !policy::storable_status(status) {
+            if !storable_status(status) {
                 return Err(DecodeError("status a cache never replays"));
             }
             let count = r.u32()? as usize;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use http::{Method, Uri};
 
-use crate::key::Keying;
+use crate::key::{self, Keying};
 use crate::store::Store;
 use crate::{Error, ErrorKind, Result};
 
@@ -42,7 +42,7 @@ impl Invalidator {
     /// header); returns how many entries were removed.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         self.store
-            .invalidate_tag(&tag_key(&self.key_prefix, tag))
+            .invalidate_tag(&key::tag_key(&self.key_prefix, tag))
             .await
     }
 
@@ -76,10 +76,4 @@ impl std::fmt::Debug for Invalidator {
             .field("key_prefix", &self.key_prefix)
             .finish_non_exhaustive()
     }
-}
-
-/// The store key of a tag's set: `{prefix}:__tag:{tag}`, where [`RedisCache`](crate::RedisCache)
-/// with the same prefix keeps its tags too.
-pub(crate) fn tag_key(prefix: &str, tag: &str) -> String {
-    format!("{prefix}:__tag:{tag}")
 }

@@ -214,6 +214,12 @@ fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     cookies(headers).find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
+/// The store key of a tag's set: `{prefix}:__tag:{tag}`, where [`RedisCache`](crate::RedisCache)
+/// with the same prefix keeps its tags too.
+pub(crate) fn tag_key(prefix: &str, tag: &str) -> String {
+    format!("{prefix}:__tag:{tag}")
+}
+
 /// A stored variant of a response with `Vary`: the normalized header names and the variant's
 /// own key.
 pub(crate) type Variant = (Vec<HeaderName>, String);

@@ -6,11 +6,11 @@ use std::time::Duration;
 use http::Method;
 use tower_layer::Layer;
 
-use crate::coalesce::Flights;
+use crate::flow::config::Config;
+use crate::flow::service::CacheService;
 use crate::invalidate::Invalidator;
 use crate::key::Keying;
-use crate::policy::{clamp, Rules, StatusSet};
-use crate::service::CacheService;
+use crate::settings::{clamp, Rules, StatusSet};
 use crate::store::Store;
 
 /// A tower [`Layer`] that caches responses of the wrapped service in a [`Store`].
@@ -28,47 +28,6 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct CacheLayer {
     config: Arc<Config>,
-}
-
-/// Everything a `CacheService` needs, shared by all its clones.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) rules: Rules,
-    pub(crate) key_prefix: String,
-    pub(crate) keying: Keying,
-    pub(crate) flights: Arc<Flights>,
-    /// Tags given to every response this layer stores.
-    pub(crate) tags: Arc<[String]>,
-    /// Background writes in flight, bounded by `rules.max_pending_writes`.
-    pub(crate) pending_writes: Arc<WriteBudget>,
-}
-
-/// Counts the background writes in flight, so a miss storm against a slow store cannot
-/// queue unbounded memory: past the limit, responses are served but not stored.
-#[derive(Debug, Default)]
-pub(crate) struct WriteBudget(std::sync::atomic::AtomicUsize);
-
-impl WriteBudget {
-    /// Takes a slot if fewer than `limit` writes are in flight.
-    pub(crate) fn try_take(self: &Arc<Self>, limit: usize) -> Option<WriteSlot> {
-        use std::sync::atomic::Ordering;
-        let taken = self.0.fetch_add(1, Ordering::AcqRel);
-        if taken >= limit {
-            self.0.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(WriteSlot(self.clone()))
-    }
-}
-
-/// One background write in flight; frees its slot when dropped.
-pub(crate) struct WriteSlot(Arc<WriteBudget>);
-
-impl Drop for WriteSlot {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 impl CacheLayer {

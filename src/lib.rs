@@ -4,33 +4,33 @@
 #![deny(unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod answer;
-mod body;
+// Modules from the top (what users build) down to what everything reads; no module imports
+// from one above it.
+mod cache_control;
 #[cfg(feature = "redis")]
 mod client;
 mod coalesce;
-mod conditional;
 mod entry;
 mod error;
+mod flow;
 mod invalidate;
 mod key;
 mod layer;
-mod lookup;
-mod policy;
+mod rules;
+mod settings;
+pub mod store;
+
 #[cfg(test)]
 mod properties;
-mod service;
-pub mod store;
-mod write;
 
-pub use answer::X_CACHE;
-pub use body::CacheBody;
 #[cfg(feature = "redis")]
 pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
+pub use flow::answer::X_CACHE;
+pub use flow::body::CacheBody;
+pub use flow::service::{CacheService, ResponseFuture};
 pub use invalidate::Invalidator;
 pub use layer::CacheLayer;
-pub use service::{CacheService, ResponseFuture};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "redis")]
@@ -52,7 +52,9 @@ pub mod __bench {
     use bytes::Bytes;
     use http::{HeaderMap, Method, StatusCode, Uri};
 
-    use crate::policy::{self, CacheControl, Rules};
+    use crate::cache_control::CacheControl;
+    use crate::rules::request;
+    use crate::settings::Rules;
 
     /// `key::base_key` of a request for `uri` on `host`.
     pub fn base_key(prefix: &str, method: &Method, host: &str, uri: &Uri) -> String {
@@ -84,7 +86,7 @@ pub mod __bench {
         crate::entry::decode(bytes)
     }
 
-    /// `policy::CacheControl::parse`; the parsed value is opaque.
+    /// `CacheControl::parse`; the parsed value is opaque.
     pub fn parse_cache_control(headers: &HeaderMap) -> impl std::fmt::Debug {
         CacheControl::parse(headers)
     }
@@ -93,12 +95,12 @@ pub mod __bench {
     #[derive(Debug, Default)]
     pub struct BenchRules(Rules);
 
-    /// `policy::classify_request`; the action is opaque.
+    /// `rules::request::classify_request`; the action is opaque.
     pub fn classify_request(
         rules: &BenchRules,
         method: &Method,
         headers: &HeaderMap,
     ) -> impl std::fmt::Debug {
-        policy::classify_request(&rules.0, method, headers)
+        request::classify_request(&rules.0, method, headers)
     }
 }

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use proptest::prelude::*;
 
+use crate::cache_control::CacheControl;
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key::{base_key, KeyFields};
-use crate::policy::{CacheControl, MAX_DELTA_SECS};
+use crate::settings::MAX_DELTA_SECS;
 
 /// 512 cases per property in the suite (a fraction of a second), or `PROPTEST_CASES`.
 fn config() -> ProptestConfig {
@@ -43,7 +44,7 @@ fn sample_entry(status: u16, body: &[u8], ttl_ms: u64) -> Bytes {
 /// What a decoded entry must satisfy, whatever bytes it came from.
 fn assert_meaningful(value: &StoredValue) {
     if let StoredValue::Response(r) = value {
-        assert!(crate::policy::storable_status(r.status), "{:?}", r.status);
+        assert!(crate::entry::storable_status(r.status), "{:?}", r.status);
         assert!(r.ttl <= Duration::from_secs(MAX_DELTA_SECS));
         for name in entry::CONNECTION_HEADERS {
             assert!(!r.headers.contains_key(name));

@@ -172,7 +172,7 @@ impl MemoryStore {
     fn insert(&self, key: &str, bytes: Bytes, ttl: Duration, tags: Option<Arc<[String]>>) {
         // A zero TTL means "do not keep", in every store.
         if !ttl.is_zero() {
-            let ttl = crate::policy::clamp(ttl);
+            let ttl = crate::settings::clamp(ttl);
             self.cache
                 .insert(key.to_owned(), Value { bytes, ttl, tags });
         }

@@ -377,7 +377,7 @@ impl Shared {
 
 /// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s.
 pub(crate) fn px(ttl: Duration) -> u64 {
-    let millis = crate::policy::clamp(ttl).as_millis();
+    let millis = crate::settings::clamp(ttl).as_millis();
     u64::try_from(millis).unwrap_or(u64::MAX).max(1)
 }
 

@@ -10,15 +10,18 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::answer::{answer, gateway_timeout, label_forwarded, Outcome};
-use crate::body::CacheBody;
-use crate::coalesce::{coalesce, Coalesced, Lock, Role};
-use crate::conditional;
+use crate::coalesce::{Lock, Role};
 use crate::key;
-use crate::layer::Config;
-use crate::lookup::{judge, lookup};
-use crate::policy::{self, BypassReason, RequestAction, Verdict};
-use crate::write::{plan_store, revalidated};
+use crate::rules::conditional;
+use crate::rules::freshness::Verdict;
+use crate::rules::request::{self, BypassReason, RequestAction};
+
+use super::answer::{answer, gateway_timeout, label_forwarded, Outcome};
+use super::body::CacheBody;
+use super::config::Config;
+use super::join::{coalesce, Coalesced};
+use super::lookup::{judge, lookup};
+use super::write::{plan_store, revalidated};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -118,7 +121,7 @@ where
     ResBody: Body + Send + 'static,
 {
     // 1. May this request use the cache at all, and under which key?
-    let plan = policy::classify_request(&config.rules, req.method(), req.headers());
+    let plan = request::classify_request(&config.rules, req.method(), req.headers());
     let (label, method) = match plan.action {
         RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
         RequestAction::Invalidate => return invalidate_after_write(&config, inner, req).await,
@@ -308,7 +311,7 @@ where
         let mut targets = vec![uri.clone()];
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let value = response.headers().get(name);
-            targets.extend(value.and_then(|v| policy::same_origin_target(v, &uri, host)));
+            targets.extend(value.and_then(|v| request::same_origin_target(v, &uri, host)));
         }
         for target in targets {
             let key = config.keying.key_with(

@@ -2,12 +2,14 @@
 
 use http::HeaderMap;
 
-use crate::conditional;
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
-use crate::layer::Config;
-use crate::policy::{self, Verdict};
+use crate::rules::conditional;
+use crate::rules::freshness::{self, Verdict};
+use crate::rules::request::RequestPlan;
 use crate::store::Store;
+
+use super::config::Config;
 
 /// The stored response for the request, following a `Vary` marker to the variant that
 /// matches the request's headers; `None` when absent, unreadable, unreachable, or in a
@@ -23,12 +25,8 @@ pub(crate) async fn lookup(
 }
 
 /// What a stored response is good for, for this request.
-pub(crate) fn judge(
-    config: &Config,
-    plan: &policy::RequestPlan,
-    entry: &CachedResponse,
-) -> Verdict {
-    policy::judge(
+pub(crate) fn judge(config: &Config, plan: &RequestPlan, entry: &CachedResponse) -> Verdict {
+    freshness::judge(
         &config.rules,
         plan,
         &entry.headers,

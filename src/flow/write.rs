@@ -9,16 +9,18 @@ use http::header::{self, HeaderName, CONTENT_LENGTH};
 use http::{HeaderMap, StatusCode};
 use http_body::Body;
 
-use crate::answer::X_CACHE;
-use crate::body::Recorder;
-use crate::coalesce::{self, Lead, Shared};
-use crate::conditional;
+use crate::coalesce::{Lead, Shared};
 use crate::entry::{self, CachedResponse, StoredValue};
-use crate::invalidate;
 use crate::key;
-use crate::layer::{Config, WriteBudget};
-use crate::policy::{self, Vary};
+use crate::rules::conditional;
+use crate::rules::freshness;
+use crate::rules::tags::{self, TAG_HEADERS};
+use crate::rules::vary::{vary_names, Vary};
 use crate::store::Store;
+
+use super::answer::X_CACHE;
+use super::body::Recorder;
+use super::config::{Config, WriteBudget};
 
 /// A recorder that stores the response once its body has streamed through, if the response
 /// may be stored at all.
@@ -32,7 +34,7 @@ pub(crate) fn plan_store<B: Body>(
     authorized: bool,
 ) -> Option<Recorder> {
     let rules = &config.rules;
-    let ttl = policy::storable_ttl(rules, parts.status, &parts.headers, authorized)?;
+    let ttl = freshness::storable_ttl(rules, parts.status, &parts.headers, authorized)?;
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
@@ -86,7 +88,7 @@ pub(crate) fn revalidated(
     lead: Option<Lead>,
 ) -> CachedResponse {
     conditional::merge_not_modified(&mut stale.headers, not_modified);
-    let ttl = policy::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
+    let ttl = freshness::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
     stale.stored_at_ms = entry::now_ms();
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
@@ -130,7 +132,7 @@ impl PendingEntry {
         ttl: Duration,
         lead: Option<Lead>,
     ) -> Option<Self> {
-        let variant = match policy::vary_names(headers) {
+        let variant = match vary_names(headers) {
             Vary::Any => return None,
             Vary::Headers(names) if names.is_empty() => None,
             Vary::Headers(names) => {
@@ -141,17 +143,17 @@ impl PendingEntry {
         let rules = &config.rules;
         // Entries written together should not all expire together.
         let ttl = if rules.ttl_jitter > 0.0 {
-            ttl.mul_f64(1.0 - rules.ttl_jitter * coalesce::random_fraction())
+            ttl.mul_f64(1.0 - rules.ttl_jitter * random_fraction())
         } else {
             ttl
         };
-        let keep = ttl.saturating_add(policy::keep_past_ttl(rules, headers));
+        let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, headers));
         let tag_keys = config
             .tags
             .iter()
             .cloned()
-            .chain(policy::response_tags(headers))
-            .map(|tag| invalidate::tag_key(&config.key_prefix, &tag))
+            .chain(tags::response_tags(headers))
+            .map(|tag| key::tag_key(&config.key_prefix, &tag))
             .collect();
         Some(Self {
             store: config.store.clone(),
@@ -238,11 +240,7 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     for name in listed {
         stored.remove(name);
     }
-    let cache_only = [
-        X_CACHE,
-        policy::TAG_HEADERS[0].clone(),
-        policy::TAG_HEADERS[1].clone(),
-    ];
+    let cache_only = [X_CACHE, TAG_HEADERS[0].clone(), TAG_HEADERS[1].clone()];
     for name in entry::CONNECTION_HEADERS.into_iter().chain(cache_only) {
         stored.remove(name);
     }
@@ -252,4 +250,12 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         stored.insert(header::DATE, conditional::date_now());
     }
     stored
+}
+
+/// A random fraction in [0, 1) from the standard library's per-instance hash keys: enough
+/// to spread expiry times, no cryptographic strength needed.
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }

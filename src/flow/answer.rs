@@ -5,10 +5,13 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AGE, CONTENT_LENGTH};
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::body::CacheBody;
-use crate::conditional;
+use crate::cache_control::TARGETED_HEADERS;
 use crate::entry::{self, CachedResponse};
-use crate::policy::{self, BypassReason};
+use crate::rules::conditional;
+use crate::rules::request::BypassReason;
+use crate::rules::tags::TAG_HEADERS;
+
+use super::body::CacheBody;
 
 /// The header telling clients how the cache handled the request.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -156,7 +159,7 @@ pub(crate) fn label_forwarded(headers: &mut HeaderMap, outcome: Outcome) {
 /// Cache-only headers (tags, CDN-Cache-Control / Surrogate-Control) are for the cache, not
 /// for clients.
 pub(crate) fn strip_cache_only_headers(headers: &mut HeaderMap) {
-    for name in policy::TAG_HEADERS.iter().chain(&policy::TARGETED_HEADERS) {
+    for name in TAG_HEADERS.iter().chain(&TARGETED_HEADERS) {
         headers.remove(name);
     }
 }
@@ -164,7 +167,7 @@ pub(crate) fn strip_cache_only_headers(headers: &mut HeaderMap) {
 /// The cache-only headers a stored response may still carry: tag headers are dropped when
 /// storing, but CDN-Cache-Control / Surrogate-Control are kept to judge the entry.
 pub(crate) fn strip_targeted_headers(headers: &mut HeaderMap) {
-    for name in &policy::TARGETED_HEADERS {
+    for name in &TARGETED_HEADERS {
         headers.remove(name);
     }
 }

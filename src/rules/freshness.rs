@@ -1,0 +1,205 @@
+//! May a response be stored, for how long, and what is a stored response good for (RFC 9111
+//! §3, §4.2, §4.3, RFC 5861).
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{DATE, EXPIRES, SET_COOKIE};
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::cache_control::CacheControl;
+use crate::entry::storable_status;
+use crate::settings::{clamp, Rules};
+
+use super::request::RequestPlan;
+use super::vary::{vary_names, Vary};
+
+/// How long a response may be stored, or `None` if it must not be stored.
+///
+/// `authorized`: the request carried `Authorization`; then only a response marked
+/// shareable may be stored (RFC 9111 §3.5).
+pub(crate) fn storable_ttl(
+    rules: &Rules,
+    status: StatusCode,
+    headers: &HeaderMap,
+    authorized: bool,
+) -> Option<Duration> {
+    if !storable_status(status)
+        || !rules.statuses.contains(status)
+        || headers.contains_key(SET_COOKIE)
+    {
+        return None;
+    }
+    let cc = CacheControl::for_cache(headers);
+    if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
+        return None;
+    }
+    // An event stream is a live feed, not a document: never replay it, and never make
+    // concurrent subscribers wait for it to end.
+    let event_stream = headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    if event_stream {
+        return None;
+    }
+    if matches!(vary_names(headers), Vary::Any) {
+        return None;
+    }
+    let ttl = if rules.honor_origin_ttl {
+        origin_ttl(&cc, headers).unwrap_or(rules.ttl)
+    } else {
+        rules.ttl
+    };
+    // A response with `no-cache` is stored, but validated before every reuse; it needs a
+    // lifetime in the store even when its own is zero.
+    let ttl = if cc.no_cache && ttl.is_zero() {
+        rules.ttl
+    } else {
+        ttl
+    };
+    Some(ttl).filter(|ttl| !ttl.is_zero())
+}
+
+/// The freshness lifetime the origin gave (RFC 9111 §4.2.1): `s-maxage`, else `max-age`,
+/// else `Expires` minus `Date` (an invalid `Expires` means already expired).
+fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
+    if let Some(secs) = cc.s_maxage.or(cc.max_age) {
+        return Some(Duration::from_secs(secs));
+    }
+    let expires = headers.get(EXPIRES)?;
+    // Past 2^31 s the lifetime is clamped like a delta-seconds value.
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers
+        .get(DATE)
+        .and_then(http_date)
+        .unwrap_or_else(SystemTime::now);
+    Some(clamp(
+        expires.duration_since(date).unwrap_or(Duration::ZERO),
+    ))
+}
+
+/// Parses an HTTP date (IMF-fixdate, RFC 850 or asctime).
+pub(crate) fn http_date(value: &HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?).ok()
+}
+
+/// What a stored response is good for, given its age and the request (RFC 9111 §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Serve it.
+    Fresh,
+    /// Stale, but the client accepts it (`max-stale`): serve it, marked stale.
+    StaleAccepted,
+    /// Stale within its stale-while-revalidate grace: serve it and refresh in the background.
+    StaleWhileRevalidate,
+    /// Not servable as is: call the handler (conditionally, when it has validators);
+    /// `if_error`: on a failure or 5xx, serve it instead.
+    Validate { if_error: bool },
+    /// Of no use to this request.
+    Unusable,
+}
+
+/// Judges a stored response for a request.
+pub(crate) fn judge(
+    rules: &Rules,
+    plan: &RequestPlan,
+    stored: &HeaderMap,
+    age: Duration,
+    ttl: Duration,
+) -> Verdict {
+    let cc = CacheControl::for_cache(stored);
+    if plan.authorized && !cc.shareable_when_authorized() {
+        return Verdict::Unusable;
+    }
+    let wants = &plan.directives;
+    let secs = |s: u64| Duration::from_secs(s);
+    let fresh = age < ttl;
+    let acceptable = fresh
+        && !cc.no_cache
+        && wants.max_age.is_none_or(|max| age <= secs(max))
+        && wants
+            .min_fresh
+            .is_none_or(|min| ttl.saturating_sub(age) >= secs(min));
+    if acceptable {
+        return Verdict::Fresh;
+    }
+    if fresh || cc.no_cache {
+        return Verdict::Validate { if_error: false };
+    }
+    let staleness = age.saturating_sub(ttl);
+    if !cc.must_revalidate && !cc.no_cache {
+        if let Some(limit) = wants.max_stale {
+            if limit.is_none_or(|max| staleness <= secs(max)) {
+                return Verdict::StaleAccepted;
+            }
+        }
+    }
+    let grace = grace(rules, stored);
+    if staleness < grace.revalidate && wants.max_age.is_none() && wants.min_fresh.is_none() {
+        Verdict::StaleWhileRevalidate
+    } else {
+        Verdict::Validate {
+            if_error: staleness < grace.if_error,
+        }
+    }
+}
+
+/// How long past its TTL a stored response may still be served (RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Grace {
+    /// Served stale at once while one background refresh runs.
+    pub(crate) revalidate: Duration,
+    /// Served stale when the handler fails or answers 5xx.
+    pub(crate) if_error: Duration,
+}
+
+impl Grace {
+    /// How long the store must keep an entry past its TTL.
+    pub(crate) fn longest(&self) -> Duration {
+        self.revalidate.max(self.if_error)
+    }
+}
+
+/// The grace periods of a stored response: the route's, extended by the response's own
+/// `stale-while-revalidate` / `stale-if-error` when the route honours origin directives, and
+/// none at all under `must-revalidate` / `proxy-revalidate`.
+pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
+    let cc = CacheControl::for_cache(headers);
+    if cc.must_revalidate {
+        return Grace::default();
+    }
+    let origin = |secs: Option<u64>| {
+        rules
+            .honor_origin_ttl
+            .then_some(secs)
+            .flatten()
+            .map_or(Duration::ZERO, Duration::from_secs)
+    };
+    Grace {
+        revalidate: rules
+            .stale_while_revalidate
+            .max(origin(cc.stale_while_revalidate)),
+        if_error: rules.stale_if_error.max(origin(cc.stale_if_error)),
+    }
+}
+
+/// How long past its TTL the store keeps a response: its stale grace, and for a response
+/// with a validator (`ETag` / `Last-Modified`) at least the revalidation window, so that it
+/// can be revalidated with a cheap 304 instead of refetched.
+pub(crate) fn keep_past_ttl(rules: &Rules, headers: &HeaderMap) -> Duration {
+    let grace = grace(rules, headers).longest();
+    let has_validator = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(http::header::LAST_MODIFIED);
+    if has_validator {
+        grace.max(rules.revalidation_window)
+    } else {
+        grace
+    }
+}
