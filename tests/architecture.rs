@@ -65,12 +65,9 @@ fn resolve(segments: &[&str], files: &BTreeMap<String, usize>) -> Option<String>
             return Some(nested);
         }
     }
-    for candidate in [format!("{first}.rs"), format!("{first}/mod.rs")] {
-        if files.contains_key(&candidate) {
-            return Some(candidate);
-        }
-    }
-    None
+    [format!("{first}.rs"), format!("{first}/mod.rs")]
+        .into_iter()
+        .find(|candidate| files.contains_key(candidate))
 }
 
 /// Every crate-internal path a file uses: `crate::a::b` and `super::b` (as `dir/b`), with
