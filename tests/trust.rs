@@ -407,6 +407,9 @@ async fn huge_directive_values_and_durations_never_panic() {
     }
 }
 
+/// A forged entry: status, headers, body.
+type Forged = (u16, &'static [(&'static str, &'static str)], &'static [u8]);
+
 /// An entry in the store's documented binary layout (see `src/entry.rs`), stored now.
 fn forged_entry(status: u16, headers: &[(&str, &str)], body: &[u8], ttl_ms: u64) -> Bytes {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
@@ -477,7 +480,7 @@ async fn entries_a_cache_must_not_replay_are_misses() {
             )
             .layer(CacheLayer::with_shared_store(backend.store.clone()));
         let addr = serve(app).await;
-        let forged: [(u16, &[(&str, &str)], &[u8]); 9] = [
+        let forged: [Forged; 9] = [
             (100, &[], b""),
             (103, &[("link", "</a>; rel=preload")], b""),
             (101, &[("upgrade", "websocket")], b""),
