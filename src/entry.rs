@@ -22,6 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
+use crate::cache_control::CacheControl;
 use crate::settings::{clamp, MAX_DELTA_SECS};
 
 const MAGIC: &[u8; 3] = b"TRC";
@@ -57,6 +58,9 @@ pub(crate) struct CachedResponse {
     /// the entry and compute its age.
     pub(crate) stored_at_ms: u64,
     pub(crate) ttl: Duration,
+    /// The directives this cache obeys, parsed once from `headers` when the entry is decoded
+    /// (every judgement of the entry reads them).
+    pub(crate) directives: CacheControl,
 }
 
 /// What a base key holds: the response itself, or (for a response with `Vary`) the names of
@@ -265,6 +269,7 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
             }
             Ok(StoredValue::Response(CachedResponse {
                 status,
+                directives: CacheControl::for_cache(&headers),
                 headers,
                 body,
                 stored_at_ms,

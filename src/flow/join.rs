@@ -11,7 +11,7 @@ use crate::rules::freshness::Verdict;
 use crate::rules::request::RequestPlan;
 
 use super::config::Config;
-use super::lookup::{fresh_entry, judge};
+use super::lookup::{fresh_entry, judge_entry};
 
 /// How a cold-key request proceeds.
 pub(crate) enum Coalesced {
@@ -45,7 +45,7 @@ pub(crate) async fn coalesce(
             return match follow(rx, rules.coalesce_timeout).await {
                 Some(shared) if fits(&shared, key, headers) => {
                     let hit = shared.response.clone();
-                    if judge(config, plan, &hit) == Verdict::Fresh {
+                    if judge_entry(config, plan, &hit) == Verdict::Fresh {
                         Coalesced::Hit(hit)
                     } else {
                         Coalesced::Alone
@@ -66,7 +66,7 @@ pub(crate) async fn coalesce(
             Ok(Some(lock)) => {
                 // The previous holder may have just stored the entry and released the lock.
                 if let Some(found) = fresh_entry(config, key, headers).await {
-                    if judge(config, plan, &found.0) == Verdict::Fresh {
+                    if judge_entry(config, plan, &found.0) == Verdict::Fresh {
                         return Coalesced::Hit(lead.hand_over(found));
                     }
                 }
@@ -86,7 +86,7 @@ pub(crate) async fn coalesce(
         if let Some(found) = fresh_entry(config, key, headers).await {
             // An entry that needs validation before use is validated by this request's own
             // handler call, not handed over.
-            if judge(config, plan, &found.0) != Verdict::Fresh {
+            if judge_entry(config, plan, &found.0) != Verdict::Fresh {
                 return Coalesced::Lead(lead);
             }
             return Coalesced::Hit(lead.hand_over(found));

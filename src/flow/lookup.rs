@@ -25,11 +25,11 @@ pub(crate) async fn lookup(
 }
 
 /// What a stored response is good for, for this request.
-pub(crate) fn judge(config: &Config, plan: &RequestPlan, entry: &CachedResponse) -> Verdict {
+pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedResponse) -> Verdict {
     freshness::judge(
         &config.rules,
         plan,
-        &entry.headers,
+        &entry.directives,
         entry.elapsed(entry::now_ms()),
         entry.ttl,
     )

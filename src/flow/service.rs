@@ -20,7 +20,7 @@ use super::answer::{answer, gateway_timeout, label_forwarded, Outcome};
 use super::body::CacheBody;
 use super::config::Config;
 use super::join::{coalesce, Coalesced};
-use super::lookup::{judge, lookup};
+use super::lookup::{judge_entry, lookup};
 use super::write::{plan_store, revalidated};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
@@ -137,7 +137,7 @@ where
     };
     if plan.action == RequestAction::HeadLookup {
         if let Some(hit) = lookup(&config, &key, req.headers()).await {
-            if judge(&config, &plan, &hit) == Verdict::Fresh {
+            if judge_entry(&config, &plan, &hit) == Verdict::Fresh {
                 return Ok(answer(hit, req.headers(), false, Outcome::Hit));
             }
         }
@@ -154,7 +154,7 @@ where
     if label == Outcome::Miss {
         let looked_up_at = config.flights.mark();
         if let Some(entry) = lookup(&config, &key, req.headers()).await {
-            match judge(&config, &plan, &entry) {
+            match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => return Ok(answer(entry, req.headers(), true, Outcome::Hit)),
                 Verdict::StaleAccepted => {
                     return Ok(answer(entry, req.headers(), true, Outcome::Stale));

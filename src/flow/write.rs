@@ -9,6 +9,7 @@ use http::header::{self, HeaderName, CONTENT_LENGTH};
 use http::{HeaderMap, StatusCode};
 use http_body::Body;
 
+use crate::cache_control::CacheControl;
 use crate::coalesce::{Lead, Shared};
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
@@ -34,7 +35,9 @@ pub(crate) fn plan_store<B: Body>(
     authorized: bool,
 ) -> Option<Recorder> {
     let rules = &config.rules;
-    let ttl = freshness::storable_ttl(rules, parts.status, &parts.headers, authorized)?;
+    // The response's directives, parsed once for every decision about storing it.
+    let cc = CacheControl::for_cache(&parts.headers);
+    let ttl = freshness::storable_ttl(rules, parts.status, &parts.headers, &cc, authorized)?;
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
@@ -45,7 +48,7 @@ pub(crate) fn plan_store<B: Body>(
         config,
         key,
         request_headers,
-        (parts.status, &parts.headers),
+        (parts.status, &parts.headers, &cc),
         ttl,
         lead,
     )?;
@@ -88,11 +91,18 @@ pub(crate) fn revalidated(
     lead: Option<Lead>,
 ) -> CachedResponse {
     conditional::merge_not_modified(&mut stale.headers, not_modified);
-    let ttl = freshness::storable_ttl(&config.rules, stale.status, &stale.headers, authorized);
+    stale.directives = CacheControl::for_cache(&stale.headers);
+    let ttl = freshness::storable_ttl(
+        &config.rules,
+        stale.status,
+        &stale.headers,
+        &stale.directives,
+        authorized,
+    );
     stale.stored_at_ms = entry::now_ms();
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
-        let response = (stale.status, &stale.headers);
+        let response = (stale.status, &stale.headers, &stale.directives);
         if let Some(pending) = PendingEntry::new(config, key, request_headers, response, ttl, lead)
         {
             pending.store(vec![stale.body.clone()]);
@@ -128,7 +138,7 @@ impl PendingEntry {
         config: &Config,
         key: String,
         request: &HeaderMap,
-        (status, headers): (StatusCode, &HeaderMap),
+        (status, headers, cc): (StatusCode, &HeaderMap, &CacheControl),
         ttl: Duration,
         lead: Option<Lead>,
     ) -> Option<Self> {
@@ -147,7 +157,7 @@ impl PendingEntry {
         } else {
             ttl
         };
-        let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, headers));
+        let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, cc, headers));
         let tag_keys = config
             .tags
             .iter()

@@ -15,12 +15,14 @@ use super::vary::{vary_names, Vary};
 
 /// How long a response may be stored, or `None` if it must not be stored.
 ///
+/// `cc`: the response's directives for this cache, parsed once from `headers`.
 /// `authorized`: the request carried `Authorization`; then only a response marked
 /// shareable may be stored (RFC 9111 §3.5).
 pub(crate) fn storable_ttl(
     rules: &Rules,
     status: StatusCode,
     headers: &HeaderMap,
+    cc: &CacheControl,
     authorized: bool,
 ) -> Option<Duration> {
     if !storable_status(status)
@@ -29,7 +31,6 @@ pub(crate) fn storable_ttl(
     {
         return None;
     }
-    let cc = CacheControl::for_cache(headers);
     if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
         return None;
     }
@@ -51,7 +52,7 @@ pub(crate) fn storable_ttl(
         return None;
     }
     let ttl = if rules.honor_origin_ttl {
-        origin_ttl(&cc, headers).unwrap_or(rules.ttl)
+        origin_ttl(cc, headers).unwrap_or(rules.ttl)
     } else {
         rules.ttl
     };
@@ -106,15 +107,14 @@ pub(crate) enum Verdict {
     Unusable,
 }
 
-/// Judges a stored response for a request.
+/// Judges a stored response, whose directives are `cc`, for a request.
 pub(crate) fn judge(
     rules: &Rules,
     plan: &RequestPlan,
-    stored: &HeaderMap,
+    cc: &CacheControl,
     age: Duration,
     ttl: Duration,
 ) -> Verdict {
-    let cc = CacheControl::for_cache(stored);
     if plan.authorized && !cc.shareable_when_authorized() {
         return Verdict::Unusable;
     }
@@ -141,7 +141,7 @@ pub(crate) fn judge(
             }
         }
     }
-    let grace = grace(rules, stored);
+    let grace = grace(rules, cc);
     if staleness < grace.revalidate && wants.max_age.is_none() && wants.min_fresh.is_none() {
         Verdict::StaleWhileRevalidate
     } else {
@@ -170,8 +170,7 @@ impl Grace {
 /// The grace periods of a stored response: the route's, extended by the response's own
 /// `stale-while-revalidate` / `stale-if-error` when the route honours origin directives, and
 /// none at all under `must-revalidate` / `proxy-revalidate`.
-pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
-    let cc = CacheControl::for_cache(headers);
+pub(crate) fn grace(rules: &Rules, cc: &CacheControl) -> Grace {
     if cc.must_revalidate {
         return Grace::default();
     }
@@ -193,8 +192,8 @@ pub(crate) fn grace(rules: &Rules, headers: &HeaderMap) -> Grace {
 /// How long past its TTL the store keeps a response: its stale grace, and for a response
 /// with a validator (`ETag` / `Last-Modified`) at least the revalidation window, so that it
 /// can be revalidated with a cheap 304 instead of refetched.
-pub(crate) fn keep_past_ttl(rules: &Rules, headers: &HeaderMap) -> Duration {
-    let grace = grace(rules, headers).longest();
+pub(crate) fn keep_past_ttl(rules: &Rules, cc: &CacheControl, headers: &HeaderMap) -> Duration {
+    let grace = grace(rules, cc).longest();
     let has_validator = headers.contains_key(http::header::ETAG)
         || headers.contains_key(http::header::LAST_MODIFIED);
     if has_validator {

@@ -215,7 +215,16 @@ fn storability_table() {
     ];
     for (status, input, authorized, expected) in cases {
         assert_eq!(
-            storable_ttl(&rules, *status, &headers(input), *authorized),
+            {
+                let h = headers(input);
+                storable_ttl(
+                    &rules,
+                    *status,
+                    &h,
+                    &CacheControl::for_cache(&h),
+                    *authorized,
+                )
+            },
             *expected,
             "{status} {input:?}"
         );
@@ -225,7 +234,10 @@ fn storability_table() {
         ..Rules::default()
     };
     let h = headers(&[("cache-control", "max-age=5")]);
-    assert_eq!(storable_ttl(&route_ttl, ok, &h, false), secs(60));
+    assert_eq!(
+        storable_ttl(&route_ttl, ok, &h, &CacheControl::for_cache(&h), false),
+        secs(60)
+    );
 }
 
 #[test]
@@ -309,7 +321,7 @@ fn judging_a_stored_response_table() {
         let verdict = judge(
             &rules,
             &plan(request),
-            &headers(stored),
+            &CacheControl::for_cache(&headers(stored)),
             secs(*age),
             secs(*ttl),
         );
@@ -373,14 +385,21 @@ fn grace_table() {
             revalidate: secs(*revalidate),
             if_error: secs(*if_error),
         };
-        assert_eq!(grace(rules, &headers(input)), expected, "{input:?}");
+        assert_eq!(
+            grace(rules, &CacheControl::for_cache(&headers(input))),
+            expected,
+            "{input:?}"
+        );
     }
     let no_origin = Rules {
         honor_origin_ttl: false,
         ..Rules::default()
     };
     let h = headers(&[("cache-control", "stale-while-revalidate=30")]);
-    assert_eq!(grace(&no_origin, &h), Grace::default());
+    assert_eq!(
+        grace(&no_origin, &CacheControl::for_cache(&h)),
+        Grace::default()
+    );
 }
 
 #[test]
