@@ -217,3 +217,42 @@ async fn a_big_entry_cut_midway_is_never_served_truncated() {
     let hit = get_until_hit(rig.addr, "/big/7", &[]).await;
     assert!(hit.body == expected, "the entry after healing differs");
 }
+
+/// Every connection the store gave up on while the network stalled is closed once the stall
+/// ends: after many timed-out operations, the proxy relays no more connections than the
+/// store keeps open (one, the default).
+#[tokio::test]
+async fn connections_abandoned_during_a_stall_are_closed() {
+    let rig = rig().await;
+    get_until_hit(rig.addr, "/items/primed", &[]).await;
+    rig.proxy.set(Fault::Stall);
+    let phase = Instant::now();
+    let mut requests = 0;
+    while requests < 20 || phase.elapsed() < FAULT_PHASE {
+        let reply = fetch(rig.addr, &format!("/items/{requests}")).await;
+        assert_eq!(reply.status, 200);
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let during = rig.proxy.open_connections();
+    rig.proxy.set(Fault::PassThrough);
+    get_until_hit(rig.addr, "/items/after-heal", &[]).await;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.proxy.open_connections() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections still open 5 s after the stall ended ({during} during it)",
+            rig.proxy.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "Stall: {during} connections open during it, {} after",
+        rig.proxy.open_connections()
+    );
+    assert!(
+        during > 1,
+        "the store never opened a second connection during the stall"
+    );
+}

@@ -44,6 +44,8 @@ struct Shared {
     fault: watch::Sender<Fault>,
     /// How many times a fault acted: a chunk delayed or held, a connection reset, a reply cut.
     injected: AtomicUsize,
+    /// Connections being relayed now.
+    open: AtomicUsize,
 }
 
 impl FaultProxy {
@@ -54,6 +56,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             fault: watch::channel(Fault::PassThrough).0,
             injected: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         });
         tokio::spawn(accept(listener, target, shared.clone()));
         Self { addr, shared }
@@ -73,6 +76,12 @@ impl FaultProxy {
     /// fault that never engaged cannot pass for a fault the cache survived.
     pub fn injected(&self) -> usize {
         self.shared.injected.load(Ordering::SeqCst)
+    }
+
+    /// How many connections the proxy relays now. A connection the client closed while its
+    /// bytes were held by [`Fault::Stall`] counts until the stall ends.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
     }
 }
 
@@ -112,6 +121,14 @@ enum Direction {
 }
 
 async fn relay(mut client: TcpStream, mut server: TcpStream, shared: &Shared) {
+    shared.open.fetch_add(1, Ordering::SeqCst);
+    struct Open<'a>(&'a AtomicUsize);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _open = Open(&shared.open);
     // Bytes sent to the client since the client last wrote: the size of the current reply.
     let reply_len = AtomicUsize::new(0);
     let end = {
