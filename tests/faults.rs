@@ -253,3 +253,44 @@ async fn connections_abandoned_during_a_stall_are_closed() {
         rig.proxy.open_connections()
     );
 }
+
+/// Thirty concurrent requests for one cold key while Redis stalls: the lookups time out
+/// together and the requests coalesce or call the handler, but every one is answered whole
+/// within the bound.
+#[tokio::test]
+async fn concurrent_requests_for_one_key_in_a_stall_are_all_answered_within_the_bound() {
+    let rig = rig().await;
+    get_until_hit(rig.addr, "/items/primed", &[]).await;
+    let injected = rig.proxy.injected();
+    rig.proxy.set(Fault::Stall);
+    let expected = big_body(3);
+    let addr = rig.addr;
+    let mut slowest = Duration::ZERO;
+    for round in 0..3 {
+        let requests: Vec<_> = (0..30)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let reply = fetch(addr, "/big/3").await;
+                    (reply, started.elapsed())
+                })
+            })
+            .collect();
+        for request in requests {
+            let (reply, took) = request.await.unwrap();
+            assert_eq!(reply.status, 200, "round {round}: {:?}", reply.headers);
+            assert!(reply.body == expected, "round {round}: the body differs");
+            assert!(
+                took < BOUND,
+                "round {round}: took {took:?} (bound {BOUND:?})"
+            );
+            slowest = slowest.max(took);
+        }
+    }
+    println!(
+        "Stall, 3 rounds of 30 concurrent requests for one key: slowest {slowest:?}, handler \
+         called {} times",
+        rig.calls.get()
+    );
+    assert!(rig.proxy.injected() > injected, "the stall never engaged");
+}
