@@ -12,13 +12,14 @@ use std::sync::Once;
 
 use common::RedisServer;
 
-const EXAMPLES: [&str; 6] = [
+const EXAMPLES: [&str; 7] = [
     "quickstart",
     "cache_aside",
     "write_through",
     "write_behind",
     "read_through",
     "invalidation",
+    "soak",
 ];
 
 /// `target/{profile}/examples/{name}`, after making sure the examples are built and current
@@ -135,6 +136,34 @@ fn invalidation_drops_the_user_its_pages_lists_and_orders_only() {
         &out,
         "user ali* updated: dropped user=true pages=2 lists=0 orders=3",
     );
+}
+
+/// The soak example, cut to 3 s with a Redis restart every second: it checks every answer
+/// itself and reports the failures.
+#[test]
+fn soak_serves_every_request_while_redis_restarts() {
+    let output = Command::new(example_binary("soak"))
+        .arg("3")
+        .env("SOAK_RESTART_EVERY", "1")
+        .env("SOAK_WARMUP", "1")
+        .output()
+        .expect("run the soak example");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "soak failed ({}):\n--- stdout\n{stdout}--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_line(&stdout, "failed: 0");
+    assert_line(&stdout, "soak: ok");
+    let restarts: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("redis restarts: "))
+        .expect("a restarts line")
+        .parse()
+        .unwrap();
+    assert!(restarts >= 1, "Redis was never restarted:\n{stdout}");
 }
 
 /// One plain HTTP/1.1 GET; returns the response head and body as text.

@@ -1,6 +1,8 @@
 //! Test harness: private `redis-server` processes and a real HTTP server and client.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fault_proxy;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
