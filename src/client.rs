@@ -481,7 +481,10 @@ impl RedisCache {
                     flight.land(Landing::Value(Bytes::from(json)));
                     return Ok(value);
                 }
-                Err(e) => tracing::warn!(error = %e, "replacing an undecodable cached value"),
+                Err(e) => tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "replacing an undecodable cached value"
+                ),
             },
             Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
                 Contended::Stored(json) => match decode::<T>(&key, &json) {
@@ -489,13 +492,20 @@ impl RedisCache {
                         flight.land(Landing::Value(Bytes::from(json)));
                         return Ok(value);
                     }
-                    Err(e) => tracing::warn!(error = %e, "replacing an undecodable cached value"),
+                    Err(e) => tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "replacing an undecodable cached value"
+                    ),
                 },
                 Contended::Locked(taken) => lock = Some(taken),
                 Contended::Alone => {}
             },
             Ok(None) => {}
-            Err(e) => tracing::warn!(key, error = %e, "cache lookup failed; computing"),
+            Err(e) => tracing::warn!(
+                key,
+                error = &e as &dyn std::error::Error,
+                "cache lookup failed; computing"
+            ),
         }
 
         let value = match compute().await {
@@ -515,11 +525,18 @@ impl RedisCache {
                 // stored, so that callers arriving meanwhile do not compute it again.
                 flight.land(Landing::Value(Bytes::from(json.clone())));
                 if let Err(e) = self.set_raw(&key, &json, ttl).await {
-                    tracing::warn!(key, error = %e, "could not cache a computed value");
+                    tracing::warn!(
+                        key,
+                        error = &e as &dyn std::error::Error,
+                        "could not cache a computed value"
+                    );
                 }
             }
             // Dropping the flight unlanded makes the waiters compute their own values.
-            Err(e) => tracing::warn!(error = %e, "could not cache a computed value"),
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "could not cache a computed value"
+            ),
         }
         // Released (in the background) only now that the value is stored, so instances
         // waiting on the lock find the value rather than the lock free.
@@ -548,7 +565,11 @@ impl RedisCache {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "cache lock unavailable; computing");
+                    tracing::warn!(
+                        key,
+                        error = &e as &dyn std::error::Error,
+                        "cache lock unavailable; computing"
+                    );
                     return Contended::Alone;
                 }
             }

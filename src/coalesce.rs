@@ -36,12 +36,12 @@ impl Shared {
     }
 }
 
-type Outcome = Option<Arc<Shared>>;
+type Landing = Option<Arc<Shared>>;
 
 /// The keys whose handler call is in flight in this process.
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<String, (u64, watch::Receiver<Outcome>)>>,
+    map: Mutex<HashMap<String, (u64, watch::Receiver<Landing>)>>,
     next_id: AtomicU64,
     /// How many shared outcomes reached the store: a logical clock, cheaper to read on every
     /// lookup than the system's.
@@ -53,7 +53,7 @@ pub(crate) enum Role {
     /// Call the handler; share the result through the [`Lead`].
     Leader(Lead),
     /// Another request is calling the handler: wait for its outcome.
-    Follower(watch::Receiver<Outcome>),
+    Follower(watch::Receiver<Landing>),
 }
 
 impl Flights {
@@ -93,7 +93,7 @@ impl Flights {
 /// Waits for the leader's outcome, at most `timeout`. `None` when the leader's response was
 /// not shareable (not storable, failed, abandoned) or too slow: the caller then calls the
 /// handler itself.
-pub(crate) async fn follow(mut rx: watch::Receiver<Outcome>, timeout: Duration) -> Outcome {
+pub(crate) async fn follow(mut rx: watch::Receiver<Landing>, timeout: Duration) -> Landing {
     let outcome = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
     outcome.ok()?.ok()?.clone()
 }
@@ -104,7 +104,7 @@ pub(crate) struct Lead {
     flights: Arc<Flights>,
     key: String,
     id: u64,
-    tx: watch::Sender<Outcome>,
+    tx: watch::Sender<Landing>,
     lock: Option<Lock>,
     /// How long the shared outcome stays joinable after the lead ends.
     linger: Duration,
@@ -220,7 +220,11 @@ impl Lock {
         );
         if let Err(e) = self.store.unlock(&key, &token).await {
             // The lock expires on its own after its TTL.
-            tracing::debug!(key, error = %e, "releasing cache lock failed");
+            tracing::debug!(
+                key,
+                error = &e as &dyn std::error::Error,
+                "releasing cache lock failed"
+            );
         }
     }
 }
@@ -239,7 +243,11 @@ impl Drop for Lock {
             runtime.spawn(async move {
                 if let Err(e) = store.unlock(&key, &token).await {
                     // The lock expires on its own after its TTL.
-                    tracing::debug!(key, error = %e, "releasing cache lock failed");
+                    tracing::debug!(
+                        key,
+                        error = &e as &dyn std::error::Error,
+                        "releasing cache lock failed"
+                    );
                 }
             });
         }

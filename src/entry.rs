@@ -66,6 +66,9 @@ pub(crate) struct CachedResponse {
 /// What a base key holds: the response itself, or (for a response with `Vary`) the names of
 /// the request headers that select a variant stored under a secondary key.
 #[derive(Debug, Clone)]
+// The response is the common case and is moved out at once; boxing it would cost an
+// allocation per hit to save stack space on the rare marker.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum StoredValue {
     Response(CachedResponse),
     Variants(Vec<HeaderName>),

@@ -19,6 +19,9 @@ pub enum ErrorKind {
     /// An argument cannot be used as given (for example a relative URL where the layer
     /// needs the host, or a value over the store's size limit).
     InvalidInput,
+    /// The store does not implement this operation (tags or locks on a custom
+    /// [`Store`](crate::Store) that keeps the trait's defaults).
+    Unsupported,
     /// The computation of a value failed in another, concurrent call that this call waited
     /// on (see `RedisCache::get_or_insert_with`); the message carries that call's error.
     Compute,
@@ -68,13 +71,11 @@ impl fmt::Debug for Error {
     }
 }
 
+/// The message alone: the cause is [`source`](std::error::Error::source), so that
+/// reporters walking the chain (anyhow, eyre, tracing's error fields) print it once.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
+        f.write_str(&self.message)
     }
 }
 

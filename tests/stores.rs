@@ -253,3 +253,111 @@ async fn memory_store_round_trips_and_deletes() {
     assert!(store.delete("k").await.unwrap());
     assert_eq!(store.get("k").await.unwrap(), None);
 }
+
+/// A store of the user's own that implements only the required methods.
+struct PlainStore(MemoryStore);
+
+impl Store for PlainStore {
+    fn get<'a>(&'a self, key: &'a str) -> tower_redis_cache::store::StoreFuture<'a, Option<Bytes>> {
+        self.0.get(key)
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> tower_redis_cache::store::StoreFuture<'a, ()> {
+        self.0.set(key, value, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> tower_redis_cache::store::StoreFuture<'a, bool> {
+        self.0.delete(key)
+    }
+}
+
+#[tokio::test]
+async fn store_methods_a_store_cannot_honour_say_so() {
+    let store = PlainStore(MemoryStore::new());
+    let tags = ["t".to_owned()];
+    let v = || Bytes::from_static(b"v");
+    let unsupported = |e: tower_redis_cache::Error| assert_eq!(e.kind(), ErrorKind::Unsupported);
+    unsupported(
+        store
+            .set_tagged("k", v(), Duration::from_secs(5), &tags)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(store.get("k").await.unwrap(), None, "no half-done write");
+    store
+        .set_tagged("k", v(), Duration::from_secs(5), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("k").await.unwrap(),
+        Some(v()),
+        "without tags it is a set"
+    );
+    unsupported(store.invalidate_tag("t").await.unwrap_err());
+    unsupported(
+        store
+            .try_lock("l", "me", Duration::from_secs(1))
+            .await
+            .unwrap_err(),
+    );
+    unsupported(store.unlock("l", "me").await.unwrap_err());
+}
+
+#[tokio::test]
+async fn a_zero_ttl_means_do_not_keep_in_every_store() {
+    let redis = RedisServer::start();
+    let stores: [(&str, Box<dyn Store>); 2] = [
+        ("memory", Box::new(MemoryStore::new())),
+        (
+            "redis",
+            Box::new(RedisStore::connect(&redis.url()).await.unwrap()),
+        ),
+    ];
+    for (name, store) in stores {
+        let v = Bytes::from_static(b"old");
+        store
+            .set("k", v.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        store
+            .set("k", Bytes::from_static(b"new"), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(store.get("k").await.unwrap(), None, "{name}");
+        let tags = ["tag".to_owned()];
+        store
+            .set_tagged("t", v, Duration::ZERO, &tags)
+            .await
+            .unwrap();
+        assert_eq!(store.get("t").await.unwrap(), None, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn memory_store_locks_have_one_owner_until_released_or_expired() {
+    let store = MemoryStore::new();
+    let ttl = Duration::from_secs(60);
+    assert!(store.try_lock("l", "a", ttl).await.unwrap());
+    assert!(!store.try_lock("l", "b", ttl).await.unwrap());
+    store.unlock("l", "b").await.unwrap(); // not the owner: no effect
+    assert!(!store.try_lock("l", "b", ttl).await.unwrap());
+    store.unlock("l", "a").await.unwrap();
+    assert!(store.try_lock("l", "b", Duration::ZERO).await.unwrap());
+    // A lock of zero TTL has already expired.
+    assert!(store.try_lock("l", "c", ttl).await.unwrap());
+}
+
+#[tokio::test]
+async fn errors_print_their_cause_once() {
+    use std::error::Error as _;
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    let source = err.source().expect("the cause is kept").to_string();
+    assert!(!err.to_string().contains(&source), "{err} repeats {source}");
+}

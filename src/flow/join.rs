@@ -75,7 +75,11 @@ pub(crate) async fn coalesce(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(key, error = %e, "cache lock unavailable; calling the handler");
+                tracing::debug!(
+                    key,
+                    error = &e as &dyn std::error::Error,
+                    "cache lock unavailable; calling the handler"
+                );
                 return Coalesced::Lead(lead);
             }
         }

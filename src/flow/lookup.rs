@@ -56,11 +56,21 @@ pub(crate) async fn lookup_entry(
 pub(crate) async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
     match store.get(key).await {
         Ok(Some(bytes)) => entry::decode(bytes)
-            .inspect_err(|e| tracing::debug!(key, error = %e, "treating entry as a miss"))
+            .inspect_err(|e| {
+                tracing::debug!(
+                    key,
+                    error = e as &dyn std::error::Error,
+                    "treating entry as a miss"
+                )
+            })
             .ok(),
         Ok(None) => None,
         Err(e) => {
-            tracing::debug!(key, error = %e, "cache store get failed; treating as a miss");
+            tracing::debug!(
+                key,
+                error = &e as &dyn std::error::Error,
+                "cache store get failed; treating as a miss"
+            );
             None
         }
     }

@@ -322,7 +322,11 @@ where
                 extra.as_deref(),
             );
             if let Err(e) = config.store.delete(&key).await {
-                tracing::debug!(key, error = %e, "invalidating after a write failed");
+                tracing::debug!(
+                    key,
+                    error = &e as &dyn std::error::Error,
+                    "invalidating after a write failed"
+                );
             }
         }
     }

@@ -225,7 +225,7 @@ impl PendingEntry {
                 }
             };
             if let Err(e) = result {
-                tracing::debug!(key = %self.key, error = %e, "cache store set failed");
+                tracing::debug!(key = %self.key, error = &e as &dyn std::error::Error, "cache store set failed");
             }
             if let Some(lead) = &mut self.lead {
                 lead.written();

@@ -22,6 +22,8 @@ use super::{Store, StoreFuture};
 pub struct MemoryStore {
     cache: Cache<String, Value>,
     tags: TagIndex,
+    /// Lock key -> owner token and expiry, for layers sharing this store in one process.
+    locks: Arc<Mutex<HashMap<String, (String, Instant)>>>,
 }
 
 /// Tag set name -> keys stored with that tag. An entry leaves its tag sets when it is
@@ -140,6 +142,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             cache: builder.build(),
             tags,
+            locks: Arc::default(),
         }
     }
 }
@@ -170,12 +173,14 @@ impl MemoryStore {
     }
 
     fn insert(&self, key: &str, bytes: Bytes, ttl: Duration, tags: Option<Arc<[String]>>) {
-        // A zero TTL means "do not keep", in every store.
-        if !ttl.is_zero() {
-            let ttl = crate::settings::clamp(ttl);
-            self.cache
-                .insert(key.to_owned(), Value { bytes, ttl, tags });
+        // A zero TTL means "do not keep", in every store: the key holds nothing afterwards.
+        if ttl.is_zero() {
+            self.cache.remove(key);
+            return;
         }
+        let ttl = crate::settings::clamp(ttl);
+        self.cache
+            .insert(key.to_owned(), Value { bytes, ttl, tags });
     }
 }
 
@@ -270,6 +275,33 @@ impl Store for MemoryStore {
             .filter(|key| self.cache.remove(key.as_str()).is_some())
             .count() as u64;
         Box::pin(std::future::ready(Ok(removed)))
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let now = Instant::now();
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() >= PRUNE_AT {
+            locks.retain(|_, (_, expires)| *expires > now);
+        }
+        let free = locks.get(key).is_none_or(|(_, expires)| *expires <= now);
+        if free {
+            let expires = now + crate::settings::clamp(ttl);
+            locks.insert(key.to_owned(), (token.to_owned(), expires));
+        }
+        Box::pin(std::future::ready(Ok(free)))
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.get(key).is_some_and(|(owner, _)| owner == token) {
+            locks.remove(key);
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

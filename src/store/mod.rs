@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::Result;
+use crate::{Error, ErrorKind, Result};
 
 #[cfg(feature = "memory")]
 mod memory;
@@ -38,15 +38,18 @@ pub trait Store: Send + Sync + 'static {
     /// The value stored under `key`, or `None` when there is none (or it expired).
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>>;
 
-    /// Stores `value` under `key` for `ttl`, replacing any previous value.
+    /// Stores `value` under `key` for `ttl`, replacing any previous value. A zero `ttl` means
+    /// "do not keep": afterwards the key holds nothing, in every store.
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
 
     /// Removes `key`; returns whether something was removed.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool>;
 
     /// Stores `value` under `key` for `ttl` and records `key` in each of the tag sets
-    /// `tag_keys`, so [`invalidate_tag`](Self::invalidate_tag) can remove it. The default
-    /// stores the value and ignores the tags.
+    /// `tag_keys`, so [`invalidate_tag`](Self::invalidate_tag) can remove it. Without tags
+    /// it is [`set`](Self::set); a store that cannot record tags keeps the default, which
+    /// fails with [`ErrorKind::Unsupported`] rather than store an entry no invalidation
+    /// would reach.
     fn set_tagged<'a>(
         &'a self,
         key: &'a str,
@@ -54,21 +57,23 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
         tag_keys: &'a [String],
     ) -> StoreFuture<'a, ()> {
-        let _ = tag_keys;
-        self.set(key, value, ttl)
+        if tag_keys.is_empty() {
+            return self.set(key, value, ttl);
+        }
+        unsupported("tags")
     }
 
     /// Removes every key recorded in the tag set `tag_key`, and the set; returns how many
-    /// keys were removed. The default removes nothing.
+    /// keys were removed. The default fails with [`ErrorKind::Unsupported`].
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
         let _ = tag_key;
-        Box::pin(std::future::ready(Ok(0)))
+        unsupported("tags")
     }
 
     /// Takes the lock `key` for `ttl` if nobody holds it, recording `token` as its owner;
     /// returns whether it was taken. Used to make one handler call per cold key across app
-    /// instances. The default, for stores private to one process, always succeeds: the
-    /// layer's in-process coalescing already covers them.
+    /// instances. The default fails with [`ErrorKind::Unsupported`] (the layer then calls
+    /// the handler without the lock, as when the store is down).
     fn try_lock<'a>(
         &'a self,
         key: &'a str,
@@ -76,15 +81,24 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         let _ = (key, token, ttl);
-        Box::pin(std::future::ready(Ok(true)))
+        unsupported("locks")
     }
 
     /// Releases the lock `key` if `token` still owns it (a lock that expired and was taken by
-    /// someone else is left alone).
+    /// someone else is left alone). The default fails with [`ErrorKind::Unsupported`].
     fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
         let _ = (key, token);
-        Box::pin(std::future::ready(Ok(())))
+        unsupported("locks")
     }
+}
+
+/// The answer of a [`Store`] method the store does not implement.
+fn unsupported<'a, T: Send + 'a>(what: &str) -> StoreFuture<'a, T> {
+    let error = Error::new(
+        ErrorKind::Unsupported,
+        format!("this store does not support {what}"),
+    );
+    Box::pin(std::future::ready(Err(error)))
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {

@@ -33,10 +33,10 @@ use crate::{Error, ErrorKind, Result};
 /// Cloning is cheap; clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
-    shared: Arc<Shared>,
+    shared: Arc<Inner>,
 }
 
-struct Shared {
+struct Inner {
     client: Client,
     config: AsyncConnectionConfig,
     slots: Box<[Slot]>,
@@ -170,7 +170,7 @@ impl RedisStoreBuilder {
             .set_response_timeout(None);
         let slots = (0..self.max_connections).map(|_| Slot::default()).collect();
         Ok(RedisStore {
-            shared: Arc::new(Shared {
+            shared: Arc::new(Inner {
                 client,
                 config,
                 slots,
@@ -356,7 +356,7 @@ impl RedisStore {
     }
 }
 
-impl Shared {
+impl Inner {
     fn is_backing_off(&self) -> bool {
         let until = self.down_until_ms.load(Ordering::Relaxed);
         until != 0 && (self.epoch.elapsed().as_millis() as u64) < until
@@ -398,7 +398,7 @@ const TAG_BATCH: usize = 1000;
 /// Stores a value and records its key in each tag set, scored by its expiry on the server's
 /// clock. Expired members are trimmed on each write; a tag set lives as long as its
 /// longest-lived member. KEYS[1]: the value's key; KEYS[2..]: tag sets. ARGV[1]: the value;
-/// ARGV[2]: TTL in ms. Shared by the response layer and [`RedisCache`](crate::RedisCache).
+/// ARGV[2]: TTL in ms. Inner by the response layer and [`RedisCache`](crate::RedisCache).
 pub(crate) const SET_TAGGED_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -433,9 +433,12 @@ impl Store for RedisStore {
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        if ttl.is_zero() {
+            // A zero TTL means "do not keep" (Redis rejects PX 0): the key holds nothing.
+            return Box::pin(async move { self.delete(key).await.map(drop) });
+        }
         Box::pin(async move {
             self.check_size(&value)?;
-            // Redis rejects PX 0; a zero TTL means "do not keep".
             let millis = px(ttl);
             self.query(
                 ::redis::cmd("SET")
@@ -462,7 +465,7 @@ impl Store for RedisStore {
         ttl: Duration,
         tag_keys: &'a [String],
     ) -> StoreFuture<'a, ()> {
-        if tag_keys.is_empty() {
+        if tag_keys.is_empty() || ttl.is_zero() {
             return self.set(key, value, ttl);
         }
         Box::pin(async move {
