@@ -24,7 +24,13 @@ use crate::{Error, ErrorKind, Result};
 /// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends
 /// a connection to one command at a time, as bb8-redis does, makes requests queue for a
 /// connection; on the benchmark machine it served 40-60% fewer GETs per second, see
-/// the README's Performance section.)
+/// the README's Performance section. An app that already has a bb8-redis pool can still share
+/// it, without that cost: see `RedisStore::builder_from_pool`, feature `bb8`.)
+///
+/// The connections come from a URL ([`RedisStore::connect`], [`RedisStore::builder`]), or
+/// from what the app already has: a `redis::Client`, a `MultiplexedConnection`, a
+/// `ConnectionManager`, a bb8-redis pool or Redis Sentinel (the `builder_from_*`
+/// constructors, some behind features).
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
 /// connection failure or timeout the store answers errors at once for a short back-off
