@@ -283,6 +283,8 @@ impl RedisStoreBuilder {
     /// Builds the store without contacting the server: an app can start while Redis is down
     /// and cache once it is up. Fails only with [`ErrorKind::InvalidUrl`].
     pub fn build_lazy(self) -> Result<RedisStore> {
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
         let source = self.target.into_source()?;
         let max_connections = match source {
             // One handle of the app's: more slots would hold clones of the same connection.
@@ -398,6 +400,17 @@ impl std::fmt::Debug for Target {
                 .field("service_name", service_name)
                 .finish(),
         }
+    }
+}
+
+/// Makes ring rustls's process-wide crypto provider unless the app chose one. rustls picks a
+/// provider by itself only when exactly one is compiled in; an app that also pulls in
+/// aws-lc-rs would otherwise fail every TLS handshake.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: a provider is installed either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
