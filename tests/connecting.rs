@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
 use common::{fetch, get_until_hit, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, ErrorKind, RedisCache, RedisStore, Store};
 
@@ -89,6 +88,19 @@ async fn round_trips(cache: &RedisCache) {
         .await
         .unwrap();
     assert_eq!(cache.invalidate_tag("tag").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn builders_hide_passwords_and_name_bad_addresses() {
+    let builder = RedisStore::builder("redis://user:secret@127.0.0.1:1");
+    assert!(!format!("{builder:?}").contains("secret"), "{builder:?}");
+    #[cfg(feature = "sentinel")]
+    {
+        let err = RedisStore::builder_from_sentinel(["not a url"], "mymaster", None)
+            .build_lazy()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{err}");
+    }
 }
 
 #[cfg(feature = "bb8")]
@@ -327,7 +339,11 @@ async fn sentinel_store_follows_a_failover() {
     .await
     .unwrap();
     store
-        .set("before", Bytes::from_static(b"1"), Duration::from_secs(60))
+        .set(
+            "before",
+            bytes::Bytes::from_static(b"1"),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -373,7 +389,11 @@ async fn sentinel_store_follows_a_failover() {
     // The store writes to the promoted replica.
     let deadline = Instant::now() + Duration::from_secs(5);
     while store
-        .set("after", Bytes::from_static(b"2"), Duration::from_secs(60))
+        .set(
+            "after",
+            bytes::Bytes::from_static(b"2"),
+            Duration::from_secs(60),
+        )
         .await
         .is_err()
     {
@@ -389,7 +409,7 @@ async fn sentinel_store_follows_a_failover() {
     );
     assert_eq!(
         store.get("before").await.unwrap(),
-        Some(Bytes::from_static(b"1")),
+        Some(bytes::Bytes::from_static(b"1")),
         "replicated before the failover; the new master holds {:?}",
         replica.cmd::<Vec<String>>(&["KEYS", "*"]),
     );

@@ -287,10 +287,13 @@ impl RedisStoreBuilder {
         install_crypto_provider();
         let source = self.target.into_source()?;
         let max_connections = match source {
-            // One handle of the app's: more slots would hold clones of the same connection.
+            // One handle of the app's: more slots would hold clones of the same connection
+            // (a pool, too, lends its idle connection to each slot in turn).
             Source::Connection(_) => 1,
             #[cfg(feature = "connection-manager")]
             Source::Manager(_) => 1,
+            #[cfg(feature = "bb8")]
+            Source::Pool(_) => 1,
             _ => self.max_connections,
         };
         // The operation timeout in `with_conn` bounds every command; a second, per-response
@@ -469,10 +472,10 @@ impl RedisStore {
 
     /// A builder for a store on the app's bb8-redis pool, shared with the rest of the app.
     ///
-    /// The pool's connections are multiplexed, so the store does not hold one per command:
-    /// each of its slots ([`max_connections`](RedisStoreBuilder::max_connections), default 1)
+    /// The pool's connections are multiplexed, so the store does not hold one per command: it
     /// checks a connection out, keeps a clone and returns it to the pool at once, then
-    /// pipelines every command on that clone, exactly like the store's own connections. It
+    /// pipelines every command on that clone, exactly like the store's own connection
+    /// (`max_connections` is ignored: the pool would lend its idle connection to each). It
     /// goes back to the pool only when the connection breaks, so a hit costs one round trip,
     /// not a checkout (a pool mutex and, with bb8's default `test_on_check_out`, a PING) plus
     /// the command. The pool stays free for the rest of the app; its `idle_timeout` and
