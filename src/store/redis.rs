@@ -100,7 +100,8 @@ enum Source {
     /// The app's connection manager, which reconnects by itself.
     #[cfg(feature = "connection-manager")]
     Manager(::redis::aio::ConnectionManager),
-    /// One of the app's pooled connections at a time per slot (see [`RedisStore::builder_from_pool`]).
+    /// The app's pool: the slot keeps a clone of one of its connections, taken again from
+    /// the pool when it breaks (see [`RedisStore::builder_from_pool`]).
     #[cfg(feature = "bb8")]
     Pool(bb8::Pool<bb8_redis::RedisConnectionManager>),
     /// A connection to the master the sentinels name at the time of connecting.
