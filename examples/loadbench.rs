@@ -14,6 +14,8 @@
 //! 1. the bare axum handler (no layer),
 //! 2. the layer on `MemoryStore`, all hits,
 //! 3. the layer on `RedisStore` (default settings), all hits,
+//!    and next to it (feature `bb8`) the layer on a `RedisStore` built from an app's
+//!    bb8-redis pool (`RedisStore::builder_from_pool`, pool of 20 with bb8's defaults),
 //! 4. the layer on `RedisStore`, all misses (a unique id per request),
 //! 5. the ceiling for row 3: a handler without the layer doing one Redis GET through one
 //!    shared `MultiplexedConnection`,
@@ -26,7 +28,7 @@
 //! --threads N      wrk threads (default 2)
 //! --workers N      tokio worker threads of the server (default 2; 0 = current-thread runtime)
 //! --ids N          distinct ids the hit rows cycle over (default 1000)
-//! --rows LIST      comma-separated row names to run instead of the five above
+//! --rows LIST      comma-separated row names to run instead of the main rows above
 //! --pools          also compare Redis connection setups (bb8 pools, round-robin, store sizes)
 //! ```
 //!
@@ -56,8 +58,19 @@ use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, X_CACHE};
 const BODY_LEN: usize = 1024;
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
-/// The five rows of the main table, by name.
-const MAIN_ROWS: [&str; 5] = ["bare", "memory", "redis-hit", "redis-miss", "get-mux"];
+/// The rows of the main table, by name.
+#[cfg(not(feature = "bb8"))]
+const MAIN_ROWS: &[&str] = &["bare", "memory", "redis-hit", "redis-miss", "get-mux"];
+/// The rows of the main table, by name, with the store on an app's bb8-redis pool.
+#[cfg(feature = "bb8")]
+const MAIN_ROWS: &[&str] = &[
+    "bare",
+    "memory",
+    "redis-hit",
+    "redis-hit-bb8",
+    "redis-miss",
+    "get-mux",
+];
 
 /// The connection setups compared with `--pools`.
 const POOL_ROWS: [&str; 10] = [
@@ -213,6 +226,17 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
                 None => RedisStore::connect(url).await,
             };
             primed(handler.layer(CacheLayer::new(store.unwrap())), ids).await
+        }
+        #[cfg(feature = "bb8")]
+        "redis-hit-bb8" => {
+            // The app's pool, as an app would build it: bb8's defaults (PING on checkout).
+            let pool = bb8::Pool::builder()
+                .max_size(n.unwrap_or(20))
+                .build(bb8_redis::RedisConnectionManager::new(url).unwrap())
+                .await
+                .unwrap();
+            let store = RedisStore::builder_from_pool(pool).build().await.unwrap();
+            primed(handler.layer(CacheLayer::new(store)), ids).await
         }
         "redis-miss" => {
             // A short TTL keeps Redis's memory bounded while every request stores an entry.
@@ -439,6 +463,9 @@ fn describe(row: &str) -> String {
         ("memory", _) => "2. layer, MemoryStore, all hits".into(),
         ("redis-hit", None) => "3. layer, RedisStore (defaults), all hits".into(),
         ("redis-hit", Some(n)) => format!("layer, RedisStore max_connections({n}), all hits"),
+        ("redis-hit-bb8", _) => {
+            "3b. layer, RedisStore on the app's bb8-redis pool, all hits".into()
+        }
         ("redis-miss", _) => "4. layer, RedisStore (defaults), all misses".into(),
         ("get-mux", _) => "5. handler + 1 Redis GET, one shared MultiplexedConnection".into(),
         ("get-rr", Some(n)) => format!("handler + GET, {n} multiplexed conns round-robin"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark of the cache layer (see examples/loadbench.rs and the README's Performance section).
 #
-#   scripts/loadbench.sh            # the five-row table and the target ratios (~50 s)
+#   scripts/loadbench.sh            # the six-row table and the target ratios (~60 s)
 #   scripts/loadbench.sh --pools    # plus the Redis connection-setup comparison (~2 min)
 #
 # Loopback only: it starts its own redis-server on a free port and its own HTTP servers on
@@ -17,4 +17,4 @@ if ! need wrk || ! need redis-server; then
     $sudo apt-get install -y -qq wrk redis-server >/dev/null
 fi
 
-exec cargo run --release --quiet --example loadbench -- "$@"
+exec cargo run --release --quiet --features bb8 --example loadbench -- "$@"

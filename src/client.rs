@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,7 +42,9 @@ const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);
 ///
 /// KEYS[1]: the value's key; KEYS[2]: its lock. ARGV[1]: the lock token; ARGV[2]: lock TTL in
 /// ms. Returns `{0, value}` (stored), `{1, ''}` (lock taken) or `{2, ''}` (lock held).
-const GET_OR_LOCK: &str = r"
+static GET_OR_LOCK: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
 local value = redis.call('GET', KEYS[1])
 if value then
   return {0, value}
@@ -51,7 +53,9 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, ''}
 end
 return {2, ''}
-";
+",
+    )
+});
 
 /// A typed cache client for application data: JSON values under string keys, with
 /// get-or-compute (single-flight, in this process and across processes), pattern deletes and
@@ -139,6 +143,36 @@ impl RedisCache {
     /// Connects to `url` with [`RedisStore`]'s default settings and no key prefix.
     pub async fn connect(url: &str) -> Result<Self> {
         Ok(Self::from_store(&RedisStore::connect(url).await?))
+    }
+
+    /// A client on the app's bb8-redis pool, shared with the rest of the app, with
+    /// [`RedisStore`]'s default timeouts and no key prefix; see
+    /// [`RedisStore::builder_from_pool`] for how it uses the pool, and for other settings.
+    #[cfg(feature = "bb8")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
+    pub fn from_pool(pool: bb8::Pool<bb8_redis::RedisConnectionManager>) -> Self {
+        Self::from_store(&RedisStore::builder_from_pool(pool).lazy())
+    }
+
+    /// A client that opens its connections from the app's redis-rs `client`, with
+    /// [`RedisStore`]'s default settings and no key prefix (see
+    /// [`RedisStore::builder_from_client`]).
+    pub fn from_client(client: ::redis::Client) -> Self {
+        Self::from_store(&RedisStore::builder_from_client(client).lazy())
+    }
+
+    /// A client on the app's multiplexed connection, with no key prefix. The connection
+    /// never reconnects; see [`RedisStore::builder_from_connection`].
+    pub fn from_connection(conn: ::redis::aio::MultiplexedConnection) -> Self {
+        Self::from_store(&RedisStore::builder_from_connection(conn).lazy())
+    }
+
+    /// A client on the app's redis-rs `ConnectionManager` (which reconnects by itself), with
+    /// no key prefix.
+    #[cfg(feature = "connection-manager")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "connection-manager")))]
+    pub fn from_connection_manager(manager: ::redis::aio::ConnectionManager) -> Self {
+        Self::from_store(&RedisStore::builder_from_connection_manager(manager).lazy())
     }
 
     /// A client on `store`'s pool (and with its timeouts), with no key prefix.
@@ -385,13 +419,13 @@ impl RedisCache {
     ) -> Result<()> {
         let key = self.full_key(key);
         let json = encode(&key, value)?;
-        let mut eval = ::redis::cmd("EVAL");
-        eval.arg(SET_TAGGED_SCRIPT).arg(1 + tags.len()).arg(&key);
+        let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
+        invocation.key(&key);
         for tag in tags {
-            eval.arg(self.tag_key(tag));
+            invocation.key(self.tag_key(tag));
         }
-        eval.arg(json).arg(millis(ttl));
-        self.store.query(&eval).await
+        invocation.arg(json).arg(millis(ttl));
+        self.store.run_script(&invocation).await
     }
 
     /// Removes every key stored with `tag` (see [`set_tagged`](Self::set_tagged)) and the tag
@@ -549,16 +583,14 @@ impl RedisCache {
     async fn lock_or_wait(&self, key: &str) -> Contended {
         let deadline = tokio::time::Instant::now() + self.lock.wait_timeout;
         let token = coalesce::new_token();
-        let mut script = ::redis::cmd("EVAL");
+        let mut script = GET_OR_LOCK.prepare_invoke();
         script
-            .arg(GET_OR_LOCK)
-            .arg(2)
-            .arg(key)
-            .arg(coalesce::lock_key(key))
+            .key(key)
+            .key(coalesce::lock_key(key))
             .arg(&token)
             .arg(millis(self.lock.ttl));
         loop {
-            match self.store.query::<(u8, Vec<u8>)>(&script).await {
+            match self.store.run_script::<(u8, Vec<u8>)>(&script).await {
                 Ok((0, json)) => return Contended::Stored(json),
                 Ok((1, _)) => {
                     return Contended::Locked(Lock::taken(&self.lock_store, key, token));

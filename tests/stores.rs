@@ -71,6 +71,61 @@ async fn redis_store_round_trips_bytes_with_ttl_and_deletes() {
     assert_eq!(store.get("k2").await.unwrap(), None, "expired");
 }
 
+/// Lua scripts go out once and then run by hash; a server that lost them (a restart, `SCRIPT
+/// FLUSH`) gets them again.
+#[tokio::test]
+async fn scripts_run_by_hash_and_are_sent_again_after_script_flush() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+    let cache = tower_redis_cache::RedisCache::from_store(&store);
+    let tags = ["t:a".to_owned()];
+    for round in 0..2 {
+        for i in 0..5 {
+            store
+                .set_tagged(
+                    &format!("k{i}"),
+                    Bytes::from_static(b"v"),
+                    Duration::from_secs(60),
+                    &tags,
+                )
+                .await
+                .unwrap();
+            assert!(store
+                .try_lock("lock", "me", Duration::from_secs(5))
+                .await
+                .unwrap());
+            store.unlock("lock", "me").await.unwrap();
+            cache
+                .set_tagged("c", &i, Duration::from_secs(60), &["t"])
+                .await
+                .unwrap();
+            let v: i32 = cache
+                .get_or_insert_with(&format!("g{round}{i}"), Duration::from_secs(60), || async {
+                    Ok::<_, tower_redis_cache::Error>(7)
+                })
+                .await
+                .unwrap();
+            assert_eq!(v, 7);
+        }
+        let stats: String = redis.cmd(&["INFO", "commandstats"]);
+        assert!(
+            !stats.contains("cmdstat_eval:"),
+            "a script was sent with EVAL: {stats}"
+        );
+        let loads = stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_script|load:"))
+            .unwrap_or_else(|| panic!("no SCRIPT LOAD: {stats}"));
+        assert!(
+            loads.starts_with("cmdstat_script|load:calls=3,"),
+            "each script loaded once: {loads}"
+        );
+        redis.cmd::<()>(&["SCRIPT", "FLUSH"]);
+        redis.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    }
+    assert_eq!(store.invalidate_tag("t:a").await.unwrap(), 5);
+}
+
 #[tokio::test]
 async fn redis_killed_requests_still_served_and_caching_resumes_after_restart() {
     let mut redis = RedisServer::start();

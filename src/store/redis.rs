@@ -3,11 +3,14 @@
 //! replaced, fail fast while the server is down.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, Client, FromRedisValue, RedisError};
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::{
+    AsyncConnectionConfig, Client, FromRedisValue, RedisError, RedisFuture, Script,
+    ScriptInvocation, Value,
+};
 use bytes::Bytes;
 
 use super::{Store, StoreFuture};
@@ -21,7 +24,13 @@ use crate::{Error, ErrorKind, Result};
 /// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends
 /// a connection to one command at a time, as bb8-redis does, makes requests queue for a
 /// connection; on the benchmark machine it served 40-60% fewer GETs per second, see
-/// the README's Performance section.)
+/// the README's Performance section. An app that already has a bb8-redis pool can still share
+/// it, without that cost: see `RedisStore::builder_from_pool`, feature `bb8`.)
+///
+/// The connections come from a URL ([`RedisStore::connect`], [`RedisStore::builder`]), or
+/// from what the app already has: a `redis::Client`, a `MultiplexedConnection`, a
+/// `ConnectionManager`, a bb8-redis pool or Redis Sentinel (the `builder_from_*`
+/// constructors, some behind features).
 ///
 /// Every operation is bounded by the operation timeout (default 100 ms), and after a
 /// connection failure or timeout the store answers errors at once for a short back-off
@@ -37,7 +46,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: Client,
+    source: Source,
     config: AsyncConnectionConfig,
     slots: Box<[Slot]>,
     /// Which slot the next command uses.
@@ -57,14 +66,14 @@ struct Inner {
 /// broken, opened again by the next command that picks the slot.
 #[derive(Default)]
 struct Slot {
-    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    conn: Mutex<Option<(u64, Conn)>>,
     /// Held while (re)connecting, so that a burst of requests opens one connection, not one
     /// each.
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn current(&self) -> Option<(u64, Conn)> {
         self.conn
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -80,10 +89,139 @@ impl Slot {
     }
 }
 
-/// Builds a [`RedisStore`]; see [`RedisStore::builder`].
+/// Where the store's connections come from. Whatever the source, every command gets the
+/// same operation timeout and back-off, and a connection that breaks is dropped from its slot
+/// and asked for again from the source.
+enum Source {
+    /// Connections the store opens itself from a client (built from a URL, or the app's).
+    Client(Client),
+    /// The app's connection, shared with it. A multiplexed connection never reconnects: once
+    /// it breaks, every command fails (fast, as a cache miss) until the app replaces it.
+    Connection(MultiplexedConnection),
+    /// The app's connection manager, which reconnects by itself.
+    #[cfg(feature = "connection-manager")]
+    Manager(::redis::aio::ConnectionManager),
+    /// The app's pool: the slot keeps a clone of one of its connections, taken again from
+    /// the pool when it breaks (see [`RedisStore::builder_from_pool`]).
+    #[cfg(feature = "bb8")]
+    Pool(bb8::Pool<bb8_redis::RedisConnectionManager>),
+    /// A connection to the master the sentinels name at the time of connecting.
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<::redis::sentinel::SentinelClient>),
+}
+
+impl Source {
+    /// A connection for a slot.
+    async fn open(&self, config: &AsyncConnectionConfig) -> Result<Conn, RedisError> {
+        match self {
+            Source::Client(client) => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Conn::Multiplexed),
+            Source::Connection(conn) => Ok(Conn::Multiplexed(conn.clone())),
+            #[cfg(feature = "connection-manager")]
+            Source::Manager(manager) => Ok(Conn::Manager(manager.clone())),
+            #[cfg(feature = "bb8")]
+            Source::Pool(pool) => from_pool(pool).await.map(Conn::Multiplexed),
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(sentinel) => sentinel
+                .lock()
+                .await
+                .get_async_connection_with_config(config)
+                .await
+                .map(Conn::Multiplexed),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Client(_) => "client",
+            Source::Connection(_) => "connection",
+            #[cfg(feature = "connection-manager")]
+            Source::Manager(_) => "connection manager",
+            #[cfg(feature = "bb8")]
+            Source::Pool(_) => "bb8 pool",
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(_) => "sentinel",
+        }
+    }
+}
+
+/// Takes one of the pool's connections for a slot: a clone of the pooled multiplexed
+/// connection, with the guard released at once, so the slot shares the connection with the
+/// rest of the app instead of holding it out of the pool.
+#[cfg(feature = "bb8")]
+async fn from_pool(
+    pool: &bb8::Pool<bb8_redis::RedisConnectionManager>,
+) -> Result<MultiplexedConnection, RedisError> {
+    let mut conn = pool
+        .get()
+        .await
+        .map(|guard| guard.clone())
+        .map_err(|e| match e {
+            bb8::RunError::User(e) => e,
+            bb8::RunError::TimedOut => RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out waiting for a connection from the bb8 pool",
+            )),
+        })?;
+    if pool.config().test_on_check_out {
+        // The pool PINGed it on checkout.
+        return Ok(conn);
+    }
+    // bb8-redis's manager never reports a connection broken, so a pool that does not test on
+    // checkout lends a connection to a dead server again and again. Check it here, and when it
+    // is dead open a new one the way the pool would: the store is then healthy, though the
+    // pool keeps its dead connection for the rest of the app.
+    match ::redis::cmd("PING").query_async::<()>(&mut conn).await {
+        Ok(()) => Ok(conn),
+        Err(_) => pool.dedicated_connection().await,
+    }
+}
+
+/// A connection a command runs on: one of the two kinds redis-rs multiplexes commands over.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Multiplexed(MultiplexedConnection),
+    #[cfg(feature = "connection-manager")]
+    Manager(::redis::aio::ConnectionManager),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a ::redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Multiplexed(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "connection-manager")]
+            Conn::Manager(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "connection-manager")]
+            Conn::Manager(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Multiplexed(conn) => conn.get_db(),
+            #[cfg(feature = "connection-manager")]
+            Conn::Manager(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Builds a [`RedisStore`]; see [`RedisStore::builder`] and the `builder_from_*` constructors.
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
-    url: String,
+    target: Target,
     max_connections: u32,
     connection_timeout: Duration,
     op_timeout: Duration,
@@ -153,25 +291,38 @@ impl RedisStoreBuilder {
         Ok(store)
     }
 
+    /// [`build_lazy`](Self::build_lazy) for the targets that cannot fail: an app's handle.
+    pub(crate) fn lazy(self) -> RedisStore {
+        debug_assert!(!matches!(self.target, Target::Url(_)));
+        self.build_lazy()
+            .unwrap_or_else(|_| unreachable!("only URLs and Sentinel addresses fail to build"))
+    }
+
     /// Builds the store without contacting the server: an app can start while Redis is down
     /// and cache once it is up. Fails only with [`ErrorKind::InvalidUrl`].
     pub fn build_lazy(self) -> Result<RedisStore> {
-        let client = Client::open(self.url.as_str()).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidUrl,
-                format!("invalid Redis URL {:?}", redact(&self.url)),
-            )
-            .with_source(e)
-        })?;
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
+        let source = self.target.into_source()?;
+        let max_connections = match source {
+            // One handle of the app's: more slots would hold clones of the same connection
+            // (a pool, too, lends its idle connection to each slot in turn).
+            Source::Connection(_) => 1,
+            #[cfg(feature = "connection-manager")]
+            Source::Manager(_) => 1,
+            #[cfg(feature = "bb8")]
+            Source::Pool(_) => 1,
+            _ => self.max_connections,
+        };
         // The operation timeout in `with_conn` bounds every command; a second, per-response
         // timer inside redis-rs would cost a timer-wheel insert and removal per hit for nothing.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connection_timeout))
             .set_response_timeout(None);
-        let slots = (0..self.max_connections).map(|_| Slot::default()).collect();
+        let slots = (0..max_connections).map(|_| Slot::default()).collect();
         Ok(RedisStore {
             shared: Arc::new(Inner {
-                client,
+                source,
                 config,
                 slots,
                 next: AtomicUsize::new(0),
@@ -184,6 +335,104 @@ impl RedisStoreBuilder {
                 down_until_ms: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+/// What the builder connects to.
+#[derive(Clone)]
+enum Target {
+    Url(String),
+    Client(Client),
+    Connection(MultiplexedConnection),
+    #[cfg(feature = "connection-manager")]
+    Manager(::redis::aio::ConnectionManager),
+    #[cfg(feature = "bb8")]
+    Pool(bb8::Pool<bb8_redis::RedisConnectionManager>),
+    #[cfg(feature = "sentinel")]
+    Sentinel {
+        sentinels: Vec<String>,
+        service_name: String,
+        node: Option<::redis::sentinel::SentinelNodeConnectionInfo>,
+    },
+}
+
+impl Target {
+    fn into_source(self) -> Result<Source> {
+        Ok(match self {
+            Target::Url(url) => Source::Client(Client::open(url.as_str()).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidUrl,
+                    format!("invalid Redis URL {:?}", redact(&url)),
+                )
+                .with_source(e)
+            })?),
+            Target::Client(client) => Source::Client(client),
+            Target::Connection(conn) => Source::Connection(conn),
+            #[cfg(feature = "connection-manager")]
+            Target::Manager(manager) => Source::Manager(manager),
+            #[cfg(feature = "bb8")]
+            Target::Pool(pool) => Source::Pool(pool),
+            #[cfg(feature = "sentinel")]
+            Target::Sentinel {
+                sentinels,
+                service_name,
+                node,
+            } => {
+                let redacted: Vec<String> = sentinels.iter().map(|s| redact(s)).collect();
+                let client = ::redis::sentinel::SentinelClient::build(
+                    sentinels,
+                    service_name,
+                    node,
+                    ::redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidUrl,
+                        format!("invalid Sentinel addresses {redacted:?}"),
+                    )
+                    .with_source(e)
+                })?;
+                Source::Sentinel(tokio::sync::Mutex::new(client))
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Url(url) => f.debug_tuple("Url").field(&redact(url)).finish(),
+            Target::Client(_) => f.write_str("Client"),
+            Target::Connection(_) => f.write_str("Connection"),
+            #[cfg(feature = "connection-manager")]
+            Target::Manager(_) => f.write_str("ConnectionManager"),
+            #[cfg(feature = "bb8")]
+            Target::Pool(pool) => f.debug_tuple("Pool").field(&pool.state()).finish(),
+            #[cfg(feature = "sentinel")]
+            Target::Sentinel {
+                sentinels,
+                service_name,
+                ..
+            } => f
+                .debug_struct("Sentinel")
+                .field(
+                    "sentinels",
+                    &sentinels.iter().map(|s| redact(s)).collect::<Vec<_>>(),
+                )
+                .field("service_name", service_name)
+                .finish(),
+        }
+    }
+}
+
+/// Makes ring rustls's process-wide crypto provider unless the app chose one. rustls picks a
+/// provider by itself only when exactly one is compiled in; an app that also pulls in
+/// aws-lc-rs would otherwise fail every TLS handshake.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: a provider is installed either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -205,10 +454,95 @@ impl RedisStore {
         Self::builder(url).build().await
     }
 
-    /// A builder for the number of connections and the timeouts.
+    /// A builder for the number of connections and the timeouts. `url` is
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://...` for TLS (feature `tls`).
     pub fn builder(url: &str) -> RedisStoreBuilder {
+        Self::builder_for(Target::Url(url.to_owned()))
+    }
+
+    /// A builder for a store that opens its connections from the app's `client`, for
+    /// settings a URL cannot carry (a TLS client built with `Client::build_with_tls`, a
+    /// connection info assembled in code). Broken connections are replaced, as with a URL.
+    pub fn builder_from_client(client: Client) -> RedisStoreBuilder {
+        Self::builder_for(Target::Client(client))
+    }
+
+    /// A builder for a store that sends its commands on the app's multiplexed connection,
+    /// sharing it with the rest of the app (`max_connections` is ignored).
+    ///
+    /// A `MultiplexedConnection` never reconnects: once Redis restarts or the connection
+    /// breaks, every operation fails at once (the layer serves misses) until the app builds a
+    /// new store. Prefer [`builder_from_client`](Self::builder_from_client) or a
+    /// `ConnectionManager` (feature `connection-manager`) where that matters.
+    pub fn builder_from_connection(conn: MultiplexedConnection) -> RedisStoreBuilder {
+        Self::builder_for(Target::Connection(conn))
+    }
+
+    /// A builder for a store on the app's redis-rs `ConnectionManager`, which reconnects by
+    /// itself after a failure (`max_connections` is ignored). The manager's own retry and
+    /// response-timeout settings apply inside the store's operation timeout.
+    #[cfg(feature = "connection-manager")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "connection-manager")))]
+    pub fn builder_from_connection_manager(
+        manager: ::redis::aio::ConnectionManager,
+    ) -> RedisStoreBuilder {
+        Self::builder_for(Target::Manager(manager))
+    }
+
+    /// A builder for a store on the app's bb8-redis pool, shared with the rest of the app.
+    ///
+    /// The pool's connections are multiplexed, so the store does not hold one per command: it
+    /// checks a connection out, keeps a clone and returns it to the pool at once, then
+    /// pipelines every command on that clone, exactly like the store's own connection
+    /// (`max_connections` is ignored: the pool would lend its idle connection to each). It
+    /// goes back to the pool only when the connection breaks, so a hit costs one round trip,
+    /// not a checkout (a pool mutex and, with bb8's default `test_on_check_out`, a PING) plus
+    /// the command. The pool stays free for the rest of the app; its `idle_timeout` and
+    /// `max_lifetime` do not close a connection while the store still uses it.
+    ///
+    /// After a restart of Redis the pool's checkout test (bb8's default) evicts the dead
+    /// connection and the pool connects again. bb8-redis cannot tell a broken connection
+    /// otherwise (its `has_broken` is always false), so with `test_on_check_out(false)` the
+    /// store PINGs what the pool lends it after a failure and, if it is dead, opens a
+    /// connection of its own through the pool's manager; the pool itself then keeps lending
+    /// the dead connection to the rest of the app.
+    #[cfg(feature = "bb8")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
+    pub fn builder_from_pool(
+        pool: bb8::Pool<bb8_redis::RedisConnectionManager>,
+    ) -> RedisStoreBuilder {
+        Self::builder_for(Target::Pool(pool))
+    }
+
+    /// A builder for a store that asks the Redis Sentinels at `sentinels`
+    /// (`redis://host:port` each) for the master of `service_name`, and follows failovers: a
+    /// connection that breaks, or that a demoted master answers with `READONLY`, is dropped,
+    /// and the next one is opened to the master the sentinels name then. `node` carries the
+    /// master's password, database and TLS settings, if any.
+    ///
+    /// During a failover operations fail (as cache misses, with the usual back-off) until the
+    /// sentinels have promoted a replica.
+    #[cfg(feature = "sentinel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+    pub fn builder_from_sentinel<I, S>(
+        sentinels: I,
+        service_name: &str,
+        node: Option<::redis::sentinel::SentinelNodeConnectionInfo>,
+    ) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::builder_for(Target::Sentinel {
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            service_name: service_name.to_owned(),
+            node,
+        })
+    }
+
+    fn builder_for(target: Target) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.to_owned(),
+            target,
             max_connections: DEFAULT_CONNECTIONS,
             connection_timeout: Duration::from_millis(250),
             op_timeout: Duration::from_millis(100),
@@ -228,6 +562,17 @@ impl RedisStore {
             .await
     }
 
+    /// Runs a Lua script by its SHA1 (`EVALSHA`), bounded by the operation timeout. The
+    /// script's text is sent only when the server does not know it yet (`NOSCRIPT`: first use,
+    /// or after a restart or `SCRIPT FLUSH`), and the call is then retried once.
+    pub(crate) async fn run_script<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.with_conn(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
+
     /// Runs a pipeline, bounded by the operation timeout.
     pub(crate) async fn query_pipeline<T: FromRedisValue>(
         &self,
@@ -241,7 +586,7 @@ impl RedisStore {
     /// connections and the back-off state honest about failures.
     pub(crate) async fn with_conn<T, F, Fut>(&self, run: F) -> Result<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let shared = &*self.shared;
@@ -266,7 +611,11 @@ impl RedisStore {
             used = Some(generation);
             let result = run(conn).await;
             if let Err(e) = &result {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error()
+                    || is_read_only(e)
+                {
                     slot.discard(generation);
                 }
             }
@@ -314,7 +663,7 @@ impl RedisStore {
     /// Opens the connection of slot `index` unless another command already did. The connect
     /// runs in its own task: when the operation that asked for it times out first, the
     /// connection still lands in the slot for the next command.
-    async fn open_slot(&self, index: usize) -> Result<(u64, MultiplexedConnection)> {
+    async fn open_slot(&self, index: usize) -> Result<(u64, Conn)> {
         let shared = self.shared.clone();
         let task = tokio::spawn(async move {
             let slot = &shared.slots[index];
@@ -324,9 +673,7 @@ impl RedisStore {
             }
             let conn = tokio::time::timeout(
                 shared.connection_timeout,
-                shared
-                    .client
-                    .get_multiplexed_async_connection_with_config(&shared.config),
+                shared.source.open(&shared.config),
             )
             .await
             .map_err(|_| {
@@ -381,6 +728,12 @@ pub(crate) fn px(ttl: Duration) -> u64 {
     u64::try_from(millis).unwrap_or(u64::MAX).max(1)
 }
 
+/// A replica's answer to a write: the connection reaches a master that was demoted (a
+/// Sentinel failover), so the next command should connect again.
+fn is_read_only(e: &RedisError) -> bool {
+    e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::ReadOnly)
+}
+
 fn classify(e: RedisError) -> Error {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
@@ -398,8 +751,10 @@ const TAG_BATCH: usize = 1000;
 /// Stores a value and records its key in each tag set, scored by its expiry on the server's
 /// clock. Expired members are trimmed on each write; a tag set lives as long as its
 /// longest-lived member. KEYS[1]: the value's key; KEYS[2..]: tag sets. ARGV[1]: the value;
-/// ARGV[2]: TTL in ms. Inner by the response layer and [`RedisCache`](crate::RedisCache).
-pub(crate) const SET_TAGGED_SCRIPT: &str = r"
+/// ARGV[2]: TTL in ms. Shared by the response layer and [`RedisCache`](crate::RedisCache).
+pub(crate) static SET_TAGGED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_TAGGED));
+
+const SET_TAGGED: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
@@ -417,6 +772,7 @@ return 1
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field("source", &self.shared.source.name())
             .field("connections", &self.shared.slots.len())
             .field("open", &self.open_connections())
             .field("op_timeout", &self.shared.op_timeout)
@@ -470,13 +826,13 @@ impl Store for RedisStore {
         }
         Box::pin(async move {
             self.check_size(&value)?;
-            let mut eval = ::redis::cmd("EVAL");
-            eval.arg(SET_TAGGED_SCRIPT).arg(1 + tag_keys.len()).arg(key);
+            let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
+            invocation.key(key);
             for tag_key in tag_keys {
-                eval.arg(tag_key);
+                invocation.key(tag_key);
             }
-            eval.arg(&value[..]).arg(px(ttl));
-            let _: i64 = self.query(&eval).await?;
+            invocation.arg(&value[..]).arg(px(ttl));
+            let _: i64 = self.run_script(&invocation).await?;
             Ok(())
         })
     }
@@ -528,12 +884,14 @@ impl Store for RedisStore {
     fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
         // Compare-and-delete in one step, so a lock that expired and was taken by another
         // instance is never released by its former owner.
-        const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                               return redis.call('DEL', KEYS[1]) else return 0 end";
+        static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                 return redis.call('DEL', KEYS[1]) else return 0 end",
+            )
+        });
         Box::pin(async move {
-            let _: i64 = self
-                .query(::redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token))
-                .await?;
+            let _: i64 = self.run_script(RELEASE.key(key).arg(token)).await?;
             Ok(())
         })
     }

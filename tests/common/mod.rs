@@ -22,41 +22,98 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// More command-line arguments (a replica's `--replicaof`, TLS settings).
+    args: Vec<String>,
+    /// A Sentinel's configuration file (Sentinel rewrites it, so it lives in `dir`).
+    sentinel_conf: Option<PathBuf>,
 }
 
 impl RedisServer {
     /// Starts a server and waits until it answers PING.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with more command-line arguments (`{dir}` in them is replaced by the
+    /// server's own temporary directory) and waits until it answers PING on its plain port.
+    pub fn start_with(args: &[&str]) -> Self {
+        Self::try_start_with(args, |_| None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`start_with`](Self::start_with), after `prepare` has written files into the
+    /// server's directory; an error (from `prepare`, or a server that exits at once) says why
+    /// the server did not start.
+    pub fn try_start_with(
+        args: &[&str],
+        prepare: impl FnOnce(&std::path::Path) -> Option<String>,
+    ) -> Result<Self, String> {
         ensure_installed();
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "trc-redis-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir for redis-server");
+        let dir = new_dir();
+        if let Some(error) = prepare(&dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(error);
+        }
+        let dir_text = dir.to_str().expect("UTF-8 temp dir").to_owned();
+        let args = args.iter().map(|a| a.replace("{dir}", &dir_text)).collect();
+        Self::start_in(dir, args, None)
+    }
+
+    /// Starts a Redis Sentinel watching the master at `master_port` as `mymaster` (quorum 1),
+    /// which considers the master down after `down_after_ms` without an answer.
+    pub fn start_sentinel(master_port: u16, down_after_ms: u64) -> Self {
+        ensure_installed();
+        let dir = new_dir();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds mymaster {down_after_ms}\n\
+                 sentinel failover-timeout mymaster 2000\n"
+            ),
+        )
+        .expect("write sentinel.conf");
+        Self::start_in(dir, Vec::new(), Some(conf)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        args: Vec<String>,
+        sentinel_conf: Option<PathBuf>,
+    ) -> Result<Self, String> {
         for _ in 0..10 {
             let port = free_port();
             let mut server = Self {
                 child: None,
                 port,
                 dir: dir.clone(),
+                args: args.clone(),
+                sentinel_conf: sentinel_conf.clone(),
             };
             if server.spawn() {
-                return server;
+                return Ok(server);
             }
             // Another process took the port between our probe and redis-server's bind.
             server.dir = PathBuf::new();
         }
-        panic!("redis-server did not start on any of 10 free ports");
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(format!(
+            "redis-server {args:?} did not start on any of 10 free ports"
+        ))
     }
 
     fn spawn(&mut self) -> bool {
-        let mut child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(conf) = &self.sentinel_conf {
+            command.arg(conf).arg("--sentinel");
+        } else {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        let mut child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -84,6 +141,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's temporary directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -186,7 +248,19 @@ fn ensure_installed() {
     );
 }
 
-fn free_port() -> u16 {
+fn new_dir() -> PathBuf {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "trc-redis-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir for redis-server");
+    dir
+}
+
+/// A free port on 127.0.0.1 (free when asked).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
