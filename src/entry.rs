@@ -65,6 +65,9 @@ pub(crate) struct CachedResponse {
 
 /// What a base key holds: the response itself, or (for a response with `Vary`) the names of
 /// the request headers that select a variant stored under a secondary key.
+// Decoded once per lookup and taken apart at once: boxing the response would cost an
+// allocation per hit to save stack bytes no one keeps.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum StoredValue {
     Response(CachedResponse),
