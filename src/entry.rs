@@ -16,7 +16,7 @@
 //! connection-level or framing headers, no body where the status allows none, and a TTL
 //! within RFC 9111's 2^31 s. A store holding garbage (or an attacker's bytes) gives misses.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -55,7 +55,7 @@ pub(crate) struct CachedResponse {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     /// Milliseconds since the Unix epoch: wall time, because several app instances share
-    /// the entry and compute its age.
+    /// the entry and compute its age (read from [`crate::clock`]).
     pub(crate) stored_at_ms: u64,
     pub(crate) ttl: Duration,
     /// The directives this cache obeys, parsed once from `headers` when the entry is decoded
@@ -65,6 +65,9 @@ pub(crate) struct CachedResponse {
 
 /// What a base key holds: the response itself, or (for a response with `Vary`) the names of
 /// the request headers that select a variant stored under a secondary key.
+// Decoded once per lookup and taken apart at once: boxing the response would cost an
+// allocation per hit to save stack bytes no one keeps.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 // The response is the common case and is moved out at once; boxing it would cost an
 // allocation per hit to save stack space on the rare marker.
@@ -85,12 +88,6 @@ impl std::fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl CachedResponse {
     /// Whole seconds since the entry was stored (0 if the clock went backwards).

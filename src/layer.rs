@@ -281,6 +281,38 @@ impl CacheLayer {
         self
     }
 
+    /// Waits for the layer's background work: resolves once every store write (and every
+    /// background refresh of a stale entry) started before the call has finished,
+    /// successfully or not. Work started after the call does not hold it up.
+    ///
+    /// Responses are written to the store in the background after their body has streamed
+    /// to the client; call this on graceful shutdown, after the server has stopped taking
+    /// requests, so that the last responses are not lost, or in tests, to check the store
+    /// once a response was written. Layers cloned from one another (and their services)
+    /// share their background work; to wait for it, keep a clone of the layer before
+    /// handing it to `Router::layer` or `ServiceBuilder`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "memory")]
+    /// # async fn demo() {
+    /// use tower_redis_cache::{CacheLayer, MemoryStore};
+    ///
+    /// let layer = CacheLayer::new(MemoryStore::new());
+    /// let service = tower::ServiceBuilder::new()
+    ///     .layer(layer.clone())
+    ///     .service_fn(|_req: http::Request<String>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///     });
+    /// // ... serve requests with `service`, then stop taking new ones ...
+    /// # drop(service);
+    /// layer.flush().await;
+    /// # }
+    /// ```
+    pub fn flush(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let writes = self.config.pending_writes.clone();
+        async move { writes.flush().await }
+    }
+
     /// How long a cross-instance lock lives if its holder never releases it (a crashed
     /// instance): other instances proceed after this (default 5 s).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {

@@ -9,6 +9,7 @@
 mod cache_control;
 #[cfg(feature = "redis")]
 mod client;
+mod clock;
 mod coalesce;
 mod entry;
 mod error;

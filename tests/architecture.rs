@@ -32,6 +32,7 @@ const STACK: &[&str] = &[
     "store/mod.rs",
     "cache_control.rs",
     "settings.rs",
+    "clock.rs",
     "error.rs",
 ];
 

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use common::{fetch, get_until_hit, http_key, send, serve, Counter, RedisServer};
+use common::{advance_clock, fetch, get_until_hit, http_key, send, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, RedisStore};
 
 /// Header pairs in a table row.
@@ -79,14 +79,12 @@ async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body() {
 #[tokio::test]
 async fn age_counts_whole_seconds_since_stored() {
     let redis = RedisServer::start();
-    let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
-        Counter::default(),
-    ))
-    .await;
+    let layer = CacheLayer::new(store(&redis).await);
+    let addr = serve(items_app(layer.clone(), Counter::default())).await;
     fetch(addr, "/items/1").await;
-    redis.wait_for_keys(1).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    layer.flush().await;
+    assert_eq!(redis.dbsize(), 1);
+    advance_clock(Duration::from_millis(1100)).await;
     assert_eq!(fetch(addr, "/items/1").await.header("age"), Some("1"));
 }
 
@@ -98,7 +96,7 @@ async fn entries_expire_after_the_ttl() {
     let addr = serve(items_app(layer, calls.clone())).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    advance_clock(Duration::from_millis(1100)).await;
     let after = fetch(addr, "/items/1").await;
     assert_eq!((after.x_cache(), after.text()), (Some("MISS"), "item 1 #2"));
 }
@@ -166,15 +164,12 @@ async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
 async fn head_before_any_get_is_untouched_and_stores_no_empty_body() {
     let redis = RedisServer::start();
     let calls = Counter::default();
-    let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
-        calls.clone(),
-    ))
-    .await;
+    let layer = CacheLayer::new(store(&redis).await);
+    let addr = serve(items_app(layer.clone(), calls.clone())).await;
     let head = send(addr, Method::HEAD, "/items/1", &[]).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.x_cache(), None);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    layer.flush().await;
     assert_eq!(redis.dbsize(), 0, "a HEAD response must not be stored");
     let get1 = fetch(addr, "/items/1").await;
     assert_eq!((get1.x_cache(), get1.text()), (Some("MISS"), "item 1 #2"));
@@ -208,11 +203,8 @@ async fn head_is_answered_from_a_fresh_get_entry_without_body() {
 async fn request_no_store_bypasses_and_stores_nothing() {
     let redis = RedisServer::start();
     let calls = Counter::default();
-    let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
-        calls.clone(),
-    ))
-    .await;
+    let layer = CacheLayer::new(store(&redis).await);
+    let addr = serve(items_app(layer.clone(), calls.clone())).await;
     for n in 1..=2 {
         let reply = send(
             addr,
@@ -226,7 +218,7 @@ async fn request_no_store_bypasses_and_stores_nothing() {
             (Some("BYPASS"), &*format!("item 1 #{n}"))
         );
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    layer.flush().await;
     assert_eq!(redis.dbsize(), 0);
 }
 
@@ -374,11 +366,14 @@ fn fixed_app(
         .layer(layer)
 }
 
-/// Sends two GETs (with a pause for a background write) and returns the second reply.
-async fn twice(addr: std::net::SocketAddr) -> common::Reply {
+/// Sends two GETs (waiting for any background write of the first) and returns the second
+/// reply.
+async fn twice(layer: &CacheLayer, addr: std::net::SocketAddr) -> common::Reply {
     fetch(addr, "/r").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    fetch(addr, "/r").await
+    layer.flush().await;
+    let second = fetch(addr, "/r").await;
+    layer.flush().await;
+    second
 }
 
 #[tokio::test]
@@ -400,14 +395,9 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
     for (status, headers) in cases {
         let redis = RedisServer::start();
         let calls = Counter::default();
-        let addr = serve(fixed_app(
-            CacheLayer::new(store(&redis).await),
-            *status,
-            headers,
-            calls.clone(),
-        ))
-        .await;
-        let second = twice(addr).await;
+        let layer = CacheLayer::new(store(&redis).await);
+        let addr = serve(fixed_app(layer.clone(), *status, headers, calls.clone())).await;
+        let second = twice(&layer, addr).await;
         assert_eq!(second.status, *status);
         assert_eq!(second.x_cache(), Some("MISS"), "{status} {headers:?}");
         assert_eq!(
@@ -563,6 +553,7 @@ async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
     let redis = RedisServer::start();
     let calls = Counter::default();
     let counter = calls.clone();
+    let layer = CacheLayer::new(store(&redis).await).max_body_bytes(2048);
     let app = Router::new()
         .route(
             "/big",
@@ -574,10 +565,10 @@ async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
             }),
         )
         .route("/big-known", get(|| async { vec![7u8; 4096] }))
-        .layer(CacheLayer::new(store(&redis).await).max_body_bytes(2048));
+        .layer(layer.clone());
     let addr = serve(app).await;
     for path in ["/big", "/big-known"] {
-        let second = twice_at(addr, path).await;
+        let second = twice_at(&layer, addr, path).await;
         assert_eq!(second.x_cache(), Some("MISS"), "{path}");
     }
     let big = fetch(addr, "/big").await;
@@ -587,13 +578,14 @@ async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
         .chunks(1024)
         .enumerate()
         .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
+    layer.flush().await;
     assert_eq!(calls.get(), 3);
     assert_eq!(redis.dbsize(), 0);
 }
 
-async fn twice_at(addr: std::net::SocketAddr, path: &str) -> common::Reply {
+async fn twice_at(layer: &CacheLayer, addr: std::net::SocketAddr, path: &str) -> common::Reply {
     fetch(addr, path).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    layer.flush().await;
     fetch(addr, path).await
 }
 
@@ -614,6 +606,25 @@ where
         }
     });
     tokio_stream_from(rx)
+}
+
+/// A stream that notifies when it is dropped.
+struct DropSignal<S>(S, std::sync::Arc<tokio::sync::Notify>);
+
+impl<S> Drop for DropSignal<S> {
+    fn drop(&mut self) {
+        self.1.notify_one();
+    }
+}
+
+impl<S: futures_core::Stream + Unpin> futures_core::Stream for DropSignal<S> {
+    type Item = S::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx)
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -637,6 +648,7 @@ async fn a_body_that_fails_midway_is_not_stored() {
     let redis = RedisServer::start();
     let calls = Counter::default();
     let counter = calls.clone();
+    let layer = CacheLayer::new(store(&redis).await);
     let app = Router::new()
         .route(
             "/flaky",
@@ -649,7 +661,7 @@ async fn a_body_that_fails_midway_is_not_stored() {
                 async move { Body::from_stream(futures_stream(chunks.into_iter())) }
             }),
         )
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(layer.clone());
     let addr = serve(app).await;
     for _ in 0..2 {
         let request = http::Request::get(format!("http://{addr}/flaky"))
@@ -659,7 +671,7 @@ async fn a_body_that_fails_midway_is_not_stored() {
         let body = http_body_util::BodyExt::collect(response.into_body()).await;
         assert!(body.is_err(), "the client sees the failure");
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    layer.flush().await;
     assert_eq!(calls.get(), 2);
     assert_eq!(redis.dbsize(), 0, "a truncated body was stored");
 }
@@ -667,23 +679,31 @@ async fn a_body_that_fails_midway_is_not_stored() {
 #[tokio::test]
 async fn a_body_the_client_abandoned_is_not_stored() {
     let redis = RedisServer::start();
+    let layer = CacheLayer::new(store(&redis).await);
+    // Notified when the server drops the handler's body: at once if it noticed the client
+    // leave, or after the last chunk if it kept streaming (and recording) regardless.
+    let dropped = std::sync::Arc::new(tokio::sync::Notify::new());
+    let body_dropped = dropped.clone();
     let app = Router::new()
         .route(
             "/slow",
-            get(|| async {
-                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
-                tokio::spawn(async move {
-                    for _ in 0..20 {
-                        if tx.send(Ok(Bytes::from_static(b"chunk "))).await.is_err() {
-                            return;
+            get(move || {
+                let body_dropped = body_dropped.clone();
+                async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+                    tokio::spawn(async move {
+                        for _ in 0..20 {
+                            if tx.send(Ok(Bytes::from_static(b"chunk "))).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                });
-                Body::from_stream(tokio_stream_from(rx))
+                    });
+                    Body::from_stream(DropSignal(tokio_stream_from(rx), body_dropped))
+                }
             }),
         )
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(layer.clone());
     let addr = serve(app).await;
     let request = http::Request::get(format!("http://{addr}/slow"))
         .body(http_body_util::Empty::<Bytes>::new())
@@ -697,7 +717,8 @@ async fn a_body_the_client_abandoned_is_not_stored() {
         .unwrap();
     assert_eq!(first.into_data().unwrap(), "chunk ");
     drop(body); // the client goes away mid-body
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dropped.notified().await;
+    layer.flush().await;
     assert_eq!(redis.dbsize(), 0, "a body the client abandoned was stored");
 }
 
@@ -916,7 +937,7 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries()
     let store = store(&redis).await;
     let layer = CacheLayer::new(store.clone()).tags(["catalog"]);
     let invalidator = layer.invalidator();
-    let addr = serve(tagged_app(layer, Counter::default())).await;
+    let addr = serve(tagged_app(layer.clone(), Counter::default())).await;
     for id in 1..=6 {
         let reply = fetch(addr, &format!("/products/{id}")).await;
         assert_eq!(reply.header("cache-tag"), None, "tag headers are stripped");
@@ -937,7 +958,7 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries()
     }
     // The typed client with the layer's prefix sees the same tags.
     let client = tower_redis_cache::RedisCache::from_store(&store).with_prefix("http-cache");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    layer.flush().await;
     assert_eq!(client.invalidate_tag("catalog").await.unwrap(), 6);
     // Only tag sets remain (their members now name removed keys and expire with them).
     let left: Vec<String> = redis.cmd(&["KEYS", "*"]);
@@ -1009,17 +1030,14 @@ async fn works_inside_and_outside_tower_http_compression() {
                 async { long_text() }
             }),
         );
+        let layer = CacheLayer::new(store(&redis).await);
         let app = if cache_outside {
             // The cache stores compressed variants, keyed by Accept-Encoding (the compression
             // layer adds `Vary: accept-encoding`).
-            routes
-                .layer(CompressionLayer::new())
-                .layer(CacheLayer::new(store(&redis).await))
+            routes.layer(CompressionLayer::new()).layer(layer.clone())
         } else {
             // The cache stores the identity body; compression runs per request on the way out.
-            routes
-                .layer(CacheLayer::new(store(&redis).await))
-                .layer(CompressionLayer::new())
+            routes.layer(layer.clone()).layer(CompressionLayer::new())
         };
         let addr = serve(app).await;
         let order = if cache_outside {
@@ -1045,7 +1063,7 @@ async fn works_inside_and_outside_tower_http_compression() {
             assert_eq!(plain.text(), long_text());
             let br = send(addr, Method::GET, "/text", &[("accept-encoding", "br")]).await;
             assert_eq!(br.header("content-encoding"), None, "{order}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            layer.flush().await;
         }
         let expected = if cache_outside { 3 } else { 1 }; // one per variant, or one in all
         assert!(
@@ -1061,14 +1079,14 @@ async fn past_the_pending_write_limit_responses_are_served_but_not_stored() {
     let redis = RedisServer::start();
     let calls = Counter::default();
     let layer = CacheLayer::new(store(&redis).await).max_pending_writes(0);
-    let addr = serve(items_app(layer, calls.clone())).await;
+    let addr = serve(items_app(layer.clone(), calls.clone())).await;
     for n in 1..=3 {
         let reply = fetch(addr, "/items/1").await;
         assert_eq!(
             (reply.x_cache(), reply.text()),
             (Some("MISS"), &*format!("item 1 #{n}"))
         );
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        layer.flush().await;
     }
     assert_eq!(redis.dbsize(), 0);
 }

@@ -10,7 +10,9 @@ use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use common::{cache_key, fetch, get_until_hit, http_key, serve, Counter, RedisServer};
+use common::{
+    advance_clock, cache_key, fetch, get_until_hit, http_key, serve, Counter, RedisServer,
+};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, RedisStore};
@@ -183,7 +185,7 @@ async fn a_hung_lock_holder_blocks_other_instances_only_until_the_lock_expires()
     let stuck = instance(Duration::from_secs(3600)).await;
     let healthy = instance(Duration::ZERO).await;
     let stuck_request = tokio::spawn(burst(stuck, 1, "/hot"));
-    tokio::time::sleep(Duration::from_millis(100)).await; // the stuck instance holds the lock
+    redis.wait_for_keys(1).await; // the stuck instance holds the lock
     let started = Instant::now();
     let replies = burst(healthy, 5, "/hot").await;
     assert!(replies.iter().all(|(_, body)| body == "computed #2"));
@@ -253,13 +255,33 @@ async fn stale_is_served_at_once_while_exactly_one_refresh_runs() {
     let layer = CacheLayer::new(redis_store(&redis).await)
         .ttl(Duration::from_secs(1))
         .stale_while_revalidate(Duration::from_secs(30));
-    let addr = serve(slow_app(layer, calls.clone(), Duration::from_millis(400))).await;
+    // The first call answers at once; later calls (the refresh) wait until the gate opens,
+    // so a stale reply that arrives while it is closed did not wait for the refresh.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let app = {
+        let (calls, gate) = (calls.clone(), gate.clone());
+        Router::new()
+            .route(
+                "/hot",
+                get(move || {
+                    let n = calls.bump();
+                    let gate = gate.clone();
+                    async move {
+                        if n > 1 {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        format!("computed #{n}")
+                    }
+                }),
+            )
+            .layer(layer.clone())
+    };
+    let addr = serve(app).await;
     fetch(addr, "/hot").await;
     let stored = get_until_hit(addr, "/hot", &[]).await.text().to_owned();
     let calls_before = calls.get();
-    tokio::time::sleep(Duration::from_millis(1100)).await; // now stale, within grace
+    advance_clock(Duration::from_millis(1100)).await; // now stale, within grace
 
-    let started = Instant::now();
     let mut stale = Vec::new();
     for _ in 0..10 {
         stale.push(tokio::spawn(async move { fetch(addr, "/hot").await }));
@@ -268,11 +290,13 @@ async fn stale_is_served_at_once_while_exactly_one_refresh_runs() {
         let reply = reply.await.unwrap();
         assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), &*stored));
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(400),
+    assert_eq!(
+        gate.available_permits(),
+        0,
         "stale copies waited for the refresh"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    gate.add_permits(1);
+    layer.flush().await;
     assert_eq!(
         calls.get(),
         calls_before + 1,
@@ -314,7 +338,7 @@ async fn the_response_stale_while_revalidate_directive_is_honoured() {
         ttl > 25,
         "the store keeps the entry for its grace too: ttl {ttl}"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    advance_clock(Duration::from_millis(1100)).await;
     let reply = fetch(addr, "/r").await;
     assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "v1"));
 }
@@ -354,7 +378,7 @@ async fn stale_is_served_when_the_handler_fails() {
     let addr = serve(failing_app(layer, calls.clone(), "public")).await;
     fetch(addr, "/r").await;
     get_until_hit(addr, "/r", &[]).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    advance_clock(Duration::from_millis(1100)).await;
     let before = calls.get();
     let reply = fetch(addr, "/r").await;
     assert_eq!(calls.get(), before + 1, "the handler was tried");
@@ -378,7 +402,7 @@ async fn without_stale_if_error_or_under_must_revalidate_the_error_is_returned()
         let addr = serve(failing_app(layer, calls.clone(), cache_control)).await;
         fetch(addr, "/r").await;
         get_until_hit(addr, "/r", &[]).await;
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        advance_clock(Duration::from_millis(1100)).await;
         let reply = fetch(addr, "/r").await;
         assert_eq!(
             reply.status,
@@ -403,7 +427,7 @@ async fn the_response_stale_if_error_directive_is_honoured() {
     .await;
     fetch(addr, "/r").await;
     get_until_hit(addr, "/r", &[]).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    advance_clock(Duration::from_millis(1100)).await;
     let reply = fetch(addr, "/r").await;
     assert_eq!((reply.x_cache(), reply.text()), (Some("STALE"), "reply #1"));
 }
@@ -431,7 +455,9 @@ async fn ttl_jitter_spreads_expiry() {
     assert!(ttls.len() > 10, "expiry times were not spread: {ttls:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// A current-thread runtime, so the test can move tokio's clock: the 200 requests still
+// interleave at every await.
+#[tokio::test]
 async fn an_expired_popular_entry_kept_for_revalidation_or_errors_costs_one_handler_call() {
     // Entries kept past their TTL (stale-if-error grace, or a validator for revalidation)
     // must not turn their expiry into a stampede.
@@ -442,9 +468,11 @@ async fn an_expired_popular_entry_kept_for_revalidation_or_errors_costs_one_hand
         let redis = RedisServer::start();
         let calls = Counter::default();
         let base = CacheLayer::new(redis_store(&redis).await).ttl(Duration::from_secs(1));
-        let app = slow_app(layer(base), calls.clone(), Duration::from_millis(300));
+        let layer = layer(base);
+        let app = slow_app(layer.clone(), calls.clone(), Duration::from_millis(300));
         burst(app.clone(), 1, "/hot").await;
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        layer.flush().await;
+        advance_clock(Duration::from_millis(1300)).await;
         let replies = burst(app, 200, "/hot").await;
         assert_eq!(
             calls.get(),
@@ -481,7 +509,10 @@ async fn a_waiter_never_gets_a_content_coding_it_did_not_ask_for() {
                 }
             }),
         )
-        .layer(CacheLayer::new(redis_store(&redis).await));
+        // Waiters held for the coalesce timeout would hang the test, not slow it.
+        .layer(
+            CacheLayer::new(redis_store(&redis).await).coalesce_timeout(Duration::from_secs(3600)),
+        );
     let leader = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -495,14 +526,15 @@ async fn a_waiter_never_gets_a_content_coding_it_did_not_ask_for() {
             encoding
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    for (_, body) in burst(app, 10, "/asset").await {
+    while calls.get() == 0 {
+        tokio::task::yield_now().await; // until the leader's handler call is in flight
+    }
+    let waiters = tokio::time::timeout(Duration::from_secs(60), burst(app, 10, "/asset"));
+    for (_, body) in waiters
+        .await
+        .expect("the waiters were held until the coalesce timeout")
+    {
         assert_eq!(body, "plain", "a client without gzip got the gzip reply");
     }
     assert_eq!(leader.await.unwrap(), "gzip");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the waiters were not coalesced"
-    );
 }

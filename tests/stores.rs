@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use common::{fetch, get_until_hit, serve, Counter, RedisServer};
+use common::{advance_clock, fetch, get_until_hit, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, ErrorKind, MemoryStore, RedisStore, Store};
 
 fn app(layer: CacheLayer, calls: Counter) -> Router {
@@ -130,11 +130,8 @@ async fn scripts_run_by_hash_and_are_sent_again_after_script_flush() {
 async fn redis_killed_requests_still_served_and_caching_resumes_after_restart() {
     let mut redis = RedisServer::start();
     let calls = Counter::default();
-    let addr = serve(app(
-        CacheLayer::new(lazy_store(&redis.url())),
-        calls.clone(),
-    ))
-    .await;
+    let layer = CacheLayer::new(lazy_store(&redis.url()));
+    let addr = serve(app(layer.clone(), calls.clone())).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
 
@@ -154,18 +151,15 @@ async fn redis_killed_requests_still_served_and_caching_resumes_after_restart() 
 
     redis.restart();
     // Caching resumes without restarting the app: dead connections are replaced.
-    assert_caching_resumes(addr, "/items/7", "Redis restarted").await;
+    assert_caching_resumes(&layer, addr, "/items/7", "Redis restarted").await;
 }
 
 #[tokio::test]
 async fn redis_hung_adds_at_most_the_operation_timeout() {
     let redis = RedisServer::start();
     let calls = Counter::default();
-    let addr = serve(app(
-        CacheLayer::new(lazy_store(&redis.url())),
-        calls.clone(),
-    ))
-    .await;
+    let layer = CacheLayer::new(lazy_store(&redis.url()));
+    let addr = serve(app(layer.clone(), calls.clone())).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
 
@@ -182,15 +176,20 @@ async fn redis_hung_adds_at_most_the_operation_timeout() {
         );
     }
     redis.resume();
-    assert_caching_resumes(addr, "/items/8", "Redis resumed").await;
+    assert_caching_resumes(&layer, addr, "/items/8", "Redis resumed").await;
 }
 
 /// Within 10 s of Redis coming back, a GET of `path` is stored and then served as a HIT.
-async fn assert_caching_resumes(addr: std::net::SocketAddr, path: &str, after: &str) {
+async fn assert_caching_resumes(
+    layer: &CacheLayer,
+    addr: std::net::SocketAddr,
+    path: &str,
+    after: &str,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         fetch(addr, path).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        layer.flush().await;
         if fetch(addr, path).await.x_cache() == Some("HIT") {
             return;
         }
@@ -198,6 +197,7 @@ async fn assert_caching_resumes(addr: std::net::SocketAddr, path: &str, after: &
             Instant::now() < deadline,
             "caching never resumed after {after}"
         );
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll, while reconnecting
     }
 }
 
@@ -230,7 +230,8 @@ async fn memory_store_serves_the_layer_and_honours_ttl() {
     assert_eq!(fetch(addr, "/items/1").await.x_cache(), Some("MISS"));
     let hit = get_until_hit(addr, "/items/1", &[]).await;
     assert_eq!(hit.text(), "fresh #1");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // moka still holds the entry (it expires on its own clock); the cache judges it expired.
+    advance_clock(Duration::from_millis(1200)).await;
     let expired = fetch(addr, "/items/1").await;
     assert_eq!(
         (expired.x_cache(), expired.text()),

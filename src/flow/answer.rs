@@ -6,7 +6,8 @@ use http::header::{HeaderName, HeaderValue, AGE, CONTENT_LENGTH};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::cache_control::TARGETED_HEADERS;
-use crate::entry::{self, CachedResponse};
+use crate::clock;
+use crate::entry::CachedResponse;
 use crate::rules::conditional;
 use crate::rules::request::BypassReason;
 use crate::rules::tags::TAG_HEADERS;
@@ -94,7 +95,7 @@ pub(crate) fn answer<B>(
     with_body: bool,
     outcome: Outcome,
 ) -> Response<CacheBody<B>> {
-    let now = entry::now_ms();
+    let now = clock::now_ms();
     let age = hit.age(now).as_secs();
     // Both are below 2^63 ms (entries' TTLs are clamped on decode); saturate regardless.
     let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);

@@ -1,7 +1,11 @@
 //! What every request of a layer shares: the store, the route's settings, the flights of
 //! in-process coalescing, the write budget. Built by the layer, read by the flow.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use crate::coalesce::Flights;
 use crate::key::Keying;
@@ -23,28 +27,128 @@ pub(crate) struct Config {
 }
 
 /// Counts the background writes in flight, so a miss storm against a slow store cannot
-/// queue unbounded memory: past the limit, responses are served but not stored.
+/// queue unbounded memory: past the limit, responses are served but not stored. It also
+/// tracks every background task that writes (writes and stale refreshes) so that
+/// [`flush`](Self::flush) can wait for them.
 #[derive(Debug, Default)]
-pub(crate) struct WriteBudget(std::sync::atomic::AtomicUsize);
+pub(crate) struct WriteBudget {
+    /// Budgeted writes in flight.
+    taken: AtomicUsize,
+    tracked: Mutex<Tracked>,
+    /// Woken whenever a tracked task ends.
+    ended: Notify,
+}
+
+/// The tracked tasks in flight, by the order they started.
+#[derive(Debug, Default)]
+struct Tracked {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
 
 impl WriteBudget {
     /// Takes a slot if fewer than `limit` writes are in flight.
     pub(crate) fn try_take(self: &Arc<Self>, limit: usize) -> Option<WriteSlot> {
-        use std::sync::atomic::Ordering;
-        let taken = self.0.fetch_add(1, Ordering::AcqRel);
+        let taken = self.taken.fetch_add(1, Ordering::AcqRel);
         if taken >= limit {
-            self.0.fetch_sub(1, Ordering::AcqRel);
+            self.taken.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(WriteSlot(self.clone()))
+        Some(WriteSlot {
+            _task: self.track(),
+            budget: self.clone(),
+        })
+    }
+
+    /// Tracks a background task that will write (a stale refresh) without taking a slot:
+    /// its write takes one when it starts, before this is dropped.
+    pub(crate) fn track(self: &Arc<Self>) -> TrackedTask {
+        let mut tracked = self.lock();
+        let id = tracked.next;
+        tracked.next += 1;
+        tracked.in_flight.insert(id);
+        TrackedTask {
+            id,
+            budget: self.clone(),
+        }
+    }
+
+    /// Resolves once every task tracked before the call has ended; tasks started later do
+    /// not hold it up.
+    pub(crate) async fn flush(&self) {
+        let cutoff = self.lock().next;
+        loop {
+            let ended = self.ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            // Registered before the check, so an end between the check and the wait wakes it.
+            ended.as_mut().enable();
+            if self.lock().in_flight.first().is_none_or(|&id| id >= cutoff) {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        // The set stays consistent whatever panicked while holding the lock.
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A tracked background task; ends when dropped.
+pub(crate) struct TrackedTask {
+    id: u64,
+    budget: Arc<WriteBudget>,
+}
+
+impl Drop for TrackedTask {
+    fn drop(&mut self) {
+        self.budget.lock().in_flight.remove(&self.id);
+        self.budget.ended.notify_waiters();
     }
 }
 
 /// One background write in flight; frees its slot when dropped.
-pub(crate) struct WriteSlot(Arc<WriteBudget>);
+pub(crate) struct WriteSlot {
+    budget: Arc<WriteBudget>,
+    _task: TrackedTask,
+}
 
 impl Drop for WriteSlot {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.budget.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn flush_waits_for_tasks_started_before_it_and_only_those() {
+        let budget = Arc::new(WriteBudget::default());
+        let before = budget.try_take(8).unwrap();
+        let refresh = budget.track();
+        let flush = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.flush().await }
+        });
+        tokio::task::yield_now().await;
+        let after = budget.track();
+        drop(before);
+        tokio::task::yield_now().await;
+        assert!(
+            !flush.is_finished(),
+            "a task started before is still running"
+        );
+        drop(refresh);
+        flush.await.unwrap();
+        drop(after);
+        assert_eq!(budget.taken.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn flush_with_nothing_in_flight_resolves_at_once() {
+        WriteBudget::default().flush().await;
     }
 }

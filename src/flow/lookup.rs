@@ -2,6 +2,7 @@
 
 use http::HeaderMap;
 
+use crate::clock;
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
 use crate::rules::conditional;
@@ -30,7 +31,7 @@ pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedRes
         &config.rules,
         plan,
         &entry.directives,
-        entry.elapsed(entry::now_ms()),
+        entry.elapsed(clock::now_ms()),
         entry.ttl,
     )
 }
@@ -85,7 +86,7 @@ pub(crate) async fn fresh_entry(
     headers: &HeaderMap,
 ) -> Option<(CachedResponse, Option<key::Variant>)> {
     let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
-    let usable = response.staleness(entry::now_ms()).is_none()
+    let usable = response.staleness(clock::now_ms()).is_none()
         && conditional::accepts_encoding(headers, &response.headers);
     usable.then_some((response, variant))
 }

@@ -355,7 +355,10 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    // Tracked until the response is stored, so `CacheLayer::flush` waits for the refresh.
+    let task = config.pending_writes.track();
     runtime.spawn(async move {
+        let _task = task;
         if config.rules.lock_across_instances {
             match Lock::try_acquire(&config.store, &key, config.rules.lock_ttl).await {
                 Ok(Some(lock)) => lead.hold(lock),

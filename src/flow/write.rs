@@ -10,6 +10,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::Body;
 
 use crate::cache_control::CacheControl;
+use crate::clock;
 use crate::coalesce::{Lead, Shared};
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
@@ -99,7 +100,7 @@ pub(crate) fn revalidated(
         &stale.directives,
         authorized,
     );
-    stale.stored_at_ms = entry::now_ms();
+    stale.stored_at_ms = clock::now_ms();
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
         let response = (stale.status, &stale.headers, &stale.directives);
@@ -195,7 +196,7 @@ impl PendingEntry {
             self.status,
             &self.headers,
             &chunks,
-            entry::now_ms(),
+            clock::now_ms(),
             self.ttl,
         );
         if let Some(lead) = &mut self.lead {

@@ -2,8 +2,6 @@
 //! `If-Modified-Since` from a stored response, revalidating a stored response with the
 //! handler, and content-coding checks. Pure functions of headers.
 
-use std::time::SystemTime;
-
 use http::header::{
     ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LOCATION, DATE, ETAG, EXPIRES,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, VARY,
@@ -163,7 +161,7 @@ pub(crate) fn accepts_encoding(request: &HeaderMap, stored: &HeaderMap) -> bool 
 
 /// A `Date` value for now, added to a stored response that has none (RFC 9110 §6.6.1).
 pub(crate) fn date_now() -> HeaderValue {
-    HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now()))
+    HeaderValue::from_str(&httpdate::fmt_http_date(crate::clock::now()))
         .expect("HTTP dates are ASCII")
 }
 

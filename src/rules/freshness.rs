@@ -80,7 +80,7 @@ fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
     let date = headers
         .get(DATE)
         .and_then(http_date)
-        .unwrap_or_else(SystemTime::now);
+        .unwrap_or_else(crate::clock::now);
     Some(clamp(
         expires.duration_since(date).unwrap_or(Duration::ZERO),
     ))

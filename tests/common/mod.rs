@@ -357,6 +357,16 @@ pub async fn get_until_hit(addr: SocketAddr, path: &str, headers: &[(&str, &str)
     }
 }
 
+/// Moves tokio's clock, which the cache reads its time from, forward by `by` at once: entries
+/// age without the test sleeping. Real time, and with it Redis's and moka's key expiry, does
+/// not move. Needs a current-thread runtime (the default of `#[tokio::test]`); pending tokio
+/// timers due within `by` fire.
+pub async fn advance_clock(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+}
+
 /// Counts handler calls.
 #[derive(Clone, Default)]
 pub struct Counter(Arc<AtomicUsize>);
