@@ -34,14 +34,16 @@ impl CacheControl {
         Self::parse_field(headers, &CACHE_CONTROL)
     }
 
-    /// The directives this cache obeys on a response: those of `CDN-Cache-Control`
-    /// (RFC 9213) or `Surrogate-Control` when present, which then replace `Cache-Control`
-    /// for this cache alone; otherwise `Cache-Control`.
-    pub(crate) fn for_cache(headers: &HeaderMap) -> Self {
-        match TARGETED_HEADERS
-            .iter()
-            .find(|name| headers.contains_key(*name))
-        {
+    /// The directives this cache obeys on a response (RFC 9213 §2.1): those of the first of
+    /// the `targeted` fields (in priority order) that is present and valid, which then replace
+    /// `Cache-Control` for this cache alone; otherwise `Cache-Control`. A targeted field that
+    /// is not a valid Structured Fields dictionary is ignored as a whole.
+    pub(crate) fn for_cache(headers: &HeaderMap, targeted: &[HeaderName]) -> Self {
+        let valid = |name: &&HeaderName| {
+            let mut values = headers.get_all(*name).iter().peekable();
+            values.peek().is_some() && values.all(|v| v.to_str().is_ok_and(is_sf_dictionary))
+        };
+        match targeted.iter().find(valid) {
             Some(name) => Self::parse_field(headers, name),
             None => Self::parse(headers),
         }
@@ -134,9 +136,85 @@ impl CacheControl {
     }
 }
 
-/// Fields that give this cache its own directives (RFC 9213's CDN-Cache-Control, and
-/// Surrogate-Control); the layer strips them before the client sees the response.
-pub(crate) const TARGETED_HEADERS: [HeaderName; 2] = [
-    HeaderName::from_static("cdn-cache-control"),
-    HeaderName::from_static("surrogate-control"),
-];
+/// Whether `value` parses as a Structured Fields dictionary (RFC 8941 §3.2), the syntax of
+/// targeted cache-control fields: lower-case keys, each bare (true) or with an integer,
+/// decimal, string, token or boolean value, and parameters of the same kind.
+pub(crate) fn is_sf_dictionary(value: &str) -> bool {
+    let value = value.trim_matches(|c| c == ' ' || c == '\t');
+    if value.is_empty() {
+        return true;
+    }
+    split_members(value).all(|member| {
+        let mut parts = split_params(member.trim_matches(|c| c == ' ' || c == '\t'));
+        let Some(head) = parts.next() else {
+            return false;
+        };
+        let item_ok = match head.split_once('=') {
+            Some((key, item)) => is_sf_key(key) && is_bare_item(item),
+            None => is_sf_key(head),
+        };
+        item_ok
+            && parts.all(|param| match param.trim_start().split_once('=') {
+                Some((key, item)) => is_sf_key(key) && is_bare_item(item),
+                None => is_sf_key(param.trim_start()),
+            })
+    })
+}
+
+/// Splits on `sep` outside quoted strings.
+fn split_outside_quotes(value: &str, sep: char) -> impl Iterator<Item = &str> {
+    let mut in_quotes = false;
+    let mut escaped = false;
+    value.split(move |c: char| {
+        if escaped {
+            escaped = false;
+        } else if in_quotes && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_quotes = !in_quotes;
+        } else if c == sep && !in_quotes {
+            return true;
+        }
+        false
+    })
+}
+
+fn split_members(value: &str) -> impl Iterator<Item = &str> {
+    split_outside_quotes(value, ',')
+}
+
+fn split_params(member: &str) -> impl Iterator<Item = &str> {
+    split_outside_quotes(member, ';')
+}
+
+fn is_sf_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+        && bytes.all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'*')
+        })
+}
+
+fn is_bare_item(item: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let number = item.strip_prefix('-').unwrap_or(item);
+    match item.as_bytes().first() {
+        Some(b'"') => {
+            item.len() >= 2
+                && item.ends_with('"')
+                && item[1..item.len() - 1]
+                    .bytes()
+                    .all(|b| (0x20..0x7f).contains(&b))
+        }
+        Some(b'?') => item == "?0" || item == "?1",
+        Some(b) if b.is_ascii_alphabetic() || *b == b'*' => item
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)),
+        _ => match number.split_once('.') {
+            None => digits(number) && number.len() <= 15,
+            Some((int, frac)) => digits(int) && digits(frac) && int.len() <= 12 && frac.len() <= 3,
+        },
+    }
+}

@@ -69,9 +69,6 @@ pub(crate) struct CachedResponse {
 // allocation per hit to save stack bytes no one keeps.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-// The response is the common case and is moved out at once; boxing it would cost an
-// allocation per hit to save stack space on the rare marker.
-#[allow(clippy::large_enum_variant)]
 pub(crate) enum StoredValue {
     Response(CachedResponse),
     Variants(Vec<HeaderName>),
@@ -220,7 +217,10 @@ impl Reader {
 }
 
 /// Decodes what [`CachedResponse::encode`] or [`encode_variants`] produced.
-pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
+///
+/// `targeted`: the targeted cache-control fields the reader obeys, for the entry's parsed
+/// directives.
+pub(crate) fn decode(buf: Bytes, targeted: &[HeaderName]) -> Result<StoredValue, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     if &r.array::<3>()? != MAGIC {
         return Err(DecodeError("not a tower-redis-cache entry"));
@@ -269,7 +269,7 @@ pub(crate) fn decode(buf: Bytes) -> Result<StoredValue, DecodeError> {
             }
             Ok(StoredValue::Response(CachedResponse {
                 status,
-                directives: CacheControl::for_cache(&headers),
+                directives: CacheControl::for_cache(&headers, targeted),
                 headers,
                 body,
                 stored_at_ms,
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn round_trips_status_headers_in_order_and_binary_body() {
-        let StoredValue::Response(r) = decode(sample()).unwrap() else {
+        let StoredValue::Response(r) = decode(sample(), &[]).unwrap() else {
             panic!("expected a response")
         };
         assert_eq!(r.status, StatusCode::CREATED);
@@ -331,7 +331,7 @@ mod tests {
             HeaderName::from_static("accept-encoding"),
             HeaderName::from_static("x-a"),
         ];
-        let StoredValue::Variants(got) = decode(encode_variants(&names)).unwrap() else {
+        let StoredValue::Variants(got) = decode(encode_variants(&names), &[]).unwrap() else {
             panic!("expected variants")
         };
         assert_eq!(got, names);
@@ -342,7 +342,7 @@ mod tests {
         let full = sample();
         for len in 0..full.len() {
             assert!(
-                decode(full.slice(..len)).is_err(),
+                decode(full.slice(..len), &[]).is_err(),
                 "prefix of {len} bytes decoded"
             );
         }
@@ -350,10 +350,10 @@ mod tests {
             for byte in [0u8, 0x7f, 0xff, b'\n'] {
                 let mut bytes = full.to_vec();
                 bytes[i] = byte;
-                let _ = decode(Bytes::from(bytes));
+                let _ = decode(Bytes::from(bytes), &[]);
             }
         }
-        assert!(decode(Bytes::from_static(b"{\"json\": true}")).is_err());
-        assert!(decode(Bytes::new()).is_err());
+        assert!(decode(Bytes::from_static(b"{\"json\": true}"), &[]).is_err());
+        assert!(decode(Bytes::new(), &[]).is_err());
     }
 }

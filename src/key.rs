@@ -225,10 +225,17 @@ pub(crate) fn tag_key(prefix: &str, tag: &str) -> String {
 pub(crate) type Variant = (Vec<HeaderName>, String);
 
 /// The key of the variant of `base` selected by the request's values of the `names` headers.
+/// `Accept-Encoding` and `Accept-Language` are normalised first (see [`normalised_accept`]),
+/// so equivalent requests share a variant.
 pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut hasher = Md5::new();
     for name in names {
         field(&mut hasher, b'n', Some(name.as_str().as_bytes()));
+        if *name == http::header::ACCEPT_ENCODING || *name == http::header::ACCEPT_LANGUAGE {
+            let normalised = normalised_accept(request.get_all(name));
+            field(&mut hasher, b'a', normalised.as_deref().map(str::as_bytes));
+            continue;
+        }
         let values: Vec<&[u8]> = request
             .get_all(name)
             .iter()
@@ -244,6 +251,46 @@ pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap)
         }
     }
     with_hex(base, ":v", &hasher.finalize())
+}
+
+/// An `Accept-*` list in canonical form: every field line's members, lower-cased, without
+/// whitespace, with `q` in thousandths (`q=1` dropped as the default), sorted, without
+/// duplicates. `gzip, br` and `BR;q=1.0,gzip` are the same; `None` when the field is absent.
+/// A member whose `q` does not parse is kept as written, so odd input never merges with
+/// another request's.
+fn normalised_accept(values: http::header::GetAll<'_, HeaderValue>) -> Option<String> {
+    let mut members: Vec<String> = Vec::new();
+    let mut present = false;
+    for value in values {
+        present = true;
+        let text = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        for member in text.split(',') {
+            let member: String = member
+                .chars()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect();
+            if member.is_empty() {
+                continue;
+            }
+            let (token, q) = match member.split_once(";q=") {
+                Some((token, q)) => (token.to_owned(), Some(q.to_owned())),
+                None => (member.clone(), None),
+            };
+            let q = match q.as_deref().map(str::parse::<f64>) {
+                None => Some(1000),
+                Some(Ok(q)) if (0.0..=1.0).contains(&q) => Some((q * 1000.0).round() as u32),
+                Some(_) => None,
+            };
+            members.push(match q {
+                Some(1000) => token,
+                Some(q) => format!("{token};q={q}"),
+                None => member,
+            });
+        }
+    }
+    members.sort();
+    members.dedup();
+    present.then(|| members.join(","))
 }
 
 /// A strong entity tag for a body: the quoted md5 hex of its bytes.
@@ -267,4 +314,56 @@ fn with_hex(head: &str, infix: &str, digest: &[u8]) -> String {
         key.push(char::from(HEX[usize::from(byte & 0xf)]));
     }
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_encoding_and_language_variants_are_normalised() {
+        let names = [http::header::ACCEPT_ENCODING, http::header::ACCEPT_LANGUAGE];
+        let key = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            variant_key("p:base", &names, &h)
+        };
+        let same = [
+            key(&[
+                ("accept-encoding", "gzip, br"),
+                ("accept-language", "en, fr;q=0.5"),
+            ]),
+            key(&[
+                ("accept-encoding", "BR,gzip;q=1.0"),
+                ("accept-language", "FR; q=0.50 ,EN"),
+            ]),
+            key(&[
+                ("accept-encoding", "br"),
+                ("accept-encoding", "gzip"),
+                ("accept-language", "en,fr;q=0.500"),
+            ]),
+        ];
+        assert!(same.iter().all(|k| *k == same[0]), "{same:?}");
+        assert_ne!(
+            same[0],
+            key(&[
+                ("accept-encoding", "gzip"),
+                ("accept-language", "en, fr;q=0.5")
+            ])
+        );
+        assert_ne!(
+            same[0],
+            key(&[
+                ("accept-encoding", "gzip, br"),
+                ("accept-language", "en, fr;q=0.6")
+            ])
+        );
+        assert_ne!(
+            key(&[]),
+            key(&[("accept-encoding", "")]),
+            "absent differs from empty"
+        );
+    }
 }

@@ -313,6 +313,35 @@ impl CacheLayer {
         async move { writes.flush().await }
     }
 
+    /// The targeted cache-control fields this cache obeys, in priority order (RFC 9213;
+    /// default `CDN-Cache-Control`, then `Surrogate-Control`). The first one present and
+    /// valid replaces `Cache-Control` for this cache; give the layer a field of its own
+    /// (`["myapp-cache-control", "cdn-cache-control"]`) to steer it apart from your CDN.
+    pub fn targeted_fields<T: AsRef<str>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
+        self.rules_mut().targeted = names
+            .into_iter()
+            .filter_map(|n| http::HeaderName::from_bytes(n.as_ref().as_bytes()).ok())
+            .collect();
+        self
+    }
+
+    /// Remove the targeted fields from responses before clients see them (default false:
+    /// they are forwarded, since an app behind a CDN sets `CDN-Cache-Control` for the CDN).
+    pub fn strip_targeted_fields(mut self, strip: bool) -> Self {
+        self.rules_mut().strip_targeted = strip;
+        self
+    }
+
+    /// Heuristic freshness (RFC 9111 §4.2.2, default off): a response without explicit
+    /// freshness but with `Last-Modified` is fresh for `fraction` (0 to 1; 0.1 is usual) of
+    /// the time since it was last modified, if its status is heuristically cacheable (200,
+    /// 203, 204, 300, 301, 308, 404, 405, 410, 501) or it is marked `public`.
+    pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
+        self.rules_mut().heuristic_fraction =
+            (fraction.is_finite() && fraction > 0.0).then(|| fraction.min(1.0));
+        self
+    }
+
     /// How long a cross-instance lock lives if its holder never releases it (a crashed
     /// instance): other instances proceed after this (default 5 s).
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {

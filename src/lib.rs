@@ -84,7 +84,7 @@ pub mod __bench {
 
     /// `entry::decode`; the decoded value is opaque.
     pub fn decode(bytes: Bytes) -> impl std::fmt::Debug {
-        crate::entry::decode(bytes)
+        crate::entry::decode(bytes, &crate::settings::DEFAULT_TARGETED)
     }
 
     /// `CacheControl::parse`; the parsed value is opaque.

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use crate::cache_control::CacheControl;
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key::{base_key, KeyFields};
-use crate::settings::MAX_DELTA_SECS;
+use crate::settings::{DEFAULT_TARGETED, MAX_DELTA_SECS};
 
 /// 512 cases per property in the suite (a fraction of a second), or `PROPTEST_CASES`.
 fn config() -> ProptestConfig {
@@ -57,7 +57,7 @@ proptest! {
 
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        if let Ok(value) = entry::decode(Bytes::from(bytes)) {
+        if let Ok(value) = entry::decode(Bytes::from(bytes), &DEFAULT_TARGETED) {
             assert_meaningful(&value);
         }
     }
@@ -77,7 +77,7 @@ proptest! {
         }
         let keep = cut.index(bytes.len() + 1);
         for candidate in [bytes.clone(), bytes[..keep].to_vec()] {
-            if let Ok(value) = entry::decode(Bytes::from(candidate)) {
+            if let Ok(value) = entry::decode(Bytes::from(candidate), &DEFAULT_TARGETED) {
                 assert_meaningful(&value);
             }
         }

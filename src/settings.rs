@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 
 /// The route's caching rules, fixed when the layer is built.
 #[derive(Debug, Clone)]
@@ -27,6 +27,13 @@ pub(crate) struct Rules {
     pub(crate) revalidation_window: Duration,
     pub(crate) max_pending_writes: usize,
     pub(crate) cookies: CookieRule,
+    /// Targeted cache-control fields this cache obeys, in priority order (RFC 9213).
+    pub(crate) targeted: Vec<HeaderName>,
+    /// Remove the targeted fields from responses before clients see them.
+    pub(crate) strip_targeted: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2): this fraction of the time since
+    /// `Last-Modified`, for responses without explicit freshness; `None`: off.
+    pub(crate) heuristic_fraction: Option<f64>,
 }
 
 /// How requests carrying cookies are treated.
@@ -70,6 +77,9 @@ impl Default for Rules {
             revalidation_window: Duration::from_secs(60),
             max_pending_writes: 1024,
             cookies: CookieRule::default(),
+            targeted: DEFAULT_TARGETED.to_vec(),
+            strip_targeted: false,
+            heuristic_fraction: None,
         }
     }
 }
@@ -99,3 +109,10 @@ impl std::fmt::Debug for StatusSet {
         f.debug_list().entries(codes).finish()
     }
 }
+
+/// The targeted fields this cache obeys by default, in priority order: RFC 9213's
+/// `CDN-Cache-Control`, then `Surrogate-Control`.
+pub(crate) const DEFAULT_TARGETED: [HeaderName; 2] = [
+    HeaderName::from_static("cdn-cache-control"),
+    HeaderName::from_static("surrogate-control"),
+];

@@ -2,15 +2,16 @@
 //! every answer with `X-Cache` and RFC 9211's `Cache-Status`.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, AGE, CONTENT_LENGTH};
+use http::header::{HeaderName, HeaderValue, AGE, CONTENT_LENGTH, CONTENT_RANGE};
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::cache_control::TARGETED_HEADERS;
 use crate::clock;
 use crate::entry::CachedResponse;
 use crate::rules::conditional;
+use crate::rules::range::{self, RangeAnswer};
 use crate::rules::request::BypassReason;
 use crate::rules::tags::TAG_HEADERS;
+use crate::settings::{Rules, MAX_DELTA_SECS};
 
 use super::body::CacheBody;
 
@@ -88,42 +89,63 @@ impl Outcome {
 }
 
 /// The answer from a stored response: a 304 when the request's own conditional headers
-/// match it, the full stored response otherwise (without its body for HEAD).
+/// match it, a 206 / 416 for a `Range` request of a stored 200 (RFC 9110 §14), the full
+/// stored response otherwise (without its body for HEAD).
 pub(crate) fn answer<B>(
+    rules: &Rules,
     hit: CachedResponse,
     request: &HeaderMap,
     with_body: bool,
     outcome: Outcome,
 ) -> Response<CacheBody<B>> {
     let now = clock::now_ms();
-    let age = hit.age(now).as_secs();
+    // The entry's stored time was set back by the age the response had on arrival, so its
+    // age is RFC 9111 §4.2.3's current_age (clamped to 2^31 s, §5.1).
+    let age = hit.age(now).as_secs().min(MAX_DELTA_SECS);
     // Both are below 2^63 ms (entries' TTLs are clamped on decode); saturate regardless.
     let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let ttl_left = millis(hit.ttl)
         .saturating_sub(millis(hit.elapsed(now)))
         .div_euclid(1000);
-    let body_len = hit.body.len();
+    let body_len = hit.body.len() as u64;
+    let mut content_length = Some(body_len);
     let (status, mut headers, body) = if conditional::not_modified(&hit.headers, request) {
         (
             StatusCode::NOT_MODIFIED,
             conditional::not_modified_headers(&hit.headers),
             Bytes::new(),
         )
+    } else if hit.status == StatusCode::OK && with_body {
+        match range::answer(request, &hit.headers, body_len) {
+            RangeAnswer::Full => (hit.status, hit.headers, hit.body),
+            RangeAnswer::Partial { start, end } => {
+                let mut headers = hit.headers;
+                let range = format!("bytes {start}-{end}/{body_len}");
+                headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ASCII"));
+                let body = hit.body.slice(start as usize..=end as usize);
+                content_length = Some(body.len() as u64);
+                (StatusCode::PARTIAL_CONTENT, headers, body)
+            }
+            RangeAnswer::Unsatisfiable => {
+                let mut headers = HeaderMap::new();
+                let range = format!("bytes */{body_len}");
+                headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ASCII"));
+                content_length = Some(0);
+                (StatusCode::RANGE_NOT_SATISFIABLE, headers, Bytes::new())
+            }
+        }
     } else {
         let body = if with_body { hit.body } else { Bytes::new() };
         (hit.status, hit.headers, body)
     };
-    // The age the origin reported when we stored the response, plus our own.
-    let origin_age = headers
-        .get(AGE)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    headers.insert(AGE, HeaderValue::from(origin_age.saturating_add(age)));
-    if body_allowed(status) {
+    headers.insert(AGE, HeaderValue::from(age));
+    if let Some(length) = content_length.filter(|_| body_allowed(status)) {
         // Also right for HEAD, which must announce the length a GET would get.
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
-    strip_targeted_headers(&mut headers);
+    if rules.strip_targeted {
+        strip_targeted_headers(rules, &mut headers);
+    }
     headers.insert(X_CACHE, outcome.x_cache());
     headers.insert(CACHE_STATUS, outcome.stored_status(ttl_left));
     let mut response = Response::new(CacheBody::replay(body));
@@ -150,25 +172,23 @@ pub(crate) fn gateway_timeout<B>() -> Response<CacheBody<B>> {
     response
 }
 
-/// Marks a response that came from the handler.
-pub(crate) fn label_forwarded(headers: &mut HeaderMap, outcome: Outcome) {
-    strip_cache_only_headers(headers);
+/// Marks a response that came from the handler. Tag headers are for this cache alone and
+/// never reach clients.
+pub(crate) fn label_forwarded(rules: &Rules, headers: &mut HeaderMap, outcome: Outcome) {
+    for name in &TAG_HEADERS {
+        headers.remove(name);
+    }
+    if rules.strip_targeted {
+        strip_targeted_headers(rules, headers);
+    }
     headers.insert(X_CACHE, outcome.x_cache());
     headers.insert(CACHE_STATUS, outcome.forwarded_status());
 }
 
-/// Cache-only headers (tags, CDN-Cache-Control / Surrogate-Control) are for the cache, not
-/// for clients.
-pub(crate) fn strip_cache_only_headers(headers: &mut HeaderMap) {
-    for name in TAG_HEADERS.iter().chain(&TARGETED_HEADERS) {
-        headers.remove(name);
-    }
-}
-
-/// The cache-only headers a stored response may still carry: tag headers are dropped when
-/// storing, but CDN-Cache-Control / Surrogate-Control are kept to judge the entry.
-pub(crate) fn strip_targeted_headers(headers: &mut HeaderMap) {
-    for name in &TARGETED_HEADERS {
+/// Targeted cache-control fields (RFC 9213) are forwarded by default: an app behind a CDN
+/// sets `CDN-Cache-Control` for the CDN. A route may strip them instead.
+fn strip_targeted_headers(rules: &Rules, headers: &mut HeaderMap) {
+    for name in &rules.targeted {
         headers.remove(name);
     }
 }

@@ -8,7 +8,6 @@ use crate::key;
 use crate::rules::conditional;
 use crate::rules::freshness::{self, Verdict};
 use crate::rules::request::RequestPlan;
-use crate::store::Store;
 
 use super::config::Config;
 
@@ -20,7 +19,7 @@ pub(crate) async fn lookup(
     key: &str,
     request: &HeaderMap,
 ) -> Option<CachedResponse> {
-    let (response, _) = lookup_entry(&*config.store, key, request).await?;
+    let (response, _) = lookup_entry(config, key, request).await?;
     // Even without `Vary`, a client that did not ask for gzip must never receive gzip.
     conditional::accepts_encoding(request, &response.headers).then_some(response)
 }
@@ -38,15 +37,15 @@ pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedRes
 
 /// The stored response (fresh or not) and, for a `Vary` variant, its names and key.
 pub(crate) async fn lookup_entry(
-    store: &dyn Store,
+    config: &Config,
     key: &str,
     request: &HeaderMap,
 ) -> Option<(CachedResponse, Option<key::Variant>)> {
-    match fetch(store, key).await? {
+    match fetch(config, key).await? {
         StoredValue::Response(response) => Some((response, None)),
         StoredValue::Variants(names) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch(store, &variant_key).await? {
+            match fetch(config, &variant_key).await? {
                 StoredValue::Response(response) => Some((response, Some((names, variant_key)))),
                 StoredValue::Variants(_) => None,
             }
@@ -54,9 +53,9 @@ pub(crate) async fn lookup_entry(
     }
 }
 
-pub(crate) async fn fetch(store: &dyn Store, key: &str) -> Option<StoredValue> {
-    match store.get(key).await {
-        Ok(Some(bytes)) => entry::decode(bytes)
+pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
+    match config.store.get(key).await {
+        Ok(Some(bytes)) => entry::decode(bytes, &config.rules.targeted)
             .inspect_err(|e| {
                 tracing::debug!(
                     key,
@@ -85,7 +84,7 @@ pub(crate) async fn fresh_entry(
     key: &str,
     headers: &HeaderMap,
 ) -> Option<(CachedResponse, Option<key::Variant>)> {
-    let (response, variant) = lookup_entry(&*config.store, key, headers).await?;
+    let (response, variant) = lookup_entry(config, key, headers).await?;
     let usable = response.staleness(clock::now_ms()).is_none()
         && conditional::accepts_encoding(headers, &response.headers);
     usable.then_some((response, variant))

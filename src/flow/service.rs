@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::clock;
 use crate::coalesce::{Lock, Role};
 use crate::key;
 use crate::rules::conditional;
@@ -21,7 +22,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::join::{coalesce, Coalesced};
 use super::lookup::{judge_entry, lookup};
-use super::write::{plan_store, revalidated};
+use super::write::{plan_store, revalidated, Exchange};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -125,7 +126,7 @@ where
     let (label, method) = match plan.action {
         RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
         RequestAction::Invalidate => return invalidate_after_write(&config, inner, req).await,
-        RequestAction::Bypass(reason) => return bypass(inner, req, reason).await,
+        RequestAction::Bypass(reason) => return bypass(&config, inner, req, reason).await,
         // A HEAD is answered from the GET entry.
         RequestAction::HeadLookup => (Outcome::Hit, Method::GET),
         RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
@@ -133,12 +134,18 @@ where
     };
     let (req, key) = request_key(&config, &method, req);
     let Ok(key) = key else {
-        return bypass(inner, req, BypassReason::NoKey).await;
+        return bypass(&config, inner, req, BypassReason::NoKey).await;
     };
     if plan.action == RequestAction::HeadLookup {
         if let Some(hit) = lookup(&config, &key, req.headers()).await {
             if judge_entry(&config, &plan, &hit) == Verdict::Fresh {
-                return Ok(answer(hit, req.headers(), false, Outcome::Hit));
+                return Ok(answer(
+                    &config.rules,
+                    hit,
+                    req.headers(),
+                    false,
+                    Outcome::Hit,
+                ));
             }
         }
         return Ok(inner.call(req).await?.map(CacheBody::passthrough));
@@ -155,12 +162,27 @@ where
         let looked_up_at = config.flights.mark();
         if let Some(entry) = lookup(&config, &key, req.headers()).await {
             match judge_entry(&config, &plan, &entry) {
-                Verdict::Fresh => return Ok(answer(entry, req.headers(), true, Outcome::Hit)),
+                Verdict::Fresh => {
+                    return Ok(answer(
+                        &config.rules,
+                        entry,
+                        req.headers(),
+                        true,
+                        Outcome::Hit,
+                    ))
+                }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(entry, req.headers(), true, Outcome::Stale));
+                    return Ok(answer(
+                        &config.rules,
+                        entry,
+                        req.headers(),
+                        true,
+                        Outcome::Stale,
+                    ));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(entry, req.headers(), true, Outcome::Stale);
+                    let response =
+                        answer(&config.rules, entry, req.headers(), true, Outcome::Stale);
                     refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
                     return Ok(response);
                 }
@@ -179,7 +201,15 @@ where
         // Requests with `Authorization` neither lead nor follow: their replies are their own.
         if !plan.authorized {
             match coalesce(&config, &plan, &key, req.headers(), looked_up_at).await {
-                Coalesced::Hit(hit) => return Ok(answer(hit, req.headers(), true, Outcome::Hit)),
+                Coalesced::Hit(hit) => {
+                    return Ok(answer(
+                        &config.rules,
+                        hit,
+                        req.headers(),
+                        true,
+                        Outcome::Hit,
+                    ))
+                }
                 Coalesced::Lead(l) => lead = Some(l),
                 Coalesced::Alone => {}
             }
@@ -199,23 +229,27 @@ where
         }
         None => false,
     };
+    let exchange = Exchange {
+        request_headers: &request_headers,
+        sent_at_ms: clock::now_ms(),
+        authorized: plan.authorized,
+    };
     let result = inner.call(req).await;
     if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
-        return Ok(answer(stale, &request_headers, true, Outcome::StaleIfError));
+        return Ok(answer(
+            &config.rules,
+            stale,
+            &request_headers,
+            true,
+            Outcome::StaleIfError,
+        ));
     }
     let (mut parts, body) = result?.into_parts();
     if let Some(stale) = stored.take_if(|_| validating && parts.status == StatusCode::NOT_MODIFIED)
     {
-        let refreshed = revalidated(
-            &config,
-            key,
-            stale,
-            &parts.headers,
-            &request_headers,
-            plan.authorized,
-            lead,
-        );
+        let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
         return Ok(answer(
+            &config.rules,
             refreshed,
             &request_headers,
             true,
@@ -225,21 +259,13 @@ where
 
     // 5. Record the body while it streams to the client, if the response may be stored; it is
     // written in the background once complete.
-    let recorder = plan_store(
-        &config,
-        key,
-        &request_headers,
-        &parts,
-        &body,
-        lead,
-        plan.authorized,
-    );
+    let recorder = plan_store(&config, key, &exchange, &parts, &body, lead);
     let label = if plan.authorized && recorder.is_none() {
         Outcome::Bypass(BypassReason::Authorization)
     } else {
         label
     };
-    label_forwarded(&mut parts.headers, label);
+    label_forwarded(&config.rules, &mut parts.headers, label);
     Ok(Response::from_parts(
         parts,
         CacheBody::recording(body, recorder),
@@ -248,6 +274,7 @@ where
 
 /// Calls the handler and labels its response as having bypassed the cache, and why.
 async fn bypass<S, ReqBody, ResBody>(
+    config: &Config,
     mut inner: S,
     req: Request<ReqBody>,
     reason: BypassReason,
@@ -256,7 +283,11 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-    label_forwarded(response.headers_mut(), Outcome::Bypass(reason));
+    label_forwarded(
+        &config.rules,
+        response.headers_mut(),
+        Outcome::Bypass(reason),
+    );
     Ok(response)
 }
 
@@ -366,19 +397,16 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             }
         }
         let request_headers = req.headers().clone();
+        let exchange = Exchange {
+            request_headers: &request_headers,
+            sent_at_ms: clock::now_ms(),
+            authorized,
+        };
         let Ok(response) = inner.call(req).await else {
             return;
         };
         let (parts, body) = response.into_parts();
-        let recorder = plan_store(
-            &config,
-            key,
-            &request_headers,
-            &parts,
-            &body,
-            Some(lead),
-            authorized,
-        );
+        let recorder = plan_store(&config, key, &exchange, &parts, &body, Some(lead));
         drain(CacheBody::recording(body, recorder)).await;
     });
 }

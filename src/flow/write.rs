@@ -24,21 +24,35 @@ use super::answer::X_CACHE;
 use super::body::Recorder;
 use super::config::{Config, WriteBudget};
 
+/// The request side of a handler call, as storing its response needs it.
+pub(crate) struct Exchange<'a> {
+    pub(crate) request_headers: &'a HeaderMap,
+    /// When the request went to the handler (for the response's age, RFC 9111 §4.2.3).
+    pub(crate) sent_at_ms: u64,
+    /// The request carried credentials: only a response marked shareable may be stored.
+    pub(crate) authorized: bool,
+}
+
 /// A recorder that stores the response once its body has streamed through, if the response
 /// may be stored at all.
 pub(crate) fn plan_store<B: Body>(
     config: &Arc<Config>,
     key: String,
-    request_headers: &HeaderMap,
+    exchange: &Exchange<'_>,
     parts: &http::response::Parts,
     body: &B,
     lead: Option<Lead>,
-    authorized: bool,
 ) -> Option<Recorder> {
     let rules = &config.rules;
     // The response's directives, parsed once for every decision about storing it.
-    let cc = CacheControl::for_cache(&parts.headers);
-    let ttl = freshness::storable_ttl(rules, parts.status, &parts.headers, &cc, authorized)?;
+    let cc = CacheControl::for_cache(&parts.headers, &rules.targeted);
+    let ttl = freshness::storable_ttl(
+        rules,
+        parts.status,
+        &parts.headers,
+        &cc,
+        exchange.authorized,
+    )?;
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
         return None;
@@ -48,7 +62,7 @@ pub(crate) fn plan_store<B: Body>(
     let pending = PendingEntry::new(
         config,
         key,
-        request_headers,
+        exchange,
         (parts.status, &parts.headers, &cc),
         ttl,
         lead,
@@ -87,29 +101,39 @@ pub(crate) fn revalidated(
     key: String,
     mut stale: CachedResponse,
     not_modified: &HeaderMap,
-    request_headers: &HeaderMap,
-    authorized: bool,
+    exchange: &Exchange<'_>,
     lead: Option<Lead>,
 ) -> CachedResponse {
     conditional::merge_not_modified(&mut stale.headers, not_modified);
-    stale.directives = CacheControl::for_cache(&stale.headers);
+    let rules = &config.rules;
+    stale.directives = CacheControl::for_cache(&stale.headers, &rules.targeted);
     let ttl = freshness::storable_ttl(
-        &config.rules,
+        rules,
         stale.status,
         &stale.headers,
         &stale.directives,
-        authorized,
+        exchange.authorized,
     );
-    stale.stored_at_ms = clock::now_ms();
+    // The 304 is the response the entry's age now counts from.
+    stale.stored_at_ms = received_at(not_modified, exchange);
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
         let response = (stale.status, &stale.headers, &stale.directives);
-        if let Some(pending) = PendingEntry::new(config, key, request_headers, response, ttl, lead)
-        {
+        if let Some(mut pending) = PendingEntry::new(config, key, exchange, response, ttl, lead) {
+            pending.stored_at_ms = stale.stored_at_ms;
             pending.store(vec![stale.body.clone()]);
         }
     }
     stale
+}
+
+/// When the response with `headers` was, in effect, generated: now, less the age it already
+/// had on arrival (RFC 9111 §4.2.3), so that the entry's age is its `current_age`.
+fn received_at(headers: &HeaderMap, exchange: &Exchange<'_>) -> u64 {
+    let now = clock::now_ms();
+    let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let initial = freshness::initial_age(headers, at(exchange.sent_at_ms), at(now));
+    now.saturating_sub(u64::try_from(initial.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What a storable miss will write once its body has streamed through completely.
@@ -120,6 +144,8 @@ pub(crate) struct PendingEntry {
     variant: Option<key::Variant>,
     status: StatusCode,
     headers: HeaderMap,
+    /// When the response was generated, by the cache's clock (see [`received_at`]).
+    stored_at_ms: u64,
     /// How long the entry is fresh.
     ttl: Duration,
     /// How long the store keeps it: the TTL plus any grace for serving it stale.
@@ -132,13 +158,15 @@ pub(crate) struct PendingEntry {
     generate_etag: bool,
     budget: Arc<WriteBudget>,
     max_pending_writes: usize,
+    /// The route's targeted fields, to decode the entry for waiters as lookups would.
+    targeted: Vec<HeaderName>,
 }
 
 impl PendingEntry {
     fn new(
         config: &Config,
         key: String,
-        request: &HeaderMap,
+        exchange: &Exchange<'_>,
         (status, headers, cc): (StatusCode, &HeaderMap, &CacheControl),
         ttl: Duration,
         lead: Option<Lead>,
@@ -147,7 +175,7 @@ impl PendingEntry {
             Vary::Any => return None,
             Vary::Headers(names) if names.is_empty() => None,
             Vary::Headers(names) => {
-                let variant_key = key::variant_key(&key, &names, request);
+                let variant_key = key::variant_key(&key, &names, exchange.request_headers);
                 Some((names, variant_key))
             }
         };
@@ -172,6 +200,7 @@ impl PendingEntry {
             variant,
             status,
             headers: storable_headers(headers),
+            stored_at_ms: received_at(headers, exchange),
             ttl,
             keep,
             lead,
@@ -179,6 +208,7 @@ impl PendingEntry {
             generate_etag: rules.generate_etag,
             budget: config.pending_writes.clone(),
             max_pending_writes: rules.max_pending_writes,
+            targeted: rules.targeted.clone(),
         })
     }
 
@@ -196,11 +226,13 @@ impl PendingEntry {
             self.status,
             &self.headers,
             &chunks,
-            clock::now_ms(),
+            self.stored_at_ms,
             self.ttl,
         );
         if let Some(lead) = &mut self.lead {
-            if let Ok(StoredValue::Response(response)) = entry::decode(entry.clone()) {
+            if let Ok(StoredValue::Response(response)) =
+                entry::decode(entry.clone(), &self.targeted)
+            {
                 lead.share(Shared::new(response, self.variant.clone()));
             }
         }

@@ -8,7 +8,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue};
 
-use super::freshness::http_date;
+use super::date::http_date;
 
 /// Whether a request's conditional headers are satisfied by a stored response with
 /// `stored` headers, so a 304 answers it (RFC 9110 §13.2.2: `If-None-Match` first, with weak

@@ -4,12 +4,13 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::{DATE, EXPIRES, SET_COOKIE};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 
 use crate::cache_control::CacheControl;
 use crate::entry::storable_status;
-use crate::settings::{clamp, Rules};
+use crate::settings::{clamp, Rules, MAX_DELTA_SECS};
 
+use super::date::http_date;
 use super::request::RequestPlan;
 use super::vary::{vary_names, Vary};
 
@@ -18,6 +19,10 @@ use super::vary::{vary_names, Vary};
 /// `cc`: the response's directives for this cache, parsed once from `headers`.
 /// `authorized`: the request carried `Authorization`; then only a response marked
 /// shareable may be stored (RFC 9111 §3.5).
+///
+/// With explicit freshness from the origin (`s-maxage`, `max-age`, `Expires`), any final
+/// status the cache understands may be stored (§3), 206 and 304 aside; a response that relies
+/// on heuristic freshness or on the route's TTL must have a status in the route's set.
 pub(crate) fn storable_ttl(
     rules: &Rules,
     status: StatusCode,
@@ -25,10 +30,7 @@ pub(crate) fn storable_ttl(
     cc: &CacheControl,
     authorized: bool,
 ) -> Option<Duration> {
-    if !storable_status(status)
-        || !rules.statuses.contains(status)
-        || headers.contains_key(SET_COOKIE)
-    {
+    if !storable_status(status) || headers.contains_key(SET_COOKIE) {
         return None;
     }
     if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
@@ -51,18 +53,34 @@ pub(crate) fn storable_ttl(
     if matches!(vary_names(headers), Vary::Any) {
         return None;
     }
-    let ttl = if rules.honor_origin_ttl {
-        origin_ttl(cc, headers).unwrap_or(rules.ttl)
-    } else {
-        rules.ttl
+    let explicit = rules
+        .honor_origin_ttl
+        .then(|| origin_ttl(cc, headers))
+        .flatten()
+        .filter(|_| status.canonical_reason().is_some());
+    let ttl = match explicit {
+        Some(ttl) => ttl,
+        None => {
+            let heuristic = heuristic_ttl(rules, status, headers, cc);
+            if heuristic.is_none() && !rules.statuses.contains(status) {
+                return None;
+            }
+            heuristic.unwrap_or(rules.ttl)
+        }
     };
-    // A response with `no-cache` is stored, but validated before every reuse; it needs a
-    // lifetime in the store even when its own is zero.
-    let ttl = if cc.no_cache && ttl.is_zero() {
-        rules.ttl
-    } else {
-        ttl
-    };
+    let has_validator = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(http::header::LAST_MODIFIED);
+    // A response with `no-cache` is stored, but validated before every reuse: it needs a
+    // place in the store even when its own lifetime is zero. With the route's TTL it is
+    // kept that long; with none (a proxy's `.ttl(ZERO)`), stale at once and kept for the
+    // revalidation window when it has a validator to revalidate with.
+    if cc.no_cache && ttl.is_zero() {
+        return if !rules.ttl.is_zero() {
+            Some(rules.ttl)
+        } else {
+            has_validator.then_some(Duration::ZERO)
+        };
+    }
     Some(ttl).filter(|ttl| !ttl.is_zero())
 }
 
@@ -86,9 +104,67 @@ fn origin_ttl(cc: &CacheControl, headers: &HeaderMap) -> Option<Duration> {
     ))
 }
 
-/// Parses an HTTP date (IMF-fixdate, RFC 850 or asctime).
-pub(crate) fn http_date(value: &HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(value.to_str().ok()?).ok()
+/// Statuses a cache may give a heuristic lifetime (RFC 9110 §15.1).
+const HEURISTICALLY_CACHEABLE: [u16; 10] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 501];
+
+/// Heuristic freshness (RFC 9111 §4.2.2), when the route turned it on: a fraction of the
+/// time between `Date` (or now) and `Last-Modified`, for a heuristically cacheable status or
+/// a response marked `public`.
+fn heuristic_ttl(
+    rules: &Rules,
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &CacheControl,
+) -> Option<Duration> {
+    let fraction = rules.heuristic_fraction?;
+    if !(HEURISTICALLY_CACHEABLE.contains(&status.as_u16()) || cc.public) {
+        return None;
+    }
+    let modified = headers
+        .get(http::header::LAST_MODIFIED)
+        .and_then(http_date)?;
+    let date = headers
+        .get(DATE)
+        .and_then(http_date)
+        .unwrap_or_else(crate::clock::now);
+    let since = date.duration_since(modified).ok()?;
+    Some(clamp(since.mul_f64(fraction)))
+}
+
+/// The response's `Age` (RFC 9111 §5.1): the first field value that is a non-negative
+/// integer, other values ignored (negative, with parameters, not a number), and values past
+/// 2^31 s saturating.
+pub(crate) fn age_value(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all(http::header::AGE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .find(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .map(|v| {
+            v.parse::<u64>()
+                .map_or(MAX_DELTA_SECS, |n| n.min(MAX_DELTA_SECS))
+        })
+}
+
+/// How old a response already was when the cache received it (RFC 9111 §4.2.3,
+/// `corrected_initial_age`): the larger of its apparent age (`response_time - Date`) and
+/// its `Age` plus the time the request took (`response_time - request_time`).
+pub(crate) fn initial_age(
+    headers: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let apparent = headers
+        .get(DATE)
+        .and_then(http_date)
+        .and_then(|date| response_time.duration_since(date).ok())
+        .unwrap_or(Duration::ZERO);
+    let delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    let age = Duration::from_secs(age_value(headers).unwrap_or(0));
+    clamp(apparent.max(age.saturating_add(delay)))
 }
 
 /// What a stored response is good for, given its age and the request (RFC 9111 §4).

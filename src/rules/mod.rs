@@ -3,7 +3,9 @@
 //! directives and the route's settings; nothing here knows about stores.
 
 pub(crate) mod conditional;
+pub(crate) mod date;
 pub(crate) mod freshness;
+pub(crate) mod range;
 pub(crate) mod request;
 pub(crate) mod tags;
 pub(crate) mod vary;

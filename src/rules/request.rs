@@ -12,8 +12,9 @@ use crate::settings::{CookieRule, Rules};
 pub(crate) enum RequestAction {
     /// Not the cache's business: call the handler, leave the response untouched.
     Pass,
-    /// An unsafe method (POST, PUT, PATCH, DELETE) the route does not cache: call the
-    /// handler; on success drop the stored GET entries of the URL (RFC 9111 §4.4).
+    /// A method not known to be safe (POST, PUT, PATCH, DELETE, extension methods) the route
+    /// does not cache: call the handler; on success drop the stored GET entries of the URL
+    /// (RFC 9111 §4.4).
     Invalidate,
     /// A HEAD request: answer from a fresh GET entry if there is one, else pass.
     HeadLookup,
@@ -87,6 +88,9 @@ pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderM
         } else {
             RequestAction::Pass
         }
+    } else if super::range::is_multi_range(headers) {
+        // Several ranges need a multipart body; the handler builds it (RFC 9110 §14.6).
+        RequestAction::Pass
     } else if cc.no_store {
         RequestAction::Bypass(BypassReason::NoStore)
     } else if personal_cookie {
@@ -131,8 +135,10 @@ pub(crate) fn same_origin_target(
     }
 }
 
+/// Any method not known to be safe (RFC 9110 §9.2.1), extension methods included, may
+/// change the resource: RFC 9111 §4.4 invalidates on it.
 fn is_unsafe(method: &Method) -> bool {
-    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method)
+    ![Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(method)
 }
 
 fn pragma_no_cache(headers: &HeaderMap) -> bool {

@@ -221,7 +221,7 @@ fn storability_table() {
                     &rules,
                     *status,
                     &h,
-                    &CacheControl::for_cache(&h),
+                    &CacheControl::for_cache(&h, &DEFAULT_TARGETED),
                     *authorized,
                 )
             },
@@ -235,7 +235,13 @@ fn storability_table() {
     };
     let h = headers(&[("cache-control", "max-age=5")]);
     assert_eq!(
-        storable_ttl(&route_ttl, ok, &h, &CacheControl::for_cache(&h), false),
+        storable_ttl(
+            &route_ttl,
+            ok,
+            &h,
+            &CacheControl::for_cache(&h, &DEFAULT_TARGETED),
+            false
+        ),
         secs(60)
     );
 }
@@ -321,7 +327,7 @@ fn judging_a_stored_response_table() {
         let verdict = judge(
             &rules,
             &plan(request),
-            &CacheControl::for_cache(&headers(stored)),
+            &CacheControl::for_cache(&headers(stored), &DEFAULT_TARGETED),
             secs(*age),
             secs(*ttl),
         );
@@ -386,7 +392,10 @@ fn grace_table() {
             if_error: secs(*if_error),
         };
         assert_eq!(
-            grace(rules, &CacheControl::for_cache(&headers(input))),
+            grace(
+                rules,
+                &CacheControl::for_cache(&headers(input), &DEFAULT_TARGETED)
+            ),
             expected,
             "{input:?}"
         );
@@ -397,7 +406,7 @@ fn grace_table() {
     };
     let h = headers(&[("cache-control", "stale-while-revalidate=30")]);
     assert_eq!(
-        grace(&no_origin, &CacheControl::for_cache(&h)),
+        grace(&no_origin, &CacheControl::for_cache(&h, &DEFAULT_TARGETED)),
         Grace::default()
     );
 }
@@ -417,4 +426,346 @@ fn status_set_membership() {
     let set = StatusSet::from_codes([200, 203, 404]);
     assert!(set.contains(StatusCode::NOT_FOUND));
     assert!(!set.contains(StatusCode::CREATED));
+}
+
+#[test]
+fn age_values_first_valid_and_saturating() {
+    let cases: &[(Pairs, Option<u64>)] = &[
+        (&[], None),
+        (&[("age", "120")], Some(120)),
+        (&[("age", " 7 ")], Some(7)),
+        (&[("age", "-5")], None),
+        (&[("age", "60;x=1")], None),
+        (&[("age", "abc"), ("age", "30")], Some(30)),
+        (&[("age", "10"), ("age", "99")], Some(10)),
+        (&[("age", "99999999999999999999999")], Some(MAX_DELTA_SECS)),
+    ];
+    for (input, expected) in cases {
+        assert_eq!(age_value(&headers(input)), *expected, "{input:?}");
+    }
+}
+
+#[test]
+fn initial_age_is_the_larger_of_apparent_and_corrected_age() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    let date = |s: u64| httpdate::fmt_http_date(at(s));
+    let h = |pairs: &[(&'static str, String)]| {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(*n, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    };
+    let (sent, received) = (at(1_000_000), at(1_000_002));
+    // Age plus the request's 2 s delay.
+    let age_only = h(&[("age", "100".into())]);
+    assert_eq!(
+        initial_age(&age_only, sent, received),
+        Duration::from_secs(102)
+    );
+    // Date 50 s before arrival, no Age: apparent age.
+    let dated = h(&[("date", date(1_000_002 - 50))]);
+    assert_eq!(initial_age(&dated, sent, received), Duration::from_secs(50));
+    // Both: the larger.
+    let both = h(&[("date", date(1_000_002 - 50)), ("age", "10".into())]);
+    assert_eq!(initial_age(&both, sent, received), Duration::from_secs(50));
+    // A Date in the future (clock skew) is no age at all.
+    let future = h(&[("date", date(1_000_500))]);
+    assert_eq!(initial_age(&future, sent, received), Duration::from_secs(2));
+    let _ = SystemTime::now();
+}
+
+#[test]
+fn http_dates_in_all_three_formats_and_any_case() {
+    use super::date::http_date;
+    let expected = http_date(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"));
+    assert!(expected.is_some());
+    for text in [
+        "Sunday, 06-Nov-94 08:49:37 GMT",
+        "Sun Nov  6 08:49:37 1994",
+        "sun, 06 NOV 1994 08:49:37 gmt",
+        "SUNDAY, 06-nov-94 08:49:37 GMT",
+        "sun nov  6 08:49:37 1994",
+    ] {
+        assert_eq!(
+            http_date(&HeaderValue::from_static(text)),
+            expected,
+            "{text}"
+        );
+    }
+    for invalid in ["0", "-1", "yesterday", "Sun, 06 Nov 1994"] {
+        assert_eq!(
+            http_date(&HeaderValue::from_static(invalid)),
+            None,
+            "{invalid}"
+        );
+    }
+}
+
+#[test]
+fn expires_in_any_format_sets_the_lifetime_and_an_invalid_one_means_expired() {
+    let rules = Rules {
+        ttl: Duration::from_secs(60),
+        ..Rules::default()
+    };
+    let ttl = |pairs: &[(&'static str, &'static str)]| {
+        let h = headers(pairs);
+        storable_ttl(
+            &rules,
+            StatusCode::OK,
+            &h,
+            &CacheControl::for_cache(&h, &DEFAULT_TARGETED),
+            false,
+        )
+    };
+    let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(
+        ttl(&[date, ("expires", "sun, 06 nov 1994 08:59:37 GMT")]),
+        Some(Duration::from_secs(600))
+    );
+    assert_eq!(
+        ttl(&[date, ("expires", "Sunday, 06-Nov-94 09:49:37 GMT")]),
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(
+        ttl(&[date, ("expires", "Sun Nov  6 08:50:37 1994")]),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(
+        ttl(&[date, ("expires", "0")]),
+        None,
+        "invalid: already expired"
+    );
+}
+
+#[test]
+fn explicit_freshness_lets_any_understood_final_status_be_stored() {
+    let rules = Rules::default();
+    let ttl = |status: u16, pairs: &[(&'static str, &'static str)]| {
+        let h = headers(pairs);
+        let cc = CacheControl::for_cache(&h, &DEFAULT_TARGETED);
+        storable_ttl(
+            &rules,
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            &cc,
+            false,
+        )
+    };
+    let secs = |s| Some(Duration::from_secs(s));
+    for status in [301, 302, 307, 308, 404, 410, 500, 503] {
+        assert_eq!(
+            ttl(status, &[("cache-control", "max-age=30")]),
+            secs(30),
+            "{status}"
+        );
+        assert_eq!(
+            ttl(status, &[("cache-control", "s-maxage=40")]),
+            secs(40),
+            "{status}"
+        );
+        // Without explicit freshness the route's 2xx set governs.
+        assert_eq!(ttl(status, &[]), None, "{status}");
+        assert_eq!(
+            ttl(status, &[("cache-control", "public")]),
+            None,
+            "{status}"
+        );
+    }
+    for never in [206, 304] {
+        assert_eq!(
+            ttl(never, &[("cache-control", "max-age=30")]),
+            None,
+            "{never}"
+        );
+    }
+    // A status the cache does not understand.
+    assert_eq!(
+        ttl(299, &[("cache-control", "max-age=30")]),
+        secs(60),
+        "route set, route TTL"
+    );
+    assert_eq!(ttl(599, &[("cache-control", "max-age=30")]), None);
+}
+
+#[test]
+fn heuristic_freshness_is_an_opt_in_fraction_of_the_time_since_last_modified() {
+    let off = Rules {
+        ttl: Duration::ZERO,
+        ..Rules::default()
+    };
+    let on = Rules {
+        heuristic_fraction: Some(0.1),
+        ..off.clone()
+    };
+    let ttl = |rules: &Rules, status: u16, pairs: &[(&'static str, &'static str)]| {
+        let h = headers(pairs);
+        let cc = CacheControl::for_cache(&h, &DEFAULT_TARGETED);
+        storable_ttl(rules, StatusCode::from_u16(status).unwrap(), &h, &cc, false)
+    };
+    let dated = [
+        ("date", "Sun, 06 Nov 1994 18:49:37 GMT"),
+        ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ];
+    assert_eq!(ttl(&off, 200, &dated), None);
+    assert_eq!(ttl(&on, 200, &dated), Some(Duration::from_secs(3600)));
+    assert_eq!(
+        ttl(&on, 404, &dated),
+        Some(Duration::from_secs(3600)),
+        "heuristically cacheable"
+    );
+    assert_eq!(ttl(&on, 302, &dated), None, "302 is not");
+    let public = [dated[0], dated[1], ("cache-control", "public")];
+    assert_eq!(
+        ttl(&on, 302, &public),
+        Some(Duration::from_secs(3600)),
+        "unless public"
+    );
+    assert_eq!(
+        ttl(&on, 200, &dated[..1]),
+        None,
+        "no Last-Modified, no heuristic"
+    );
+}
+
+#[test]
+fn a_no_cache_response_with_a_validator_is_kept_for_validation_without_a_route_ttl() {
+    let proxy = Rules {
+        ttl: Duration::ZERO,
+        ..Rules::default()
+    };
+    let ttl = |pairs: &[(&'static str, &'static str)]| {
+        let h = headers(pairs);
+        storable_ttl(
+            &proxy,
+            StatusCode::OK,
+            &h,
+            &CacheControl::for_cache(&h, &DEFAULT_TARGETED),
+            false,
+        )
+    };
+    assert_eq!(
+        ttl(&[("cache-control", "no-cache"), ("etag", "\"a\"")]),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        ttl(&[("cache-control", "no-cache")]),
+        None,
+        "nothing to validate with"
+    );
+    assert_eq!(ttl(&[]), None, "no explicit freshness, no route TTL");
+}
+
+#[test]
+fn targeted_fields_win_in_order_and_an_invalid_one_is_ignored_whole() {
+    use http::HeaderName;
+    let cc = |pairs: &[(&'static str, &'static str)], targeted: &[HeaderName]| {
+        CacheControl::for_cache(&headers(pairs), targeted)
+    };
+    let base = ("cache-control", "max-age=10");
+    let cdn = ("cdn-cache-control", "max-age=60");
+    assert_eq!(cc(&[base, cdn], &DEFAULT_TARGETED).max_age, Some(60));
+    assert_eq!(
+        cc(&[base, cdn], &[]).max_age,
+        Some(10),
+        "no targeted fields obeyed"
+    );
+    let own = [
+        HeaderName::from_static("my-cache-control"),
+        DEFAULT_TARGETED[0].clone(),
+    ];
+    assert_eq!(
+        cc(&[base, cdn, ("my-cache-control", "max-age=5")], &own).max_age,
+        Some(5)
+    );
+    for invalid in [
+        "Max-Age=60",
+        "max-age=6 0",
+        "max-age=\"60",
+        "max-age=60,,",
+        "max-age=1.2345",
+    ] {
+        let got = cc(&[base, ("cdn-cache-control", invalid)], &DEFAULT_TARGETED);
+        assert_eq!(got.max_age, Some(10), "{invalid} is not a dictionary");
+    }
+    for valid in [
+        "max-age=60, private",
+        "no-store",
+        "max-age=60;a=1, x=?1, y=\"s\", z=tok/1",
+    ] {
+        assert!(crate::cache_control::is_sf_dictionary(valid), "{valid}");
+    }
+}
+
+#[test]
+fn range_answers_from_a_stored_body() {
+    use super::range::{answer, is_multi_range, RangeAnswer::*};
+    let stored = headers(&[
+        ("etag", "\"v1\""),
+        ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ]);
+    let cases: &[(Pairs, super::range::RangeAnswer)] = &[
+        (&[], Full),
+        (&[("range", "bytes=0-4")], Partial { start: 0, end: 4 }),
+        (&[("range", "bytes=5-")], Partial { start: 5, end: 9 }),
+        (&[("range", "bytes=-3")], Partial { start: 7, end: 9 }),
+        (&[("range", "bytes=-30")], Partial { start: 0, end: 9 }),
+        (&[("range", "bytes=8-100")], Partial { start: 8, end: 9 }),
+        (&[("range", "bytes=10-")], Unsatisfiable),
+        (&[("range", "bytes=-0")], Unsatisfiable),
+        (&[("range", "bytes=5-2")], Full),
+        (&[("range", "items=0-4")], Full),
+        (&[("range", "bytes=a-b")], Full),
+        (
+            &[("range", "bytes=0-4"), ("if-range", "\"v1\"")],
+            Partial { start: 0, end: 4 },
+        ),
+        (&[("range", "bytes=0-4"), ("if-range", "\"v2\"")], Full),
+        (&[("range", "bytes=0-4"), ("if-range", "W/\"v1\"")], Full),
+        (
+            &[
+                ("range", "bytes=0-4"),
+                ("if-range", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ],
+            Partial { start: 0, end: 4 },
+        ),
+        (
+            &[
+                ("range", "bytes=0-4"),
+                ("if-range", "Mon, 07 Nov 1994 08:49:37 GMT"),
+            ],
+            Full,
+        ),
+    ];
+    for (request, expected) in cases {
+        assert_eq!(
+            answer(&headers(request), &stored, 10),
+            *expected,
+            "{request:?}"
+        );
+    }
+    assert!(is_multi_range(&headers(&[("range", "bytes=0-1, 4-5")])));
+    assert!(!is_multi_range(&headers(&[("range", "bytes=0-1")])));
+}
+
+#[test]
+fn every_method_not_known_safe_invalidates() {
+    let rules = Rules::default();
+    for method in [
+        "POST", "PUT", "PATCH", "DELETE", "M-SEARCH", "PURGE", "LOCK",
+    ] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let plan = classify_request(&rules, &method, &HeaderMap::new());
+        assert_eq!(plan.action, RequestAction::Invalidate, "{method}");
+    }
+    for method in [Method::OPTIONS, Method::TRACE] {
+        let plan = classify_request(&rules, &method, &HeaderMap::new());
+        assert_eq!(plan.action, RequestAction::Pass, "{method}");
+    }
+    let multi = headers(&[("range", "bytes=0-1,3-4")]);
+    assert_eq!(
+        classify_request(&rules, &Method::GET, &multi).action,
+        RequestAction::Pass
+    );
 }
