@@ -3,19 +3,17 @@
 //! Values are JSON (serde_json), so a Rust service and a service in another language can
 //! share keys. See the README for the caching patterns built on it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::watch;
 
-use crate::coalesce::{self, Lock};
+use crate::coalesce::{self, Contention, Flights, Looked, Role};
 use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
 use crate::{Error, ErrorKind, Result};
 
@@ -33,29 +31,6 @@ const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
 /// How long a caller waits on another instance's lock before computing the value itself, by
 /// default: two lock lifetimes, so a crashed holder's lock can expire and a successor compute.
 const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
-
-/// How often a caller waiting on another instance's lock looks for the value.
-const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-/// Returns the value if it is stored; otherwise takes the lock if it is free. One atomic step,
-/// so a lock taken here cannot have been released by a holder whose value this missed.
-///
-/// KEYS[1]: the value's key; KEYS[2]: its lock. ARGV[1]: the lock token; ARGV[2]: lock TTL in
-/// ms. Returns `{0, value}` (stored), `{1, ''}` (lock taken) or `{2, ''}` (lock held).
-static GET_OR_LOCK: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
-        r"
-local value = redis.call('GET', KEYS[1])
-if value then
-  return {0, value}
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, ''}
-end
-return {2, ''}
-",
-    )
-});
 
 /// A typed cache client for application data: JSON values under string keys, with
 /// get-or-compute (single-flight, in this process and across processes), pattern deletes and
@@ -104,7 +79,7 @@ pub struct RedisCache {
     lock_store: Arc<dyn Store>,
     /// `""`, or the prefix followed by `:`.
     namespace: Arc<str>,
-    flights: Arc<Flights>,
+    flights: Arc<Flights<Landing>>,
     lock: LockSettings,
 }
 
@@ -115,20 +90,6 @@ struct LockSettings {
     ttl: Duration,
     wait_timeout: Duration,
 }
-
-/// What a leader found when it went for the cross-instance lock.
-enum Contended {
-    /// The value was stored meanwhile (by the previous lock holder): its JSON.
-    Stored(Vec<u8>),
-    /// This caller holds the lock: compute, store, then release.
-    Locked(Lock),
-    /// Compute without the lock (Redis failed, or waiting timed out).
-    Alone,
-}
-
-/// In-flight computations of [`RedisCache::get_or_insert_with`], by full key: the receiver
-/// followers clone to wait for the leader's outcome.
-type Flights = Mutex<HashMap<String, watch::Receiver<Option<Landing>>>>;
 
 /// How a leader's computation ended, as its followers see it.
 #[derive(Clone)]
@@ -445,9 +406,10 @@ impl RedisCache {
     ///   dropped, a waiting caller takes over.
     /// - Across instances (on by default, see
     ///   [`lock_across_instances`](Self::lock_across_instances)): on a miss, the caller about
-    ///   to compute takes a lock in Redis at `{key}:lock` for the lock TTL, re-checking the
-    ///   key in the same step. It runs `compute`, stores the value, and only then releases
-    ///   the lock. A caller that finds the lock held polls the key every 20 ms until the value
+    ///   to compute takes a lock in Redis at `{key}:lock` for the lock TTL, then looks at the
+    ///   key once more (the previous holder may just have stored it). It runs `compute`,
+    ///   stores the value, and only then releases the lock. This is the response layer's
+    ///   protocol too (one implementation, in the crate's coalescing module). A caller that finds the lock held polls the key every 20 ms until the value
     ///   appears (and returns it), the lock is free (and takes it), or the wait timeout passes
     ///   (and computes without the lock). So concurrent callers in separate processes run
     ///   `compute` once in total, and a crashed lock holder delays the others by at most the
@@ -487,9 +449,9 @@ impl RedisCache {
         Fut: Future<Output = Result<T, E>>,
     {
         let key = self.full_key(key);
-        let flight = loop {
-            match self.join_or_lead(&key) {
-                Role::Leader(flight) => break flight,
+        let mut flight = loop {
+            match self.flights.join(&key, 0) {
+                Role::Leader(lead) => break lead,
                 Role::Follower(mut landing) => match landing.wait_for(Option::is_some).await {
                     Ok(landed) => match landed.clone() {
                         Some(Landing::Value(json)) => return Ok(decode(&key, &json)?),
@@ -512,7 +474,7 @@ impl RedisCache {
         match self.get_raw(&key).await {
             Ok(Some(json)) => match decode::<T>(&key, &json) {
                 Ok(value) => {
-                    flight.land(Landing::Value(Bytes::from(json)));
+                    flight.share(Landing::Value(Bytes::from(json)));
                     return Ok(value);
                 }
                 Err(e) => tracing::warn!(
@@ -521,9 +483,9 @@ impl RedisCache {
                 ),
             },
             Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
-                Contended::Stored(json) => match decode::<T>(&key, &json) {
+                Contention::Found(json) => match decode::<T>(&key, &json) {
                     Ok(value) => {
-                        flight.land(Landing::Value(Bytes::from(json)));
+                        flight.share(Landing::Value(Bytes::from(json)));
                         return Ok(value);
                     }
                     Err(e) => tracing::warn!(
@@ -531,8 +493,8 @@ impl RedisCache {
                         "replacing an undecodable cached value"
                     ),
                 },
-                Contended::Locked(taken) => lock = Some(taken),
-                Contended::Alone => {}
+                Contention::Locked(taken) => lock = Some(taken),
+                Contention::Alone => {}
             },
             Ok(None) => {}
             Err(e) => tracing::warn!(
@@ -545,7 +507,7 @@ impl RedisCache {
         let value = match compute().await {
             Ok(value) => value,
             Err(e) => {
-                flight.land(Landing::Failed(Arc::from(e.to_string())));
+                flight.share(Landing::Failed(Arc::from(e.to_string())));
                 // Other instances waiting on the lock compute their own values now.
                 if let Some(lock) = lock {
                     lock.release().await;
@@ -557,7 +519,7 @@ impl RedisCache {
             Ok(json) => {
                 // Waiters go on at once; the flight stays registered until the value is
                 // stored, so that callers arriving meanwhile do not compute it again.
-                flight.land(Landing::Value(Bytes::from(json.clone())));
+                flight.share(Landing::Value(Bytes::from(json.clone())));
                 if let Err(e) = self.set_raw(&key, &json, ttl).await {
                     tracing::warn!(
                         key,
@@ -579,39 +541,17 @@ impl RedisCache {
     }
 
     /// After a miss: takes the cross-instance lock for `key`, or waits for the instance
-    /// holding it to store the value, polling both every [`LOCK_POLL_INTERVAL`].
-    async fn lock_or_wait(&self, key: &str) -> Contended {
-        let deadline = tokio::time::Instant::now() + self.lock.wait_timeout;
-        let token = coalesce::new_token();
-        let mut script = GET_OR_LOCK.prepare_invoke();
-        script
-            .key(key)
-            .key(coalesce::lock_key(key))
-            .arg(&token)
-            .arg(millis(self.lock.ttl));
-        loop {
-            match self.store.run_script::<(u8, Vec<u8>)>(&script).await {
-                Ok((0, json)) => return Contended::Stored(json),
-                Ok((1, _)) => {
-                    return Contended::Locked(Lock::taken(&self.lock_store, key, token));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(
-                        key,
-                        error = &e as &dyn std::error::Error,
-                        "cache lock unavailable; computing"
-                    );
-                    return Contended::Alone;
-                }
+    /// holding it to store the value (the protocol the response layer uses too).
+    async fn lock_or_wait(&self, key: &str) -> Contention<Vec<u8>> {
+        let look = || async {
+            match self.get_raw(key).await {
+                Ok(Some(json)) => Looked::Found(json),
+                // A failing store fails the lock too, which ends the wait.
+                Ok(None) | Err(_) => Looked::Missing,
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                tracing::debug!(key, "gave up waiting on another instance's lock; computing");
-                return Contended::Alone;
-            }
-            tokio::time::sleep(LOCK_POLL_INTERVAL.min(deadline - now)).await;
-        }
+        };
+        let (ttl, wait) = (self.lock.ttl, self.lock.wait_timeout);
+        coalesce::lock_or_wait(&self.lock_store, key, ttl, wait, look).await
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -649,53 +589,11 @@ impl RedisCache {
         }
         Ok(removed)
     }
-
-    fn join_or_lead<'a>(&'a self, key: &'a str) -> Role<'a> {
-        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(landing) = flights.get(key) {
-            return Role::Follower(landing.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        flights.insert(key.to_owned(), rx);
-        Role::Leader(Flight {
-            flights: &self.flights,
-            key,
-            tx,
-        })
-    }
-}
-
-enum Role<'a> {
-    Leader(Flight<'a>),
-    Follower(watch::Receiver<Option<Landing>>),
-}
-
-/// A computation this caller leads. Dropping it (on completion, on error, or because the
-/// caller's future was dropped) unregisters it; followers that saw no landing then retry.
-struct Flight<'a> {
-    flights: &'a Flights,
-    key: &'a str,
-    tx: watch::Sender<Option<Landing>>,
-}
-
-impl Flight<'_> {
-    fn land(&self, landing: Landing) {
-        self.tx.send_replace(Some(landing));
-    }
-}
-
-impl Drop for Flight<'_> {
-    fn drop(&mut self) {
-        self.flights
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(self.key);
-    }
 }
 
 impl fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let in_flight = self.flights.lock().map_or(0, |flights| flights.len());
+        let in_flight = self.flights.len();
         f.debug_struct("RedisCache")
             .field("prefix", &self.prefix())
             .field("store", &self.store)

@@ -1,8 +1,10 @@
-//! Request coalescing: one computation per cold key, in one process (single-flight over a
-//! map of in-flight keys) and across processes (a short lock in the store). The request flow
-//! decides who may reuse what (see `flow::join`); this module only runs the protocol.
+//! Coalescing: one computation per cold key, in one process (single-flight over a map of
+//! in-flight keys) and across processes (a short lock in the store, polled by the others).
+//! Shared by the response layer and `RedisCache`; each decides who may reuse what, this module
+//! only runs the protocol.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,136 +12,142 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::entry::CachedResponse;
-use crate::key;
 use crate::store::Store;
 
-/// A response one request produced and its concurrent twins may reuse.
+/// The keys whose computation is in flight in this process, each with the receiver its
+/// followers wait on for the leader's value `T`.
 #[derive(Debug)]
-pub(crate) struct Shared {
-    /// The flights' logical clock once this response was in the store (`u64::MAX` until
-    /// then): a request whose own lookup started later (see [`Flights::mark`]) saw the store
-    /// with it, so it must not reuse it (it may have been invalidated since).
-    written_at: AtomicU64,
-    pub(crate) response: CachedResponse,
-    /// For a response with `Vary`: the names and the variant key it was stored under.
-    pub(crate) variant: Option<key::Variant>,
-}
-
-impl Shared {
-    pub(crate) fn new(response: CachedResponse, variant: Option<key::Variant>) -> Self {
-        Self {
-            written_at: AtomicU64::new(u64::MAX),
-            response,
-            variant,
-        }
-    }
-}
-
-type Landing = Option<Arc<Shared>>;
-
-/// The keys whose handler call is in flight in this process.
-#[derive(Debug, Default)]
-pub(crate) struct Flights {
-    map: Mutex<HashMap<String, (u64, watch::Receiver<Landing>)>>,
+pub(crate) struct Flights<T> {
+    map: Mutex<HashMap<String, Flight<T>>>,
     next_id: AtomicU64,
-    /// How many shared outcomes reached the store: a logical clock, cheaper to read on every
+    /// How many flights' values reached the store: a logical clock, cheaper to read on every
     /// lookup than the system's.
     writes: AtomicU64,
 }
 
-/// What a request for a cold key does.
-pub(crate) enum Role {
-    /// Call the handler; share the result through the [`Lead`].
-    Leader(Lead),
-    /// Another request is calling the handler: wait for its outcome.
-    Follower(watch::Receiver<Landing>),
+impl<T> Default for Flights<T> {
+    fn default() -> Self {
+        Self {
+            map: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
 }
 
-impl Flights {
+#[derive(Debug)]
+struct Flight<T> {
+    id: u64,
+    rx: watch::Receiver<Option<T>>,
+    /// The write clock once the value was in the store (`u64::MAX` until then).
+    written_at: Arc<AtomicU64>,
+}
+
+/// What a caller for a cold key does.
+pub(crate) enum Role<T: Clone + Send + Sync + 'static> {
+    /// Compute; share the value through the [`Lead`].
+    Leader(Lead<T>),
+    /// Another caller is computing: wait for its value.
+    Follower(watch::Receiver<Option<T>>),
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
     /// A mark taken just before a store lookup, for [`join`](Self::join).
     pub(crate) fn mark(&self) -> u64 {
         self.writes.load(Ordering::Acquire)
     }
 
     /// Joins the flight for `key`, or starts one. `looked_up_at` is the [`mark`](Self::mark)
-    /// taken before the caller's own store lookup: a flight that finished before then is no
-    /// use to it.
-    pub(crate) fn join(self: &Arc<Self>, key: &str, looked_up_at: u64) -> Role {
+    /// taken before the caller's own store lookup: a flight whose value was stored before
+    /// then is no use to it (the caller missed it in the store, so it was invalidated since).
+    /// Pass 0 to join any flight.
+    pub(crate) fn join(self: &Arc<Self>, key: &str, looked_up_at: u64) -> Role<T> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, rx)) = map.get(key) {
-            let finished_before_lookup = rx
-                .borrow()
-                .as_ref()
-                .is_some_and(|shared| shared.written_at.load(Ordering::Acquire) <= looked_up_at);
-            if !finished_before_lookup {
-                return Role::Follower(rx.clone());
+        if let Some(flight) = map.get(key) {
+            if flight.written_at.load(Ordering::Acquire) > looked_up_at {
+                return Role::Follower(flight.rx.clone());
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        map.insert(key.to_owned(), (id, rx));
+        let written_at = Arc::new(AtomicU64::new(u64::MAX));
+        map.insert(
+            key.to_owned(),
+            Flight {
+                id,
+                rx,
+                written_at: written_at.clone(),
+            },
+        );
         Role::Leader(Lead {
             flights: self.clone(),
             key: key.to_owned(),
             id,
             tx,
+            written_at,
             lock: None,
             linger: Duration::ZERO,
         })
     }
+
+    /// How many keys are in flight.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().map_or(0, |map| map.len())
+    }
+
+    fn leave(&self, key: &str, id: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(key).is_some_and(|flight| flight.id == id) {
+            map.remove(key);
+        }
+    }
 }
 
-/// Waits for the leader's outcome, at most `timeout`. `None` when the leader's response was
-/// not shareable (not storable, failed, abandoned) or too slow: the caller then calls the
-/// handler itself.
-pub(crate) async fn follow(mut rx: watch::Receiver<Landing>, timeout: Duration) -> Landing {
+/// Waits for the leader's value, at most `timeout`. `None` when the leader shared nothing
+/// (its result may not be shared, it failed, or it was abandoned) or was too slow.
+pub(crate) async fn follow<T: Clone>(
+    mut rx: watch::Receiver<Option<T>>,
+    timeout: Duration,
+) -> Option<T> {
     let outcome = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
     outcome.ok()?.ok()?.clone()
 }
 
-/// The leader's duty: share the outcome with followers, then leave the flight (and release
-/// the cross-process lock) when dropped.
-pub(crate) struct Lead {
-    flights: Arc<Flights>,
+/// The leader's duty: share the value with followers, then leave the flight (and release
+/// the cross-process lock) when dropped. Followers still waiting when a lead is dropped
+/// without sharing are woken with nothing.
+pub(crate) struct Lead<T: Clone + Send + Sync + 'static> {
+    flights: Arc<Flights<T>>,
     key: String,
     id: u64,
-    tx: watch::Sender<Landing>,
+    tx: watch::Sender<Option<T>>,
+    written_at: Arc<AtomicU64>,
     lock: Option<Lock>,
-    /// How long the shared outcome stays joinable after the lead ends.
+    /// How long the shared value stays joinable after the lead ends.
     linger: Duration,
 }
 
-/// How long a finished flight keeps answering late joiners whose lookup started before it
-/// finished: they missed only because the entry was not written yet.
-const MAX_LINGER: Duration = Duration::from_millis(100);
+/// The longest a finished flight keeps answering late joiners whose lookup started before
+/// its value was stored: they missed only because the write had not landed yet.
+pub(crate) const MAX_LINGER: Duration = Duration::from_millis(100);
 
-impl Lead {
-    /// Hands the stored response to the followers (and, briefly, to late joiners).
-    pub(crate) fn share(&mut self, shared: Shared) {
-        self.tx.send_replace(Some(Arc::new(shared)));
+impl<T: Clone + Send + Sync + 'static> Lead<T> {
+    /// Hands the value to the followers.
+    pub(crate) fn share(&mut self, value: T) {
+        self.tx.send_replace(Some(value));
     }
 
-    /// Records that the shared response is now in the store: from here on, only requests
-    /// whose lookup started earlier (and so may have missed it) reuse it.
-    /// Lingering covers the requests that missed the store just before the write landed;
-    /// a response that was never written has no such race, and does not linger.
-    pub(crate) fn written(&mut self) {
-        if let Some(shared) = &*self.tx.borrow() {
+    /// Records that the shared value is now in the store: from here on only callers whose
+    /// lookup started earlier (and so may have missed it) reuse it, for at most `linger`
+    /// (capped at [`MAX_LINGER`]) after the lead ends. A value never stored has no such
+    /// race and does not linger.
+    pub(crate) fn written(&mut self, linger: Duration) {
+        if self.tx.borrow().is_some() {
             let now = self.flights.writes.fetch_add(1, Ordering::AcqRel) + 1;
-            shared.written_at.store(now, Ordering::Release);
-            self.linger = shared.response.ttl.min(MAX_LINGER);
+            self.written_at.store(now, Ordering::Release);
+            self.linger = linger.min(MAX_LINGER);
         }
-    }
-
-    /// Another instance stored the response: give it to this process's waiters too.
-    pub(crate) fn hand_over(
-        mut self,
-        (response, variant): (CachedResponse, Option<key::Variant>),
-    ) -> CachedResponse {
-        self.share(Shared::new(response.clone(), variant));
-        self.written();
-        response
     }
 
     /// Keeps the cross-process lock until this lead is dropped.
@@ -148,7 +156,7 @@ impl Lead {
     }
 }
 
-impl Drop for Lead {
+impl<T: Clone + Send + Sync + 'static> Drop for Lead<T> {
     fn drop(&mut self) {
         let (flights, key, id) = (self.flights.clone(), std::mem::take(&mut self.key), self.id);
         match tokio::runtime::Handle::try_current() {
@@ -159,21 +167,83 @@ impl Drop for Lead {
                     flights.leave(&key, id);
                 });
             }
-            // Nothing shared: followers still waiting are woken by `tx` dropping, and call
-            // the handler themselves.
             _ => flights.leave(&key, id),
         }
     }
 }
 
-impl Flights {
-    fn leave(&self, key: &str, id: u64) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|(current, _)| *current == id) {
-            map.remove(key);
+/// What another instance's computation left for a caller that polls the store.
+pub(crate) enum Looked<V> {
+    /// The value is stored, and this caller may use it.
+    Found(V),
+    /// Something is stored that this caller may not use as is (it needs validation): stop
+    /// waiting and compute.
+    Unusable,
+    /// Nothing yet.
+    Missing,
+}
+
+/// How a caller that missed proceeds across instances.
+pub(crate) enum Contention<V> {
+    /// Another instance stored the value meanwhile.
+    Found(V),
+    /// This caller holds the lock: compute, store, then drop (or release) the lock.
+    Locked(Lock),
+    /// Compute without the lock (the store failed, it holds something unusable, or waiting
+    /// timed out).
+    Alone,
+}
+
+/// The one cross-instance protocol: take the lock for `key`; if another instance holds it,
+/// poll the store with `look` every [`LOCK_POLL_INTERVAL`] until the value appears, the
+/// lock is free (and taken), or `wait` has passed. Right after taking the lock it looks once
+/// more, since the previous holder may just have stored the value and released it.
+pub(crate) async fn lock_or_wait<V, F, Fut>(
+    store: &Arc<dyn Store>,
+    key: &str,
+    ttl: Duration,
+    wait: Duration,
+    mut look: F,
+) -> Contention<V>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Looked<V>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match Lock::try_acquire(store, key, ttl).await {
+            Ok(Some(lock)) => {
+                return match look().await {
+                    Looked::Found(value) => Contention::Found(value),
+                    Looked::Unusable | Looked::Missing => Contention::Locked(lock),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(
+                    key,
+                    error = &e as &dyn std::error::Error,
+                    "cache lock unavailable; computing"
+                );
+                return Contention::Alone;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::debug!(key, "gave up waiting on another instance's lock; computing");
+            return Contention::Alone;
+        }
+        tokio::time::sleep(LOCK_POLL_INTERVAL.min(deadline - now)).await;
+        match look().await {
+            Looked::Found(value) => return Contention::Found(value),
+            Looked::Unusable => return Contention::Alone,
+            Looked::Missing => {}
         }
     }
 }
+
+/// How often a caller waiting on another instance's lock looks for the value.
+pub(crate) const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A lock on a key in the store, released (if still ours) when dropped.
 pub(crate) struct Lock {
@@ -199,20 +269,9 @@ impl Lock {
         }))
     }
 
-    /// The lock for `entry_key`, already taken with `token` (from [`new_token`]) by a
-    /// command of the caller's own, for example a script that also reads the entry.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn taken(store: &Arc<dyn Store>, entry_key: &str, token: String) -> Lock {
-        Lock {
-            store: store.clone(),
-            key: lock_key(entry_key),
-            token,
-        }
-    }
-
     /// Releases the lock now (if still ours) and waits for the store's answer, rather than
     /// in the background as dropping it does.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn release(mut self) {
         let (key, token) = (
             std::mem::take(&mut self.key),
@@ -255,12 +314,12 @@ impl Drop for Lock {
 }
 
 /// The lock's key: beside the entry's, so both share a cluster slot when hash-tagged.
-pub(crate) fn lock_key(entry_key: &str) -> String {
+fn lock_key(entry_key: &str) -> String {
     format!("{entry_key}:lock")
 }
 
 /// A token unique to this lock holder: process id, a counter, and per-process random bits.
-pub(crate) fn new_token() -> String {
+fn new_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let random =
         std::collections::hash_map::RandomState::new().hash_one(COUNTER.load(Ordering::Relaxed));
@@ -270,6 +329,3 @@ pub(crate) fn new_token() -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
-
-/// How often an instance waiting on another's lock looks for the entry.
-pub(crate) const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(20);

@@ -4,10 +4,10 @@
 #![deny(unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// Modules from the top (what users build) down to what everything reads; no module imports
-// from one above it.
+// The modules form a stack, from what users build down to what everything reads; no module
+// imports from one above it (docs/ARCHITECTURE.md; checked by tests/architecture.rs).
 mod cache_control;
-#[cfg(feature = "redis")]
+#[cfg(feature = "client")]
 mod client;
 mod clock;
 mod coalesce;
@@ -24,7 +24,7 @@ pub mod store;
 #[cfg(test)]
 mod properties;
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "client")]
 pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
 pub use flow::answer::X_CACHE;

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::coalesce::Flights;
-use crate::key::Keying;
+use crate::coalesce;
+use crate::entry::CachedResponse;
+use crate::key::{self, Keying};
 use crate::settings::Rules;
 use crate::store::Store;
 
@@ -152,3 +153,17 @@ mod tests {
         WriteBudget::default().flush().await;
     }
 }
+
+/// A response one request stored, which its concurrent twins may reuse: the response and, for
+/// a response with `Vary`, the names and the variant key it was stored under.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) response: CachedResponse,
+    pub(crate) variant: Option<key::Variant>,
+}
+
+/// The layer's flights: concurrent misses of one key share one handler call's response.
+pub(crate) type Flights = coalesce::Flights<Arc<Shared>>;
+
+/// The lead of a layer's flight.
+pub(crate) type Lead = coalesce::Lead<Arc<Shared>>;

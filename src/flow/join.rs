@@ -3,14 +3,16 @@
 
 use http::HeaderMap;
 
-use crate::coalesce::{follow, Lead, Lock, Role, Shared, LOCK_POLL_INTERVAL};
+use std::sync::Arc;
+
+use crate::coalesce::{self, follow, Contention, Looked, Role};
 use crate::entry::CachedResponse;
 use crate::key;
 use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
 use crate::rules::request::RequestPlan;
 
-use super::config::Config;
+use super::config::{Config, Lead, Shared};
 use super::lookup::{fresh_entry, judge_entry};
 
 /// How a cold-key request proceeds.
@@ -59,42 +61,35 @@ pub(crate) async fn coalesce(
     if !rules.lock_across_instances {
         return Coalesced::Lead(lead);
     }
-    // Another instance may be computing this key: take its lock, or wait for its entry.
-    let deadline = tokio::time::Instant::now() + rules.coalesce_timeout;
-    loop {
-        match Lock::try_acquire(&config.store, key, rules.lock_ttl).await {
-            Ok(Some(lock)) => {
-                // The previous holder may have just stored the entry and released the lock.
-                if let Some(found) = fresh_entry(config, key, headers).await {
-                    if judge_entry(config, plan, &found.0) == Verdict::Fresh {
-                        return Coalesced::Hit(lead.hand_over(found));
-                    }
-                }
-                lead.hold(lock);
-                return Coalesced::Lead(lead);
+    // Another instance may be computing this key: take its lock, or wait for its entry. An
+    // entry that needs validation before use is validated by this request's own handler
+    // call, not handed over.
+    let look = || async {
+        match fresh_entry(config, key, headers).await {
+            Some(found) if judge_entry(config, plan, &found.0) == Verdict::Fresh => {
+                Looked::Found(found)
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(
-                    key,
-                    error = &e as &dyn std::error::Error,
-                    "cache lock unavailable; calling the handler"
-                );
-                return Coalesced::Lead(lead);
-            }
+            Some(_) => Looked::Unusable,
+            None => Looked::Missing,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Coalesced::Lead(lead);
+    };
+    let (ttl, wait) = (rules.lock_ttl, rules.coalesce_timeout);
+    match coalesce::lock_or_wait(&config.store, key, ttl, wait, look).await {
+        Contention::Found((response, variant)) => {
+            // Another instance stored it: give it to this process's waiters too.
+            let linger = response.ttl;
+            lead.share(Arc::new(Shared {
+                response: response.clone(),
+                variant,
+            }));
+            lead.written(linger);
+            Coalesced::Hit(response)
         }
-        tokio::time::sleep(LOCK_POLL_INTERVAL).await;
-        if let Some(found) = fresh_entry(config, key, headers).await {
-            // An entry that needs validation before use is validated by this request's own
-            // handler call, not handed over.
-            if judge_entry(config, plan, &found.0) != Verdict::Fresh {
-                return Coalesced::Lead(lead);
-            }
-            return Coalesced::Hit(lead.hand_over(found));
+        Contention::Locked(lock) => {
+            lead.hold(lock);
+            Coalesced::Lead(lead)
         }
+        Contention::Alone => Coalesced::Lead(lead),
     }
 }
 

@@ -11,7 +11,7 @@ use http_body::Body;
 
 use crate::cache_control::CacheControl;
 use crate::clock;
-use crate::coalesce::{Lead, Shared};
+
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
 use crate::rules::conditional;
@@ -22,7 +22,7 @@ use crate::store::Store;
 
 use super::answer::X_CACHE;
 use super::body::Recorder;
-use super::config::{Config, WriteBudget};
+use super::config::{Config, Lead, Shared, WriteBudget};
 
 /// The request side of a handler call, as storing its response needs it.
 pub(crate) struct Exchange<'a> {
@@ -152,6 +152,8 @@ pub(crate) struct PendingEntry {
     keep: Duration,
     /// The coalesced requests waiting for this response, if this request leads them.
     lead: Option<Lead>,
+    /// How long the shared response may answer late joiners once written (its TTL, capped).
+    linger: Duration,
     /// The tag sets the entry is recorded in.
     tag_keys: Vec<String>,
     /// Give the entry a strong `ETag` (a hash of its body) if it has none.
@@ -204,6 +206,7 @@ impl PendingEntry {
             ttl,
             keep,
             lead,
+            linger: Duration::ZERO,
             tag_keys,
             generate_etag: rules.generate_etag,
             budget: config.pending_writes.clone(),
@@ -233,7 +236,12 @@ impl PendingEntry {
             if let Ok(StoredValue::Response(response)) =
                 entry::decode(entry.clone(), &self.targeted)
             {
-                lead.share(Shared::new(response, self.variant.clone()));
+                let linger = response.ttl;
+                lead.share(Arc::new(Shared {
+                    response,
+                    variant: self.variant.clone(),
+                }));
+                self.linger = linger;
             }
         }
         let Some(slot) = self.budget.try_take(self.max_pending_writes) else {
@@ -261,7 +269,7 @@ impl PendingEntry {
                 tracing::debug!(key = %self.key, error = &e as &dyn std::error::Error, "cache store set failed");
             }
             if let Some(lead) = &mut self.lead {
-                lead.written();
+                lead.written(self.linger);
             }
             // `self.lead` drops here, after the write: another instance waiting on the lock
             // finds the entry as soon as the lock is gone.

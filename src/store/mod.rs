@@ -16,7 +16,7 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "client")]
 pub(crate) use self::redis::SET_TAGGED_SCRIPT;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};

@@ -292,6 +292,7 @@ impl RedisStoreBuilder {
     }
 
     /// [`build_lazy`](Self::build_lazy) for the targets that cannot fail: an app's handle.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) fn lazy(self) -> RedisStore {
         debug_assert!(!matches!(self.target, Target::Url(_)));
         self.build_lazy()
@@ -574,6 +575,7 @@ impl RedisStore {
     }
 
     /// Runs a pipeline, bounded by the operation timeout.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn query_pipeline<T: FromRedisValue>(
         &self,
         pipe: &::redis::Pipeline,
