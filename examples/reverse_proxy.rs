@@ -22,6 +22,7 @@
 //! hop-by-hop header and is removed like the others.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +82,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A test (or a script) reads this line to learn the port when PORT is 0.
     println!("listening on http://{}", listener.local_addr()?);
     println!("proxying to {origin}");
-    use std::io::Write;
     std::io::stdout().flush()?;
     axum::serve(
         listener,
@@ -175,9 +175,8 @@ impl Forward {
     }
 }
 
-/// The client's hop-by-hop fields describe its connection to us, not a request to the origin.
-/// `Proxy-Authorization` goes too: this proxy authenticates nobody, and credentials meant for
-/// a proxy must not reach an origin.
+/// The client's hop-by-hop fields describe its connection to us, not a request to the origin,
+/// and must not sway the cache either.
 fn strip_request(mut req: Request<Body>) -> Request<Body> {
     strip_hop_by_hop(req.headers_mut());
     req
