@@ -12,7 +12,9 @@ use std::sync::Once;
 
 use common::RedisServer;
 
-const EXAMPLES: [&str; 7] = [
+/// The examples built before the first one runs: those these tests start, and `reverse_proxy`
+/// (started by `tests/http_rules.rs`), so these tests also fail when it does not build.
+const EXAMPLES: [&str; 8] = [
     "quickstart",
     "cache_aside",
     "write_through",
@@ -20,6 +22,7 @@ const EXAMPLES: [&str; 7] = [
     "read_through",
     "invalidation",
     "soak",
+    "reverse_proxy",
 ];
 
 /// `target/{profile}/examples/{name}`, after making sure the examples are built and current

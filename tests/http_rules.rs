@@ -1,0 +1,829 @@
+//! HTTP caching rules, one table row per rule with its RFC section, each run twice: through an
+//! axum app whose handler is a scripted origin, and through the `reverse_proxy` example
+//! (a process of its own) in front of a scripted origin server. Both use the proxy's cache
+//! configuration ([`proxy_layer`]: TTL zero, so only explicit freshness is stored; no host in
+//! the key; any final status), so a row holds for an app and for a proxy alike.
+//!
+//! # Adding a row
+//!
+//! Append a [`Row`] to [`RULES`]:
+//!
+//! - `section`: the RFC section(s) of the rule, `rule`: the rule in one sentence;
+//! - `name`: a slug unique in the table. Every path of the row lives under `/{name}`: one app
+//!   and one proxy (and their stores) serve the whole table, concurrently, so rows must not
+//!   share paths;
+//! - `through`: [`BOTH`], or [`PROXY_ONLY`] for what only a proxy does (hop-by-hop fields,
+//!   `Via`);
+//! - `origin`: one [`Script`] per path (relative to the row, without the query): the Nth request
+//!   the origin receives for that path gets the Nth [`Reply`], the last one repeats;
+//! - `steps`: the requests, in order, each with what must come of it. Start from [`GET`] and
+//!   override fields (`Step { x_cache: Some("HIT"), calls: 1, ..GET }`). `calls` counts the
+//!   origin's requests for the whole row so far (this step's included); `origin_saw` checks the
+//!   origin's latest request of the row (`None`: the field must be absent); [`ORIGIN_HOST`]
+//!   stands for the origin's `host:port`.
+//!
+//! Waiting: the layer writes an entry in the background once the body has been sent, so a step
+//! that needs the previous response stored sets `after_write: true`. The runner then repeats
+//! the request (every 10 ms, for up to 5 s) while it is a `MISS`, and rewinds the origin's
+//! script and call count for each early attempt, so the row reads as if the write had landed
+//! at once. Only use it where the origin's next reply would not itself be stored (a 304, or a
+//! reply without explicit freshness), as an early attempt's reply reaches the cache. No row
+//! sleeps; a row that needs time to pass belongs in `tests/rfc9111.rs` (or uses a `Date` in
+//! the past).
+//!
+//! `HTTP_RULES=name` runs only the rows whose name contains `name`.
+#![cfg(all(feature = "redis", feature = "memory"))]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, Response, StatusCode};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tower_redis_cache::{CacheLayer, MemoryStore};
+
+/// The cache configuration of `examples/reverse_proxy.rs` (its `cache_layer`): keep the two
+/// in step.
+fn proxy_layer() -> CacheLayer {
+    CacheLayer::new(MemoryStore::new())
+        .ttl(Duration::ZERO)
+        .status_codes(200..=599)
+        .key_host(false)
+}
+
+/// One response of the scripted origin.
+struct Reply {
+    status: u16,
+    headers: &'static [(&'static str, &'static str)],
+    body: &'static str,
+}
+
+const fn ok(headers: &'static [(&'static str, &'static str)], body: &'static str) -> Reply {
+    Reply {
+        status: 200,
+        headers,
+        body,
+    }
+}
+
+/// The origin's replies for one path of a row, in order.
+struct Script {
+    /// Relative to the row (`/r` is served at `/{name}/r`), without a query.
+    path: &'static str,
+    replies: &'static [Reply],
+}
+
+/// One request of a row and what must come of it.
+struct Step {
+    method: &'static str,
+    /// Relative to the row, with a query if any.
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    /// The request body.
+    body: &'static str,
+    /// Repeat while `MISS`: the step needs the previous response stored (see the module docs).
+    after_write: bool,
+    status: u16,
+    /// `None`: not checked (use `expect` for "absent").
+    x_cache: Option<&'static str>,
+    /// The response body, `None`: not checked.
+    response_body: Option<&'static str>,
+    /// The origin's requests for this row so far, this step's included ([`ANY`]: not checked).
+    calls: usize,
+    /// Response fields that must have this value (`None`: must be absent).
+    expect: &'static [(&'static str, Option<&'static str>)],
+    /// Fields of the origin's latest request of this row (`None`: must be absent).
+    origin_saw: &'static [(&'static str, Option<&'static str>)],
+    /// The body of the origin's latest request of this row, `None`: not checked.
+    origin_got: Option<&'static str>,
+}
+
+/// `calls` of a step whose origin call count is not checked.
+const ANY: usize = usize::MAX;
+
+/// Stands for the origin's `host:port` in `origin_saw`.
+const ORIGIN_HOST: &str = "{origin}";
+
+const GET: Step = Step {
+    method: "GET",
+    path: "/r",
+    headers: &[],
+    body: "",
+    after_write: false,
+    status: 200,
+    x_cache: None,
+    response_body: None,
+    calls: ANY,
+    expect: &[],
+    origin_saw: &[],
+    origin_got: None,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Through {
+    /// An axum app: the scripted origin as its handler, under the layer.
+    App,
+    /// The `reverse_proxy` example in front of a scripted origin server.
+    Proxy,
+}
+
+const BOTH: &[Through] = &[Through::App, Through::Proxy];
+const PROXY_ONLY: &[Through] = &[Through::Proxy];
+
+struct Row {
+    section: &'static str,
+    rule: &'static str,
+    name: &'static str,
+    through: &'static [Through],
+    origin: &'static [Script],
+    steps: &'static [Step],
+}
+
+const MAX_AGE_60: (&str, &str) = ("cache-control", "max-age=60");
+
+#[rustfmt::skip]
+const RULES: &[Row] = &[
+    Row {
+        section: "RFC 9111 §4.2.1, §5.2.2.1",
+        rule: "a response fresh by max-age is served from the cache",
+        name: "max-age",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[MAX_AGE_60], "v1"), ok(&[], "v2")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), response_body: Some("v1"), calls: 1, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §4.2.1, §5.2.2.10",
+        rule: "a shared cache takes s-maxage over max-age",
+        name: "s-maxage",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(&[("cache-control", "max-age=0, s-maxage=60")], "v1"), ok(&[], "v2")],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), response_body: Some("v1"), calls: 1, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §3, §5.2.2.5",
+        rule: "a no-store response is not stored",
+        name: "no-store",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(&[("cache-control", "no-store, max-age=60")], "v1"), ok(&[], "v2")],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { x_cache: Some("MISS"), response_body: Some("v2"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §3, §5.2.2.7",
+        rule: "a shared cache does not store a private response",
+        name: "private",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(&[("cache-control", "private, max-age=60")], "v1"), ok(&[], "v2")],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { x_cache: Some("MISS"), response_body: Some("v2"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §7.3 (stricter than §3: the layer's policy)",
+        rule: "a response that sets a cookie is not stored",
+        name: "set-cookie",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(&[MAX_AGE_60, ("set-cookie", "session=1")], "v1"), ok(&[], "v2")],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { x_cache: Some("MISS"), response_body: Some("v2"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §4.1",
+        rule: "Vary: Accept-Encoding keeps one variant per Accept-Encoding",
+        name: "vary",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[MAX_AGE_60, ("vary", "accept-encoding")], "for gzip"),
+                ok(&[MAX_AGE_60, ("vary", "accept-encoding")], "for br"),
+                ok(&[], "unexpected"),
+            ],
+        }],
+        steps: &[
+            Step { headers: &[("accept-encoding", "gzip")], x_cache: Some("MISS"), response_body: Some("for gzip"), calls: 1, ..GET },
+            Step { headers: &[("accept-encoding", "br")], x_cache: Some("MISS"), response_body: Some("for br"), calls: 2, ..GET },
+            Step { headers: &[("accept-encoding", "gzip")], after_write: true, x_cache: Some("HIT"), response_body: Some("for gzip"), calls: 2, ..GET },
+            Step { headers: &[("accept-encoding", "br")], after_write: true, x_cache: Some("HIT"), response_body: Some("for br"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §5.2.2.4, §4.3.1, §4.3.4",
+        rule: "a no-cache response is stored but validated first; a 304 serves the stored body",
+        name: "no-cache",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")], "v1"),
+                Reply { status: 304, headers: &[("etag", "\"a\"")], body: "" },
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step {
+                after_write: true,
+                x_cache: Some("REVALIDATED"),
+                response_body: Some("v1"),
+                calls: 2,
+                origin_saw: &[("if-none-match", Some("\"a\""))],
+                ..GET
+            },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §4.2.2 (no heuristic freshness; TTL zero)",
+        rule: "a response without explicit freshness is not stored",
+        name: "no-freshness",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[], "v1"), ok(&[], "v2")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), response_body: Some("v1"), calls: 1, ..GET },
+            Step { x_cache: Some("MISS"), response_body: Some("v2"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §3, §4.2.1",
+        rule: "a final status other than 2xx with explicit freshness is stored",
+        name: "status-404",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                Reply { status: 404, headers: &[MAX_AGE_60], body: "gone" },
+                ok(&[], "back"),
+            ],
+        }],
+        steps: &[
+            Step { status: 404, x_cache: Some("MISS"), response_body: Some("gone"), calls: 1, ..GET },
+            Step { status: 404, after_write: true, x_cache: Some("HIT"), response_body: Some("gone"), calls: 1, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9110 §9.3.3, §6.4",
+        rule: "a POST is forwarded with its body and not stored",
+        name: "post",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[Reply { status: 201, headers: &[MAX_AGE_60], body: "created" }],
+        }],
+        steps: &[
+            Step {
+                method: "POST",
+                body: "payload",
+                status: 201,
+                response_body: Some("created"),
+                calls: 1,
+                expect: &[("x-cache", None)],
+                origin_got: Some("payload"),
+                ..GET
+            },
+            Step {
+                method: "POST",
+                body: "again",
+                status: 201,
+                calls: 2,
+                expect: &[("x-cache", None)],
+                origin_got: Some("again"),
+                ..GET
+            },
+        ],
+    },
+    Row {
+        section: "RFC 9110 §7.6.1",
+        rule: "hop-by-hop fields are removed in both directions",
+        name: "hop-by-hop",
+        through: PROXY_ONLY,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(
+                &[MAX_AGE_60, ("connection", "x-foo"), ("x-foo", "1"), ("keep-alive", "timeout=5"), ("proxy-authenticate", "Basic")],
+                "v1",
+            )],
+        }],
+        steps: &[
+            Step {
+                headers: &[
+                    ("connection", "x-bar"),
+                    ("x-bar", "1"),
+                    ("te", "trailers"),
+                    ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
+                    ("x-end-to-end", "kept"),
+                ],
+                x_cache: Some("MISS"),
+                response_body: Some("v1"),
+                calls: 1,
+                expect: &[("connection", None), ("x-foo", None), ("keep-alive", None), ("proxy-authenticate", None)],
+                origin_saw: &[
+                    ("connection", None),
+                    ("x-bar", None),
+                    ("te", None),
+                    ("proxy-authorization", None),
+                    ("x-end-to-end", Some("kept")),
+                ],
+                ..GET
+            },
+            Step {
+                after_write: true,
+                x_cache: Some("HIT"),
+                response_body: Some("v1"),
+                calls: 1,
+                expect: &[("connection", None), ("x-foo", None), ("keep-alive", None), ("proxy-authenticate", None)],
+                ..GET
+            },
+        ],
+    },
+    Row {
+        section: "RFC 9110 §7.2, §7.6.3; RFC 7239 §4",
+        rule: "the proxy names the origin in Host, and itself in Via; it adds the client to X-Forwarded-For and Forwarded",
+        name: "via",
+        through: PROXY_ONLY,
+        origin: &[
+            Script { path: "/r", replies: &[ok(&[MAX_AGE_60], "v1")] },
+            Script { path: "/chained", replies: &[ok(&[], "v1")] },
+        ],
+        steps: &[
+            Step {
+                headers: &[("host", "proxy.example")],
+                x_cache: Some("MISS"),
+                calls: 1,
+                expect: &[("via", Some("1.1 tower-redis-cache"))],
+                origin_saw: &[
+                    ("host", Some(ORIGIN_HOST)),
+                    ("via", Some("1.1 tower-redis-cache")),
+                    ("x-forwarded-for", Some("127.0.0.1")),
+                    ("forwarded", Some("for=127.0.0.1;proto=http")),
+                ],
+                ..GET
+            },
+            Step {
+                headers: &[("host", "other.example")],
+                after_write: true,
+                x_cache: Some("HIT"),
+                calls: 1,
+                expect: &[("via", Some("1.1 tower-redis-cache"))],
+                ..GET
+            },
+            Step {
+                path: "/chained",
+                headers: &[("via", "1.0 edge"), ("x-forwarded-for", "192.0.2.1"), ("forwarded", "for=192.0.2.1")],
+                calls: 2,
+                origin_saw: &[
+                    ("via", Some("1.0 edge, 1.1 tower-redis-cache")),
+                    ("x-forwarded-for", Some("192.0.2.1, 127.0.0.1")),
+                    ("forwarded", Some("for=192.0.2.1, for=127.0.0.1;proto=http")),
+                ],
+                ..GET
+            },
+        ],
+    },
+];
+
+// ---------------------------------------------------------------------------------------------
+// The scripted origin
+
+/// A request as the origin received it.
+struct Seen {
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Serves every row's scripts, and records what it receives.
+#[derive(Default)]
+struct Origin {
+    scripts: Mutex<Vec<(String, &'static [Reply])>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Origin {
+    fn add_row(&self, row: &'static Row) {
+        let mut scripts = self.scripts.lock().unwrap();
+        for script in row.origin {
+            scripts.push((format!("/{}{}", row.name, script.path), script.replies));
+        }
+    }
+
+    async fn respond(&self, req: Request<Body>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let replies = self
+            .scripts
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, replies)| *replies);
+        let Some(replies) = replies else {
+            let mut response = Response::new(Body::from(format!("no script for {path}")));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            return response;
+        };
+        let reply = {
+            let mut seen = self.seen.lock().unwrap();
+            let n = seen.iter().filter(|s| s.path == path).count();
+            seen.push(Seen {
+                path,
+                headers: parts.headers,
+                body,
+            });
+            &replies[n.min(replies.len() - 1)]
+        };
+        let mut response = Response::new(Body::from(reply.body));
+        *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+        for (name, value) in reply.headers {
+            response.headers_mut().append(*name, value.parse().unwrap());
+        }
+        response
+    }
+
+    /// The origin's requests under `prefix` so far.
+    fn calls(&self, prefix: &str) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|s| s.path.starts_with(prefix)).count()
+    }
+
+    /// Forgets the requests under `prefix` after the first `keep`.
+    fn rewind(&self, prefix: &str, keep: usize) {
+        let mut n = 0;
+        self.seen.lock().unwrap().retain(|s| {
+            if !s.path.starts_with(prefix) {
+                return true;
+            }
+            n += 1;
+            n <= keep
+        });
+    }
+
+    /// The latest request under `prefix`: its headers and body.
+    fn latest(&self, prefix: &str) -> Option<(HeaderMap, Bytes)> {
+        let seen = self.seen.lock().unwrap();
+        let last = seen.iter().rev().find(|s| s.path.starts_with(prefix))?;
+        Some((last.headers.clone(), last.body.clone()))
+    }
+
+    fn router(self: Arc<Self>) -> Router {
+        Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+            let origin = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(origin.respond(req).await) }
+        }))
+    }
+}
+
+/// Serves `app` on 127.0.0.1 on a free port, for as long as the test's runtime lives.
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy process
+
+/// `target/{profile}/examples/{name}`, built if need be (as in `tests/examples.rs`: a plain
+/// `cargo test` has built it already; `cargo test --test http_rules` has not).
+fn example_binary(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent() // deps
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "--example", name]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building example {name} failed");
+    });
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "no example binary at {}", binary.display());
+    binary
+}
+
+/// A running `reverse_proxy` example, killed (and reaped) on drop, a failed test included.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy on a free port in front of `origin`; returns once it listens.
+    fn start(origin: SocketAddr) -> Self {
+        let mut child = Command::new(example_binary("reverse_proxy"))
+            .env("ORIGIN", format!("http://{origin}"))
+            .env("PORT", "0")
+            .env_remove("REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the reverse_proxy example");
+        let stdout = child.stdout.take().expect("piped stdout");
+        // From here on, a panic drops `proxy`, which kills the process.
+        let mut proxy = ProxyProcess {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        proxy.addr = loop {
+            let line = lines
+                .next()
+                .expect("the proxy exited before listening")
+                .expect("read the proxy's stdout");
+            if let Some(addr) = line.strip_prefix("listening on http://") {
+                break addr.parse().expect("a socket address");
+            }
+        };
+        // Keep reading, so the proxy never blocks on a full pipe; ends when it exits.
+        std::thread::spawn(move || lines.for_each(drop));
+        proxy
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runner
+
+/// A response as the client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("<not text>"))
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn send(client: &HttpClient, addr: SocketAddr, path: &str, step: &Step) -> Answer {
+    let mut request = Request::builder()
+        .method(Method::from_bytes(step.method.as_bytes()).unwrap())
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in step.headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::from(step.body)).unwrap();
+    let response = client.request(request).await.expect("request failed");
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("read body").to_bytes(),
+    }
+}
+
+/// Runs one row's steps against `addr` (the app or the proxy).
+async fn run_row(
+    row: &'static Row,
+    addr: SocketAddr,
+    origin: &Origin,
+    origin_host: &str,
+) -> Result<(), String> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let prefix = format!("/{}/", row.name);
+    for (i, step) in row.steps.iter().enumerate() {
+        let path = format!("/{}{}", row.name, step.path);
+        let calls_before = origin.calls(&prefix);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            let answer = send(&client, addr, &path, step).await;
+            if step.after_write
+                && answer.header("x-cache") == Some("MISS")
+                && Instant::now() < deadline
+            {
+                // The previous response's write has not landed: undo this attempt's origin
+                // request and ask again.
+                origin.rewind(&prefix, calls_before);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            break answer;
+        };
+        let fail = |what: String| {
+            Err(format!(
+                "step {} ({} {path}): {what}; got {} {:?} {:?}",
+                i + 1,
+                step.method,
+                answer.status,
+                answer.headers,
+                String::from_utf8_lossy(&answer.body)
+            ))
+        };
+        if answer.status.as_u16() != step.status {
+            return fail(format!("status {} != {}", answer.status, step.status));
+        }
+        if step.x_cache.is_some() && answer.header("x-cache") != step.x_cache {
+            return fail(format!(
+                "x-cache {:?} != {:?}",
+                answer.header("x-cache"),
+                step.x_cache
+            ));
+        }
+        if step
+            .response_body
+            .is_some_and(|b| answer.body != b.as_bytes())
+        {
+            return fail(format!("body != {:?}", step.response_body));
+        }
+        let calls = origin.calls(&prefix);
+        if step.calls != ANY && calls != step.calls {
+            return fail(format!("origin calls {calls} != {}", step.calls));
+        }
+        for (name, value) in step.expect {
+            if answer.header(name) != *value {
+                return fail(format!("{name}: {:?} != {value:?}", answer.header(name)));
+            }
+        }
+        let latest = origin.latest(&prefix);
+        for (name, value) in step.origin_saw {
+            let value = value.map(|v| if v == ORIGIN_HOST { origin_host } else { v });
+            let saw = latest
+                .as_ref()
+                .and_then(|(headers, _)| headers.get(*name))
+                .map(|v| v.to_str().unwrap_or("<not text>"));
+            if saw != value {
+                return fail(format!(
+                    "the origin saw {name}: {saw:?}, expected {value:?}"
+                ));
+            }
+        }
+        if let Some(expected) = step.origin_got {
+            let got = latest
+                .as_ref()
+                .map(|(_, body)| String::from_utf8_lossy(body));
+            if got.as_deref() != Some(expected) {
+                return fail(format!(
+                    "the origin got body {got:?}, expected {expected:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs every row meant for `through` concurrently against `addr`, whose origin is `origin`;
+/// reports every failing row.
+async fn run_table(through: Through, addr: SocketAddr, origin: Arc<Origin>, origin_host: String) {
+    let filter = std::env::var("HTTP_RULES").unwrap_or_default();
+    let rows: Vec<&'static Row> = RULES
+        .iter()
+        .filter(|row| row.through.contains(&through) && row.name.contains(&filter))
+        .collect();
+    for row in &rows {
+        origin.add_row(row);
+    }
+    let origin_host: Arc<str> = origin_host.into();
+    let runs: Vec<_> = rows
+        .iter()
+        .map(|&row| {
+            let (origin, origin_host) = (origin.clone(), origin_host.clone());
+            (
+                row,
+                tokio::spawn(async move { run_row(row, addr, &origin, &origin_host).await }),
+            )
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (row, run) in runs {
+        let outcome = run
+            .await
+            .unwrap_or_else(|panic| Err(format!("panicked: {panic}")));
+        if let Err(e) = outcome {
+            failures.push(format!(
+                "[{}] {} ({}): {e}",
+                row.section, row.rule, row.name
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed through the {through:?}:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn row_names_are_unique_slugs() {
+    for (i, row) in RULES.iter().enumerate() {
+        assert!(
+            !row.name.is_empty()
+                && row
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "row name {:?} is not a slug",
+            row.name
+        );
+        assert!(
+            RULES[..i].iter().all(|other| other.name != row.name),
+            "two rows are named {:?}",
+            row.name
+        );
+        for step in row.steps {
+            assert!(
+                step.path.starts_with('/'),
+                "{}: path {:?}",
+                row.name,
+                step.path
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_holds_through_an_axum_app() {
+    let origin = Arc::new(Origin::default());
+    let app = origin.clone().router().layer(proxy_layer());
+    let addr = serve(app).await;
+    run_table(Through::App, addr, origin, addr.to_string()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_holds_through_the_reverse_proxy() {
+    let origin = Arc::new(Origin::default());
+    let origin_addr = serve(origin.clone().router()).await;
+    // One proxy for the whole table (rows keep to their own paths); dropped, and so killed,
+    // when this test ends, whether it passed or not.
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(origin_addr))
+        .await
+        .unwrap();
+    run_table(Through::Proxy, proxy.addr, origin, origin_addr.to_string()).await;
+}
+
+/// RFC 9110 §15.6.3: a gateway that gets no answer from its origin says 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_origin_is_a_502() {
+    // A port nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = tokio::task::spawn_blocking(move || ProxyProcess::start(closed))
+        .await
+        .unwrap();
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let answer = send(&client, proxy.addr, "/anything", &GET).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+}
