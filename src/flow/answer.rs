@@ -147,7 +147,8 @@ pub(crate) fn answer<B>(
         strip_targeted_headers(rules, &mut headers);
     }
     headers.insert(X_CACHE, outcome.x_cache());
-    headers.insert(CACHE_STATUS, outcome.stored_status(ttl_left));
+    // RFC 9211 §2: each cache appends its entry; the origin's (or an inner cache's) stay.
+    headers.append(CACHE_STATUS, outcome.stored_status(ttl_left));
     let mut response = Response::new(CacheBody::replay(body));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -182,7 +183,7 @@ pub(crate) fn label_forwarded(rules: &Rules, headers: &mut HeaderMap, outcome: O
         strip_targeted_headers(rules, headers);
     }
     headers.insert(X_CACHE, outcome.x_cache());
-    headers.insert(CACHE_STATUS, outcome.forwarded_status());
+    headers.append(CACHE_STATUS, outcome.forwarded_status());
 }
 
 /// Targeted cache-control fields (RFC 9213) are forwarded by default: an app behind a CDN

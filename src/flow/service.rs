@@ -22,7 +22,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::join::{coalesce, Coalesced};
 use super::lookup::{judge_entry, lookup};
-use super::write::{plan_store, revalidated, Exchange};
+use super::write::{head_refreshed, plan_store, revalidated, Exchange};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -137,8 +137,10 @@ where
         return bypass(&config, inner, req, BypassReason::NoKey).await;
     };
     if plan.action == RequestAction::HeadLookup {
-        if let Some(hit) = lookup(&config, &key, req.headers()).await {
-            if judge_entry(&config, &plan, &hit) == Verdict::Fresh {
+        let stored = lookup(&config, &key, req.headers()).await;
+        if let Some(hit) = stored.as_ref() {
+            if judge_entry(&config, &plan, hit) == Verdict::Fresh {
+                let hit = stored.expect("checked above");
                 return Ok(answer(
                     &config.rules,
                     hit,
@@ -148,7 +150,20 @@ where
                 ));
             }
         }
-        return Ok(inner.call(req).await?.map(CacheBody::passthrough));
+        // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
+        // response's headers when it is the same representation (RFC 9111 §4.3.5).
+        let request_headers = req.headers().clone();
+        let sent_at_ms = clock::now_ms();
+        let response = inner.call(req).await?;
+        if let Some(stale) = stored {
+            let exchange = Exchange {
+                request_headers: &request_headers,
+                sent_at_ms,
+                authorized: plan.authorized,
+            };
+            head_refreshed(&config, key, stale, &response, &exchange);
+        }
+        return Ok(response.map(CacheBody::passthrough));
     }
     let mut req = req;
 

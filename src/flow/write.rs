@@ -127,6 +127,30 @@ pub(crate) fn revalidated(
     stale
 }
 
+/// A HEAD response from the handler for a stored GET response that is not fresh: if it is
+/// the same representation (same status, and the same `ETag`, or the same `Last-Modified`
+/// when there is no `ETag`), its headers refresh the stored ones and the entry is written
+/// back with the lifetime they give (RFC 9111 §4.3.5). Anything else leaves the entry alone.
+pub(crate) fn head_refreshed<B>(
+    config: &Config,
+    key: String,
+    stale: CachedResponse,
+    head: &http::Response<B>,
+    exchange: &Exchange<'_>,
+) {
+    let validator = |h: &HeaderMap| {
+        h.get(header::ETAG)
+            .map(|v| (true, v.clone()))
+            .or_else(|| h.get(header::LAST_MODIFIED).map(|v| (false, v.clone())))
+    };
+    let same = head.status() == stale.status
+        && validator(&stale.headers).is_some()
+        && validator(&stale.headers) == validator(head.headers());
+    if same {
+        revalidated(config, key, stale, head.headers(), exchange, None);
+    }
+}
+
 /// When the response with `headers` was, in effect, generated: now, less the age it already
 /// had on arrival (RFC 9111 §4.2.3), so that the entry's age is its `current_age`.
 fn received_at(headers: &HeaderMap, exchange: &Exchange<'_>) -> u64 {

@@ -71,17 +71,18 @@ pub(crate) fn storable_ttl(
     let has_validator = headers.contains_key(http::header::ETAG)
         || headers.contains_key(http::header::LAST_MODIFIED);
     // A response with `no-cache` is stored, but validated before every reuse: it needs a
-    // place in the store even when its own lifetime is zero. With the route's TTL it is
-    // kept that long; with none (a proxy's `.ttl(ZERO)`), stale at once and kept for the
-    // revalidation window when it has a validator to revalidate with.
-    if cc.no_cache && ttl.is_zero() {
-        return if !rules.ttl.is_zero() {
+    // place in the store even when its own lifetime is zero, and gets the route's TTL when
+    // the route has one. A response stale on arrival (`max-age=0`, an `Expires` in the past,
+    // an `Age` past its lifetime) is kept too when it has a validator, for the revalidation
+    // window: its next request costs the handler a 304, not a body (RFC 9111 §4.3).
+    if ttl.is_zero() {
+        return if cc.no_cache && !rules.ttl.is_zero() {
             Some(rules.ttl)
         } else {
             has_validator.then_some(Duration::ZERO)
         };
     }
-    Some(ttl).filter(|ttl| !ttl.is_zero())
+    Some(ttl)
 }
 
 /// The freshness lifetime the origin gave (RFC 9111 §4.2.1): `s-maxage`, else `max-age`,

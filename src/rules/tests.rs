@@ -608,7 +608,8 @@ fn heuristic_freshness_is_an_opt_in_fraction_of_the_time_since_last_modified() {
         ("date", "Sun, 06 Nov 1994 18:49:37 GMT"),
         ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
     ];
-    assert_eq!(ttl(&off, 200, &dated), None);
+    // Off: stale at once, kept only to revalidate with its Last-Modified.
+    assert_eq!(ttl(&off, 200, &dated), Some(Duration::ZERO));
     assert_eq!(ttl(&on, 200, &dated), Some(Duration::from_secs(3600)));
     assert_eq!(
         ttl(&on, 404, &dated),
