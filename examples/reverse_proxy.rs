@@ -94,12 +94,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// The cache, configured for a proxy that knows nothing of its origin's content.
 fn cache_layer(store: Arc<dyn Store>) -> CacheLayer {
     CacheLayer::with_shared_store(store)
-        // The origin sets every lifetime: what it gives no explicit freshness is not stored.
+        // The origin sets every lifetime: what it gives no explicit freshness is not stored
+        // (any final status it gives a lifetime to is, a `404` or a `301` as much as a `200`:
+        // RFC 9111 §3).
         .ttl(Duration::ZERO)
-        // Any final status the origin gives a lifetime to may be stored (RFC 9111 §3), a
-        // `404` or a `301` as much as a `200`; the layer's default is 2xx only. (The layer
-        // never stores a 206 or a 304.)
-        .status_codes(200..=599)
         // One origin, reached with its own `Host` whatever name the client used for the proxy,
         // and no `X-Forwarded-Host`: its answer cannot depend on the client's `Host`, so
         // keying on it would only split the cache per alias of the proxy (and let a client

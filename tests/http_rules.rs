@@ -55,7 +55,6 @@ use tower_redis_cache::{CacheLayer, MemoryStore};
 fn proxy_layer() -> CacheLayer {
     CacheLayer::new(MemoryStore::new())
         .ttl(Duration::ZERO)
-        .status_codes(200..=599)
         .key_host(false)
 }
 
@@ -148,6 +147,7 @@ struct Row {
 }
 
 const MAX_AGE_60: (&str, &str) = ("cache-control", "max-age=60");
+const MAX_AGE_600: (&str, &str) = ("cache-control", "max-age=600");
 
 #[rustfmt::skip]
 const RULES: &[Row] = &[
@@ -405,6 +405,298 @@ const RULES: &[Row] = &[
                     ("x-forwarded-for", Some("192.0.2.1, 127.0.0.1")),
                     ("forwarded", Some("for=192.0.2.1, for=127.0.0.1;proto=http")),
                 ],
+                ..GET
+            },
+        ],
+    },
+    // ---- Age calculation (RFC 9111 §4.2.3) ----
+    Row {
+        section: "RFC 9111 §4.2.3, §5.1",
+        rule: "the age a response had on arrival counts: max-age=3600 with Age: 7200 is stale at once",
+        name: "age-stale-on-arrival",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[("cache-control", "max-age=3600"), ("age", "7200"), ("etag", "\"a\"")], "v1"),
+                Reply { status: 304, headers: &[("etag", "\"a\"")], body: "" },
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step {
+                after_write: true,
+                x_cache: Some("REVALIDATED"),
+                response_body: Some("v1"),
+                calls: 2,
+                origin_saw: &[("if-none-match", Some("\"a\""))],
+                ..GET
+            },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §4.2.3, §5.1",
+        rule: "a hit's Age is the current age: the origin's Age plus the time stored; an invalid Age is ignored",
+        name: "age-current",
+        through: BOTH,
+        origin: &[
+            Script { path: "/r", replies: &[ok(&[MAX_AGE_600, ("age", "100")], "v1")] },
+            Script { path: "/bad", replies: &[ok(&[MAX_AGE_600, ("age", "-5")], "v1")] },
+        ],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, expect: &[("age", Some("100"))], ..GET },
+            Step { path: "/bad", x_cache: Some("MISS"), calls: 2, ..GET },
+            Step { path: "/bad", after_write: true, x_cache: Some("HIT"), calls: 2, expect: &[("age", Some("0"))], ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §4.2.3, §4.2.1",
+        rule: "Expires counts from the origin's Date, and the time since that Date is the response's age",
+        name: "expires-dated-long-ago",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(
+                    &[
+                        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                        ("expires", "Sun, 06 Nov 1994 09:49:37 GMT"),
+                        ("etag", "\"a\""),
+                    ],
+                    "v1",
+                ),
+                Reply { status: 304, headers: &[("etag", "\"a\"")], body: "" },
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("REVALIDATED"), calls: 2, ..GET },
+        ],
+    },
+    // ---- Storable statuses (RFC 9111 §3) ----
+    Row {
+        section: "RFC 9111 §3, RFC 9110 §15",
+        rule: "with explicit freshness any understood final status is stored: 301, 410, 500",
+        name: "statuses-explicit",
+        through: BOTH,
+        origin: &[
+            Script { path: "/moved", replies: &[Reply { status: 301, headers: &[MAX_AGE_60, ("location", "/x")], body: "" }] },
+            Script { path: "/gone", replies: &[Reply { status: 410, headers: &[("expires", "Fri, 01 Jan 2100 01:00:00 GMT"), ("date", "Fri, 01 Jan 2100 00:00:00 GMT")], body: "gone" }] },
+            Script { path: "/err", replies: &[Reply { status: 500, headers: &[("cache-control", "s-maxage=60")], body: "oops" }] },
+        ],
+        steps: &[
+            Step { path: "/moved", status: 301, x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { path: "/moved", status: 301, after_write: true, x_cache: Some("HIT"), calls: 1, expect: &[("location", Some("/x"))], ..GET },
+            Step { path: "/gone", status: 410, x_cache: Some("MISS"), calls: 2, ..GET },
+            Step { path: "/gone", status: 410, after_write: true, x_cache: Some("HIT"), response_body: Some("gone"), calls: 2, ..GET },
+            Step { path: "/err", status: 500, x_cache: Some("MISS"), calls: 3, ..GET },
+            Step { path: "/err", status: 500, after_write: true, x_cache: Some("HIT"), response_body: Some("oops"), calls: 3, ..GET },
+        ],
+    },
+    // ---- Expires formats (RFC 9110 §5.6.7) ----
+    Row {
+        section: "RFC 9110 §5.6.7, RFC 9111 §5.3",
+        rule: "Expires in asctime format or with wrong-case names is understood",
+        name: "expires-formats",
+        through: BOTH,
+        origin: &[
+            Script { path: "/asctime", replies: &[ok(&[("date", "Fri, 01 Jan 2100 00:00:00 GMT"), ("expires", "Fri Jan  1 01:00:00 2100")], "v1")] },
+            Script { path: "/case", replies: &[ok(&[("date", "Fri, 01 Jan 2100 00:00:00 GMT"), ("expires", "fri, 01 JAN 2100 01:00:00 gmt")], "v1")] },
+        ],
+        steps: &[
+            Step { path: "/asctime", x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { path: "/asctime", after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step { path: "/case", x_cache: Some("MISS"), calls: 2, ..GET },
+            Step { path: "/case", after_write: true, x_cache: Some("HIT"), calls: 2, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §5.3",
+        rule: "an invalid Expires means already expired: stored only to revalidate",
+        name: "expires-invalid",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[("expires", "0"), ("etag", "\"a\"")], "v1"),
+                Reply { status: 304, headers: &[("etag", "\"a\"")], body: "" },
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("REVALIDATED"), calls: 2, ..GET },
+        ],
+    },
+    // ---- Invalidation (RFC 9111 §4.4) ----
+    Row {
+        section: "RFC 9111 §4.4",
+        rule: "an extension method not known to be safe invalidates the URL and its same-origin Location",
+        name: "invalidate-extension",
+        through: BOTH,
+        origin: &[
+            Script { path: "/r", replies: &[ok(&[MAX_AGE_60], "v1"), ok(&[MAX_AGE_60], "v2")] },
+            Script { path: "/other", replies: &[ok(&[MAX_AGE_60], "o1"), ok(&[MAX_AGE_60], "o2")] },
+        ],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step { path: "/other", x_cache: Some("MISS"), calls: 2, ..GET },
+            Step { path: "/other", after_write: true, x_cache: Some("HIT"), calls: 2, ..GET },
+            Step { method: "M-SEARCH", path: "/r", calls: 3, ..GET },
+            Step { x_cache: Some("MISS"), response_body: Some("v2"), calls: 4, ..GET },
+            Step { method: "PURGE", path: "/other", calls: 5, ..GET },
+            Step { path: "/other", x_cache: Some("MISS"), response_body: Some("o2"), calls: 6, ..GET },
+        ],
+    },
+    // ---- Targeted fields (RFC 9213) ----
+    Row {
+        section: "RFC 9213 §2.1",
+        rule: "CDN-Cache-Control is obeyed over Cache-Control and forwarded to the client",
+        name: "cdn-cache-control",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=60")], "v1")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, expect: &[("cdn-cache-control", Some("max-age=60"))], ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, expect: &[("cdn-cache-control", Some("max-age=60"))], ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9213 §2.1, RFC 8941 §3.2",
+        rule: "a targeted field that is not a valid dictionary is ignored as a whole",
+        name: "cdn-cache-control-invalid",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[MAX_AGE_60, ("cdn-cache-control", "Max-Age=0, no-store")], "v1")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+        ],
+    },
+    // ---- Conditional requests (RFC 9110 §13) ----
+    Row {
+        section: "RFC 9110 §13.1.3, §13.2.2",
+        rule: "If-Modified-Since is answered with 304 from a stored response without Last-Modified, using its Date",
+        name: "ims-date",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[MAX_AGE_60, ("date", "Fri, 01 Jan 2100 00:00:00 GMT")], "v1")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step { headers: &[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")], status: 304, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step { headers: &[("if-modified-since", "Thu, 31 Dec 2099 00:00:00 GMT")], status: 200, response_body: Some("v1"), calls: 1, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9110 §13.1.2, §8.8.3.2",
+        rule: "If-None-Match with a list, with *, and by weak comparison is answered with 304",
+        name: "inm-lists",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[MAX_AGE_60, ("etag", "W/\"b\"")], "v1")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step { headers: &[("if-none-match", "\"a\", \"b\"")], status: 304, calls: 1, ..GET },
+            Step { headers: &[("if-none-match", "*")], status: 304, calls: 1, ..GET },
+            Step { headers: &[("if-none-match", "\"c\"")], status: 200, response_body: Some("v1"), calls: 1, ..GET },
+        ],
+    },
+    Row {
+        section: "RFC 9111 §5.2.2.4, §4.3",
+        rule: "a no-cache response is kept for validation even with no route TTL",
+        name: "no-cache-zero-ttl",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[("cache-control", "no-cache"), ("etag", "\"a\"")], "v1"),
+                Reply { status: 304, headers: &[("etag", "\"a\"")], body: "" },
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step {
+                after_write: true,
+                x_cache: Some("REVALIDATED"),
+                response_body: Some("v1"),
+                calls: 2,
+                origin_saw: &[("if-none-match", Some("\"a\""))],
+                ..GET
+            },
+        ],
+    },
+    // ---- Range requests (RFC 9110 §14) ----
+    Row {
+        section: "RFC 9110 §14.1.2, §14.4, §15.3.7, §15.5.17",
+        rule: "a single range of a stored response is answered from the store; an unsatisfiable one gets 416; several go to the origin",
+        name: "range",
+        through: BOTH,
+        origin: &[Script { path: "/r", replies: &[ok(&[MAX_AGE_60], "0123456789")] }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("HIT"), calls: 1, ..GET },
+            Step {
+                headers: &[("range", "bytes=2-4")],
+                status: 206,
+                x_cache: Some("HIT"),
+                response_body: Some("234"),
+                calls: 1,
+                expect: &[("content-range", Some("bytes 2-4/10")), ("content-length", Some("3"))],
+                ..GET
+            },
+            Step { headers: &[("range", "bytes=-3")], status: 206, response_body: Some("789"), calls: 1, ..GET },
+            Step { headers: &[("range", "bytes=7-")], status: 206, response_body: Some("789"), calls: 1, ..GET },
+            Step { headers: &[("range", "bytes=20-")], status: 416, calls: 1, expect: &[("content-range", Some("bytes */10"))], ..GET },
+            Step { headers: &[("range", "bytes=0-1, 4-5")], calls: 2, origin_saw: &[("range", Some("bytes=0-1, 4-5"))], ..GET },
+            Step { headers: &[("range", "lines=1-2")], status: 200, response_body: Some("0123456789"), calls: 2, ..GET },
+        ],
+    },
+    // ---- Vary normalisation ----
+    Row {
+        section: "RFC 9111 §4.1, RFC 9110 §12.5.3, §12.5.4",
+        rule: "Accept-Encoding and Accept-Language values equal but for case, order, whitespace and q=1 select one variant",
+        name: "vary-normalised",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[ok(&[MAX_AGE_60, ("vary", "Accept-Encoding, Accept-Language")], "v1"), ok(&[MAX_AGE_60, ("vary", "Accept-Encoding, Accept-Language")], "v2")],
+        }],
+        steps: &[
+            Step { headers: &[("accept-encoding", "gzip, br"), ("accept-language", "en, fr;q=0.5")], x_cache: Some("MISS"), calls: 1, ..GET },
+            Step {
+                headers: &[("accept-encoding", "BR,gzip;q=1.0"), ("accept-language", "fr; q=0.50, EN")],
+                after_write: true,
+                x_cache: Some("HIT"),
+                response_body: Some("v1"),
+                calls: 1,
+                ..GET
+            },
+            Step { headers: &[("accept-encoding", "gzip"), ("accept-language", "en, fr;q=0.5")], x_cache: Some("MISS"), response_body: Some("v2"), calls: 2, ..GET },
+        ],
+    },
+    // ---- HEAD (RFC 9111 §4.3.5) ----
+    Row {
+        section: "RFC 9111 §4.3.5",
+        rule: "a HEAD response with the same validator refreshes the stored GET response's headers",
+        name: "head-refresh",
+        through: BOTH,
+        origin: &[Script {
+            path: "/r",
+            replies: &[
+                ok(&[("cache-control", "max-age=0"), ("etag", "\"a\""), ("x-version", "1")], "v1"),
+                Reply { status: 304, headers: &[("etag", "\"a\""), ("cache-control", "max-age=0")], body: "" },
+                ok(&[MAX_AGE_60, ("etag", "\"a\""), ("x-version", "2")], ""),
+            ],
+        }],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, ..GET },
+            Step { after_write: true, x_cache: Some("REVALIDATED"), calls: 2, ..GET },
+            Step { method: "HEAD", calls: 3, expect: &[("x-version", Some("2"))], ..GET },
+            Step {
+                after_write: true,
+                x_cache: Some("HIT"),
+                response_body: Some("v1"),
+                calls: 3,
+                expect: &[("x-version", Some("2"))],
                 ..GET
             },
         ],
