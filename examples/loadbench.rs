@@ -53,7 +53,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use redis::aio::MultiplexedConnection;
 use tower::ServiceExt;
-use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, X_CACHE};
+use tower_redis_cache::store::StoreFuture;
+use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, Store, X_CACHE};
 
 const BODY_LEN: usize = 1024;
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -179,6 +180,23 @@ async fn redis_get(Path(id): Path<String>, State(getter): State<Getter>) -> Resp
 
 /// `serve KIND REDIS_URL WORKERS IDS`: binds 127.0.0.1:0, primes, prints `READY port`, and
 /// serves until its stdin closes (so it never outlives the benchmark).
+/// A MemoryStore behind the `Store` trait's required methods only, so it offers no memo slot.
+struct DecodeEveryHit(MemoryStore);
+
+impl Store for DecodeEveryHit {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<bytes::Bytes>> {
+        self.0.get(key)
+    }
+
+    fn set<'a>(&'a self, key: &'a str, value: bytes::Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.0.set(key, value, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        self.0.delete(key)
+    }
+}
+
 fn serve(args: &[String]) {
     let [kind, url, workers, ids] = args else {
         panic!("usage: loadbench serve KIND REDIS_URL WORKERS IDS");
@@ -220,6 +238,12 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
     match name {
         "bare" => handler,
         "memory" => primed(handler.layer(CacheLayer::new(MemoryStore::new())), ids).await,
+        // The same store without its memo slot: every hit decodes the stored bytes (how
+        // MemoryStore hits worked before hits were served from the decoded form).
+        "memory-decode" => {
+            let store = DecodeEveryHit(MemoryStore::new());
+            primed(handler.layer(CacheLayer::new(store)), ids).await
+        }
         "redis-hit" => {
             let store = match n {
                 Some(n) => RedisStore::builder(url).max_connections(n).build().await,
@@ -461,6 +485,7 @@ fn describe(row: &str) -> String {
     match (name, n) {
         ("bare", _) => "1. bare axum handler (no layer)".into(),
         ("memory", _) => "2. layer, MemoryStore, all hits".into(),
+        ("memory-decode", _) => "2b. layer, MemoryStore without memo (decode per hit)".into(),
         ("redis-hit", None) => "3. layer, RedisStore (defaults), all hits".into(),
         ("redis-hit", Some(n)) => format!("layer, RedisStore max_connections({n}), all hits"),
         ("redis-hit-bb8", _) => {

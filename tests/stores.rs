@@ -418,3 +418,45 @@ async fn errors_print_their_cause_once() {
     let source = err.source().expect("the cause is kept").to_string();
     assert!(!err.to_string().contains(&source), "{err} repeats {source}");
 }
+
+#[tokio::test]
+async fn memory_store_keeps_a_memo_slot_per_value_and_redis_none() {
+    use std::sync::Arc;
+    let store = MemoryStore::new();
+    let ttl = Duration::from_secs(60);
+    store
+        .set("k", Bytes::from_static(b"v1"), ttl)
+        .await
+        .unwrap();
+    let (bytes, memo) = store.get_memoized("k").await.unwrap().unwrap();
+    let memo = memo.expect("an in-process store has a memo slot");
+    assert_eq!(bytes, Bytes::from_static(b"v1"));
+    assert!(memo.get().is_none(), "a new value's slot is empty");
+    memo.set(Arc::new(42u32)).unwrap();
+    let (_, again) = store.get_memoized("k").await.unwrap().unwrap();
+    let again = again.unwrap();
+    assert_eq!(
+        again.get().unwrap().downcast_ref::<u32>(),
+        Some(&42),
+        "the same slot"
+    );
+    store
+        .set("k", Bytes::from_static(b"v2"), ttl)
+        .await
+        .unwrap();
+    let (bytes, fresh) = store.get_memoized("k").await.unwrap().unwrap();
+    assert_eq!(bytes, Bytes::from_static(b"v2"));
+    assert!(
+        fresh.unwrap().get().is_none(),
+        "a replaced value starts with an empty slot"
+    );
+
+    let redis = RedisServer::start();
+    let redis_store = RedisStore::connect(&redis.url()).await.unwrap();
+    redis_store
+        .set("k", Bytes::from_static(b"v"), ttl)
+        .await
+        .unwrap();
+    let (_, memo) = redis_store.get_memoized("k").await.unwrap().unwrap();
+    assert!(memo.is_none(), "a store that serialises values has no slot");
+}

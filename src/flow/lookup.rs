@@ -3,11 +3,17 @@
 use http::HeaderMap;
 
 use crate::clock;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderName;
+
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
 use crate::rules::conditional;
 use crate::rules::freshness::{self, Verdict};
 use crate::rules::request::RequestPlan;
+use crate::store::Memo;
 
 use super::config::Config;
 
@@ -54,16 +60,8 @@ pub(crate) async fn lookup_entry(
 }
 
 pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
-    match config.store.get(key).await {
-        Ok(Some(bytes)) => entry::decode(bytes, &config.rules.targeted)
-            .inspect_err(|e| {
-                tracing::debug!(
-                    key,
-                    error = e as &dyn std::error::Error,
-                    "treating entry as a miss"
-                )
-            })
-            .ok(),
+    match config.store.get_memoized(key).await {
+        Ok(Some((bytes, memo))) => decode_memoized(config, key, bytes, memo),
         Ok(None) => None,
         Err(e) => {
             tracing::debug!(
@@ -74,6 +72,42 @@ pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
             None
         }
     }
+}
+
+/// A decoded entry, kept in the store's memo slot (an in-process store's) with the targeted
+/// fields its directives were parsed for: another layer on the same store with other
+/// targeted fields decodes its own.
+type Memoized = (Vec<HeaderName>, StoredValue);
+
+/// Decodes `bytes`, or clones the decoded form an earlier read left in `memo`: an in-process
+/// hit then costs a lookup and a clone, not a parse.
+fn decode_memoized(
+    config: &Config,
+    key: &str,
+    bytes: Bytes,
+    memo: Option<Memo>,
+) -> Option<StoredValue> {
+    let targeted = &config.rules.targeted;
+    let memoized = memo
+        .as_ref()
+        .and_then(|m| m.get()?.downcast_ref::<Memoized>());
+    if let Some((for_targeted, value)) = memoized.filter(|(t, _)| t == targeted) {
+        let _ = for_targeted;
+        return Some(value.clone());
+    }
+    let value = entry::decode(bytes, targeted)
+        .inspect_err(|e| {
+            tracing::debug!(
+                key,
+                error = e as &dyn std::error::Error,
+                "treating entry as a miss"
+            )
+        })
+        .ok()?;
+    if let Some(memo) = memo {
+        let _ = memo.set(Arc::new((targeted.clone(), value.clone())));
+    }
+    Some(value)
 }
 
 /// A fresh stored response the request may be given (its variant, in a coding it accepts),

@@ -9,7 +9,7 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Store, StoreFuture};
+use super::{Memo, Store, StoreFuture};
 
 /// An embedded, bounded, in-process store (moka) with per-entry TTL.
 ///
@@ -33,6 +33,8 @@ type TagIndex = Arc<Mutex<HashMap<String, HashSet<String>>>>;
 #[derive(Clone)]
 struct Value {
     bytes: Bytes,
+    /// A reader's decoded form of `bytes` (see [`Memo`]).
+    memo: Memo,
     ttl: Duration,
     /// The tag sets the entry is recorded in.
     tags: Option<Arc<[String]>>,
@@ -52,8 +54,9 @@ impl Value {
 }
 
 /// Bytes of bookkeeping per entry beyond its key and value (moka's node and timer wheel
-/// entry, the key's `String`, the value's `Bytes`, allocator rounding), measured with
-/// `examples/memory_bound.rs`.
+/// entry, the key's `String`, the value's `Bytes`, the memo slot, allocator rounding),
+/// measured with `examples/memory_bound.rs`. A reader's decoded form in the memo slot (the
+/// layer's header map; the body shares the value's bytes) comes on top of it.
 const ENTRY_OVERHEAD: usize = 640;
 
 /// Bytes of bookkeeping per tag record (a hash set slot and the key's copy in it).
@@ -179,8 +182,15 @@ impl MemoryStore {
             return;
         }
         let ttl = crate::settings::clamp(ttl);
-        self.cache
-            .insert(key.to_owned(), Value { bytes, ttl, tags });
+        self.cache.insert(
+            key.to_owned(),
+            Value {
+                bytes,
+                memo: Memo::default(),
+                ttl,
+                tags,
+            },
+        );
     }
 }
 
@@ -201,6 +211,11 @@ impl std::fmt::Debug for MemoryStore {
 impl Store for MemoryStore {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         let value = self.cache.get(key).map(|v| v.bytes);
+        Box::pin(std::future::ready(Ok(value)))
+    }
+
+    fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
+        let value = self.cache.get(key).map(|v| (v.bytes, Some(v.memo)));
         Box::pin(std::future::ready(Ok(value)))
     }
 

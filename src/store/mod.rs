@@ -23,6 +23,12 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 
+/// A slot an in-process store keeps beside each value, in which a reader may keep the
+/// value's decoded form, so that later reads of the same value skip decoding (the response
+/// layer keeps its decoded response there: a hit on [`MemoryStore`](crate::MemoryStore) is a
+/// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
+pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
+
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
@@ -37,6 +43,14 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a
 pub trait Store: Send + Sync + 'static {
     /// The value stored under `key`, or `None` when there is none (or it expired).
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>>;
+
+    /// [`get`](Self::get), with the value's [`Memo`] slot when the store keeps values in
+    /// this process (the default has none: a store that serialises values has nothing to
+    /// memoise beside).
+    fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
+        let get = self.get(key);
+        Box::pin(async move { Ok(get.await?.map(|bytes| (bytes, None))) })
+    }
 
     /// Stores `value` under `key` for `ttl`, replacing any previous value. A zero `ttl` means
     /// "do not keep": afterwards the key holds nothing, in every store.
@@ -104,6 +118,10 @@ fn unsupported<'a, T: Send + 'a>(what: &str) -> StoreFuture<'a, T> {
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         (**self).get(key)
+    }
+
+    fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
+        (**self).get_memoized(key)
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
