@@ -19,10 +19,11 @@ use tower_redis_cache::{CacheLayer, RedisStore};
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 const BACKOFF: Duration = Duration::from_millis(200);
 
-/// Upper bound on one request while the network misbehaves: the lookup waits at most the
-/// operation timeout (the store write is off the response path), plus a second of slack for
-/// a loaded 2-core machine.
-const BOUND: Duration = Duration::from_millis(100 + 1000);
+/// A guard against a request that hangs on the misbehaving store (the failure mode seen in
+/// other crates: 19-30 s). The latency the cache adds is bounded by the operation timeout
+/// (100 ms); each test prints the slowest request it measured (100-120 ms here), and the
+/// guard sits far enough above it that a loaded 2-core machine cannot trip it.
+const BOUND: Duration = Duration::from_secs(5);
 
 /// Size of the `/big/{id}` bodies: large enough that a reply cut at [`CUT_AT`] bytes is cut
 /// inside the stored value, well under the layer's 1 MiB body limit.

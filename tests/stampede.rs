@@ -245,7 +245,8 @@ async fn waiters_give_up_after_the_coalesce_timeout_and_call_the_handler() {
         5,
         "every waiter called the handler after its timeout"
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // A hang guard only: the count above shows the waiters gave up.
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 #[tokio::test]

@@ -32,10 +32,10 @@ fn lazy_store(url: &str) -> RedisStore {
         .unwrap()
 }
 
-/// Upper bound on the latency the cache may add while Redis misbehaves: the operation
-/// timeout for the lookup (the store write is off the response path), plus slack for a
-/// loaded 2-core CI machine. Without the bound the failure mode observed elsewhere is 19-30 s.
-const BOUND: Duration = Duration::from_millis(1500);
+/// A guard against a request that hangs while Redis misbehaves (the failure mode observed
+/// elsewhere: 19-30 s). The latency the cache adds is bounded by the 100 ms operation timeout;
+/// the guard sits far enough above it that a loaded 2-core machine cannot trip it.
+const BOUND: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn errors_name_their_kind() {
