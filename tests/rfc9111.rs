@@ -81,6 +81,14 @@ fn same(layer: CacheLayer) -> CacheLayer {
     layer
 }
 
+fn strip_targeted(layer: CacheLayer) -> CacheLayer {
+    layer.strip_targeted_fields(true)
+}
+
+fn own_targeted_field(layer: CacheLayer) -> CacheLayer {
+    layer.targeted_fields(["myapp-cache-control", "cdn-cache-control"])
+}
+
 fn ttl_1s(layer: CacheLayer) -> CacheLayer {
     layer.ttl(Duration::from_secs(1))
 }
@@ -558,6 +566,26 @@ const RULES: &[Rule] = &[
         steps: &[
             Step { x_cache: Some("MISS"), calls: 1, expect_headers: &[("cdn-cache-control", Some("max-age=60")), ("cache-control", Some("no-store"))], ..GET },
             Step { x_cache: Some("HIT"), calls: 1, expect_headers: &[("cdn-cache-control", Some("max-age=60")), ("cache-control", Some("no-store"))], ..GET },
+        ],
+    },
+    Rule {
+        section: "RFC 9213 §2.1",
+        rule: "a route may strip the targeted fields it obeys before clients see them",
+        layer: strip_targeted,
+        replies: &[ok(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=60")], "v1")],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, expect_headers: &[("cdn-cache-control", None)], ..GET },
+            Step { x_cache: Some("HIT"), calls: 1, expect_headers: &[("cdn-cache-control", None), ("cache-control", Some("no-store"))], ..GET },
+        ],
+    },
+    Rule {
+        section: "RFC 9213 §2.1",
+        rule: "a route may obey a targeted field of its own first (the CDN's is then only forwarded)",
+        layer: own_targeted_field,
+        replies: &[ok(&[("myapp-cache-control", "no-store"), ("cdn-cache-control", "max-age=60")], "v1"), ok(&[], "v2")],
+        steps: &[
+            Step { x_cache: Some("MISS"), calls: 1, expect_headers: &[("cdn-cache-control", Some("max-age=60"))], ..GET },
+            Step { x_cache: Some("MISS"), body: Some("v2"), calls: 2, ..GET },
         ],
     },
     Rule {
