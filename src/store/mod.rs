@@ -25,7 +25,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// A slot an in-process store keeps beside each value, in which a reader may keep the
 /// value's decoded form, so that later reads of the same value skip decoding (the response
-/// layer keeps its decoded response there: a hit on [`MemoryStore`](crate::MemoryStore) is a
+/// layer keeps its decoded response there: a hit on [`MemoryStore`] is a
 /// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
 pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
 
