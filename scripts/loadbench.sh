@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load benchmark of the cache layer (see examples/loadbench.rs and the README's Performance section).
+# Load benchmark of the cache layer (see examples/loadbench.rs and docs/performance.md).
 #
 #   scripts/loadbench.sh            # the six-row table and the target ratios (~60 s)
 #   scripts/loadbench.sh --pools    # plus the Redis connection-setup comparison (~2 min)

@@ -1,7 +1,8 @@
 //! `RedisCache`: a typed client for application data, on the same pool as [`RedisStore`].
 //!
 //! Values are JSON (serde_json), so a Rust service and a service in another language can
-//! share keys. See the README for the caching patterns built on it.
+//! share keys. See the repository's `docs/client-and-tags.md` for the caching patterns built
+//! on it.
 
 use std::fmt;
 use std::future::Future;
@@ -168,9 +169,9 @@ impl RedisCache {
     /// rather than once per instance.
     ///
     /// It works through a lock in Redis at `{key}:lock`, taken only on a miss, by the one
-    /// caller per instance that leads the in-process single-flight. That costs one more round
-    /// trip per miss (a script that re-checks the key and takes the lock in one step); hits
-    /// cost nothing extra. Instances that find the lock held poll the key every 20 ms; see
+    /// caller per instance that leads the in-process single-flight. That costs two more round
+    /// trips per miss (taking the lock, then looking at the key once more); hits cost nothing
+    /// extra. Instances that find the lock held poll the key every 20 ms; see
     /// [`with_lock`](Self::with_lock) for the timings. Turn it off when the closure is cheap
     /// or when running it once per instance is fine.
     pub fn lock_across_instances(mut self, enable: bool) -> Self {

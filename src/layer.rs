@@ -19,7 +19,8 @@ use crate::store::Store;
 /// `s-maxage` / `max-age`), bodies up to 1 MiB, keys prefixed with `http-cache` and made of
 /// method, host, path and raw query. Requests with `Authorization`, `Proxy-Authorization` or
 /// any `Cookie` bypass the cache; `Cache-Control: no-cache` from the client forces a
-/// refresh. See the crate docs for the full behaviour table.
+/// refresh. See the crate docs for `X-Cache`, and the repository's `docs/http-caching.md` for
+/// the HTTP rules.
 ///
 /// Every duration is clamped to 2^31 s (RFC 9111 §1.2.2), so no setting can overflow.
 ///
@@ -64,7 +65,7 @@ impl CacheLayer {
     /// Which request methods are cached (default: GET only). A HEAD request is answered from
     /// a fresh GET entry whenever GET is cached; HEAD responses themselves are never stored.
     ///
-    /// For methods other than GET the key is still method, path and query: the request body
+    /// For methods other than GET the key is still method, host, path and query: the request body
     /// is not part of it, so only add a method whose response does not depend on its body.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.rules_mut().methods = methods.into_iter().collect();
@@ -84,14 +85,18 @@ impl CacheLayer {
         self
     }
 
-    /// Which response statuses are stored (default `200..=299`).
+    /// Which response statuses are stored under the route's TTL (default `200..=299`). A
+    /// response that gives its own explicit lifetime (`s-maxage`, `max-age`, `Expires`, with
+    /// [`honor_origin_ttl`](Self::honor_origin_ttl) on) is stored whatever its final status,
+    /// 206 and 304 aside (RFC 9111 §3).
     pub fn status_codes(mut self, codes: impl IntoIterator<Item = u16>) -> Self {
         self.rules_mut().statuses = StatusSet::from_codes(codes);
         self
     }
 
-    /// Whether the response's `s-maxage` / `max-age` set the TTL (default true). When false,
-    /// the route's TTL always applies.
+    /// Whether the response's `s-maxage` / `max-age` / `Expires` set the TTL, and its
+    /// `stale-while-revalidate` / `stale-if-error` extend the route's graces (default true).
+    /// When false, the route's TTL always applies.
     pub fn honor_origin_ttl(mut self, honor: bool) -> Self {
         self.rules_mut().honor_origin_ttl = honor;
         self
@@ -120,7 +125,8 @@ impl CacheLayer {
     /// Whether the request's authority (the URI's, else the `Host` header's) is part of the
     /// key (default true). Turn it off only for an app that renders the same page whatever
     /// host it is reached on; with it on, apps serving several tenants on several hosts never
-    /// serve one tenant's page to another. A request that names no host bypasses the cache.
+    /// serve one tenant's page to another. A request that names no host is keyed apart from
+    /// every named host.
     pub fn key_host(mut self, enable: bool) -> Self {
         Arc::make_mut(&mut self.config).keying.host = enable;
         self
@@ -229,9 +235,10 @@ impl CacheLayer {
     }
 
     /// Whether misses are also coalesced across app instances sharing the store, through a
-    /// short lock per key in the store (default false). It costs one more store round trip
-    /// on each miss; it makes a cold popular key cost one handler call in total rather than
-    /// one per instance. Instances that do not get the lock poll for the entry.
+    /// short lock per key in the store (default false). It costs two more store round trips
+    /// on each miss (taking the lock, then looking for the entry once more); it makes a cold
+    /// popular key cost one handler call in total rather than one per instance. Instances
+    /// that do not get the lock poll for the entry.
     pub fn lock_across_instances(mut self, enable: bool) -> Self {
         self.rules_mut().lock_across_instances = enable;
         self

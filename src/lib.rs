@@ -43,6 +43,11 @@ pub use store::Store;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// Compiles the Rust examples of docs/client-and-tags.md (moved from the README) as doctests.
+#[cfg(all(doctest, feature = "client"))]
+#[doc = include_str!("../docs/client-and-tags.md")]
+pub struct ClientDocDoctests;
+
 /// NOT PUBLIC API. Thin wrappers over crate internals for the criterion benchmarks in
 /// `benches/`; hidden from the docs, exempt from semver, and may change or vanish in any
 /// release.

@@ -21,8 +21,9 @@ use super::vary::{vary_names, Vary};
 /// shareable may be stored (RFC 9111 §3.5).
 ///
 /// With explicit freshness from the origin (`s-maxage`, `max-age`, `Expires`), any final
-/// status the cache understands may be stored (§3), 206 and 304 aside; a response that relies
-/// on heuristic freshness or on the route's TTL must have a status in the route's set.
+/// status the cache understands may be stored (§3), 206 and 304 aside; a response with a
+/// heuristic lifetime needs a heuristically cacheable status or `public` (see
+/// `heuristic_ttl`), and one that relies on the route's TTL a status in the route's set.
 pub(crate) fn storable_ttl(
     rules: &Rules,
     status: StatusCode,

@@ -17,7 +17,7 @@ use super::{Memo, Store, StoreFuture};
 /// reached (TinyLFU admission, LRU eviction) and expire after their TTL. The bound counts
 /// each entry's key, value and tags plus an estimate of the bookkeeping around them, and a
 /// tag's record of an entry goes when the entry goes, so the process's memory follows the
-/// bound (see the README's "Security and failure modes" for the measured factor).
+/// bound (see the repository's `docs/failure-modes.md` for the measured factor).
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Value>,

@@ -23,8 +23,8 @@ use crate::{Error, ErrorKind, Result};
 /// a multiplexed connection pipelines every command sent on it, so one connection carries
 /// thousands of concurrent requests, and a cache hit costs one round trip. (A pool that lends
 /// a connection to one command at a time, as bb8-redis does, makes requests queue for a
-/// connection; on the benchmark machine it served 40-60% fewer GETs per second, see
-/// the README's Performance section. An app that already has a bb8-redis pool can still share
+/// connection; `scripts/loadbench.sh --pools` compares the two, see the repository's
+/// `docs/performance.md`. An app that already has a bb8-redis pool can still share
 /// it, without that cost: see `RedisStore::builder_from_pool`, feature `bb8`.)
 ///
 /// The connections come from a URL ([`RedisStore::connect`], [`RedisStore::builder`]), or
