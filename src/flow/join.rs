@@ -75,11 +75,7 @@ pub(crate) async fn coalesce(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(
-                    key,
-                    error = &e as &dyn std::error::Error,
-                    "cache lock unavailable; calling the handler"
-                );
+                config.observe.store_error("lock", key, &e);
                 return Coalesced::Lead(lead);
             }
         }

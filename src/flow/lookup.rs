@@ -54,7 +54,10 @@ pub(crate) async fn lookup_entry(
 }
 
 pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
-    match config.store.get(key).await {
+    let started = std::time::Instant::now();
+    let result = config.store.get(key).await;
+    config.observe.store_get(started.elapsed());
+    match result {
         Ok(Some(bytes)) => entry::decode(bytes, &config.rules.targeted)
             .inspect_err(|e| {
                 tracing::debug!(
@@ -66,11 +69,7 @@ pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
             .ok(),
         Ok(None) => None,
         Err(e) => {
-            tracing::debug!(
-                key,
-                error = &e as &dyn std::error::Error,
-                "cache store get failed; treating as a miss"
-            );
+            config.observe.store_error("get", key, &e);
             None
         }
     }
