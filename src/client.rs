@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::coalesce::{self, Lock};
+use crate::observe::WarnLimiter;
 use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
 use crate::{Error, ErrorKind, Result};
 
@@ -106,6 +107,17 @@ pub struct RedisCache {
     namespace: Arc<str>,
     flights: Arc<Flights>,
     lock: LockSettings,
+    /// Failures warn at most once per few seconds per cause, shared by clones.
+    warnings: Arc<Warnings>,
+}
+
+/// One limiter per cause of a warning.
+#[derive(Debug, Default)]
+struct Warnings {
+    lookup: WarnLimiter,
+    store: WarnLimiter,
+    lock: WarnLimiter,
+    undecodable: WarnLimiter,
 }
 
 /// Cross-instance coalescing of [`RedisCache::get_or_insert_with`].
@@ -182,6 +194,7 @@ impl RedisCache {
             lock_store: Arc::new(store.clone()),
             namespace: Arc::from(""),
             flights: Arc::default(),
+            warnings: Arc::default(),
             lock: LockSettings {
                 enabled: true,
                 ttl: DEFAULT_LOCK_TTL,
@@ -515,9 +528,11 @@ impl RedisCache {
                     flight.land(Landing::Value(Bytes::from(json)));
                     return Ok(value);
                 }
-                Err(e) => tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "replacing an undecodable cached value"
+                Err(e) => warn(
+                    &self.warnings.undecodable,
+                    &key,
+                    &e,
+                    "replacing an undecodable cached value",
                 ),
             },
             Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
@@ -526,19 +541,22 @@ impl RedisCache {
                         flight.land(Landing::Value(Bytes::from(json)));
                         return Ok(value);
                     }
-                    Err(e) => tracing::warn!(
-                        error = &e as &dyn std::error::Error,
-                        "replacing an undecodable cached value"
+                    Err(e) => warn(
+                        &self.warnings.undecodable,
+                        &key,
+                        &e,
+                        "replacing an undecodable cached value",
                     ),
                 },
                 Contended::Locked(taken) => lock = Some(taken),
                 Contended::Alone => {}
             },
             Ok(None) => {}
-            Err(e) => tracing::warn!(
-                key,
-                error = &e as &dyn std::error::Error,
-                "cache lookup failed; computing"
+            Err(e) => warn(
+                &self.warnings.lookup,
+                &key,
+                &e,
+                "cache lookup failed; computing",
             ),
         }
 
@@ -559,17 +577,20 @@ impl RedisCache {
                 // stored, so that callers arriving meanwhile do not compute it again.
                 flight.land(Landing::Value(Bytes::from(json.clone())));
                 if let Err(e) = self.set_raw(&key, &json, ttl).await {
-                    tracing::warn!(
-                        key,
-                        error = &e as &dyn std::error::Error,
-                        "could not cache a computed value"
+                    warn(
+                        &self.warnings.store,
+                        &key,
+                        &e,
+                        "could not cache a computed value",
                     );
                 }
             }
             // Dropping the flight unlanded makes the waiters compute their own values.
-            Err(e) => tracing::warn!(
-                error = &e as &dyn std::error::Error,
-                "could not cache a computed value"
+            Err(e) => warn(
+                &self.warnings.store,
+                &key,
+                &e,
+                "could not cache a computed value",
             ),
         }
         // Released (in the background) only now that the value is stored, so instances
@@ -597,10 +618,11 @@ impl RedisCache {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(
+                    warn(
+                        &self.warnings.lock,
                         key,
-                        error = &e as &dyn std::error::Error,
-                        "cache lock unavailable; computing"
+                        &e,
+                        "cache lock unavailable; computing",
                     );
                     return Contended::Alone;
                 }
@@ -702,6 +724,19 @@ impl fmt::Debug for RedisCache {
             .field("lock", &self.lock)
             .field("in_flight", &in_flight)
             .finish()
+    }
+}
+
+/// Logs a failure at warn, at most once per few seconds per cause, with the number of
+/// failures not logged meanwhile (a Redis outage would otherwise log one line per call).
+fn warn(limiter: &WarnLimiter, key: &str, error: &Error, message: &'static str) {
+    if let Some(suppressed) = limiter.allow() {
+        tracing::warn!(
+            key,
+            suppressed,
+            error = error as &dyn std::error::Error,
+            "{message}"
+        );
     }
 }
 

@@ -19,9 +19,9 @@ mod redis;
 #[cfg(feature = "redis")]
 pub(crate) use self::redis::SET_TAGGED_SCRIPT;
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreBuilder};
+pub use self::redis::{RedisHealth, RedisStore, RedisStoreBuilder, RedisStoreStats};
 #[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
