@@ -169,6 +169,7 @@ impl Timer {
 }
 
 /// Metric names, Prometheus-style. Every layer metric carries a `route` label.
+#[cfg(feature = "metrics")]
 pub(crate) mod names {
     /// Requests the cache handled, by `outcome`.
     pub(crate) const REQUESTS: &str = "http_cache_requests_total";
@@ -379,10 +380,12 @@ impl Observer {
     }
 }
 
-/// Counts of store errors by [`ErrorKind`], shared by the layer's and the stores' stats.
+/// Counts of store errors by [`ErrorKind`], for `RedisStore::stats`.
+#[cfg(feature = "redis")]
 #[derive(Debug, Default)]
 pub(crate) struct ErrorCounters([AtomicU64; 8]);
 
+#[cfg(feature = "redis")]
 impl ErrorCounters {
     pub(crate) fn count(&self, kind: ErrorKind) {
         self.0[kind_index(kind)].fetch_add(1, Ordering::Relaxed);

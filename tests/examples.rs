@@ -199,6 +199,7 @@ fn x_cache(response: &str) -> Option<&str> {
 
 /// Starts example `name` on a free port (`PORT`) and waits until it answers `path`; the
 /// process is killed when the guard drops.
+#[cfg(all(feature = "metrics", feature = "memory", feature = "axum"))]
 fn start_example(name: &str, path: &str) -> (KillOnDrop, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
