@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::coalesce::{self, Contention, Flights, Looked, Role};
+use crate::observe::WarnLimiter;
 use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
 use crate::{Error, ErrorKind, Result};
 
@@ -82,6 +83,17 @@ pub struct RedisCache {
     namespace: Arc<str>,
     flights: Arc<Flights<Landing>>,
     lock: LockSettings,
+    /// Failures warn at most once per few seconds per cause, shared by clones.
+    warnings: Arc<Warnings>,
+}
+
+/// One limiter per cause of a warning.
+#[derive(Debug, Default)]
+struct Warnings {
+    lookup: WarnLimiter,
+    store: WarnLimiter,
+    lock: WarnLimiter,
+    undecodable: WarnLimiter,
 }
 
 /// Cross-instance coalescing of [`RedisCache::get_or_insert_with`].
@@ -144,6 +156,7 @@ impl RedisCache {
             lock_store: Arc::new(store.clone()),
             namespace: Arc::from(""),
             flights: Arc::default(),
+            warnings: Arc::default(),
             lock: LockSettings {
                 enabled: true,
                 ttl: DEFAULT_LOCK_TTL,
@@ -478,9 +491,11 @@ impl RedisCache {
                     flight.share(Landing::Value(Bytes::from(json)));
                     return Ok(value);
                 }
-                Err(e) => tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "replacing an undecodable cached value"
+                Err(e) => warn(
+                    &self.warnings.undecodable,
+                    &key,
+                    &e,
+                    "replacing an undecodable cached value",
                 ),
             },
             Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
@@ -489,19 +504,28 @@ impl RedisCache {
                         flight.share(Landing::Value(Bytes::from(json)));
                         return Ok(value);
                     }
-                    Err(e) => tracing::warn!(
-                        error = &e as &dyn std::error::Error,
-                        "replacing an undecodable cached value"
+                    Err(e) => warn(
+                        &self.warnings.undecodable,
+                        &key,
+                        &e,
+                        "replacing an undecodable cached value",
                     ),
                 },
                 Contention::Locked(taken) => lock = Some(taken),
+                Contention::Failed(e) => warn(
+                    &self.warnings.lock,
+                    &key,
+                    &e,
+                    "cache lock unavailable; computing",
+                ),
                 Contention::Alone => {}
             },
             Ok(None) => {}
-            Err(e) => tracing::warn!(
-                key,
-                error = &e as &dyn std::error::Error,
-                "cache lookup failed; computing"
+            Err(e) => warn(
+                &self.warnings.lookup,
+                &key,
+                &e,
+                "cache lookup failed; computing",
             ),
         }
 
@@ -522,17 +546,20 @@ impl RedisCache {
                 // stored, so that callers arriving meanwhile do not compute it again.
                 flight.share(Landing::Value(Bytes::from(json.clone())));
                 if let Err(e) = self.set_raw(&key, &json, ttl).await {
-                    tracing::warn!(
-                        key,
-                        error = &e as &dyn std::error::Error,
-                        "could not cache a computed value"
+                    warn(
+                        &self.warnings.store,
+                        &key,
+                        &e,
+                        "could not cache a computed value",
                     );
                 }
             }
             // Dropping the flight unlanded makes the waiters compute their own values.
-            Err(e) => tracing::warn!(
-                error = &e as &dyn std::error::Error,
-                "could not cache a computed value"
+            Err(e) => warn(
+                &self.warnings.store,
+                &key,
+                &e,
+                "could not cache a computed value",
             ),
         }
         // Released (in the background) only now that the value is stored, so instances
@@ -601,6 +628,19 @@ impl fmt::Debug for RedisCache {
             .field("lock", &self.lock)
             .field("in_flight", &in_flight)
             .finish()
+    }
+}
+
+/// Logs a failure at warn, at most once per few seconds per cause, with the number of
+/// failures not logged meanwhile (a Redis outage would otherwise log one line per call).
+fn warn(limiter: &WarnLimiter, key: &str, error: &Error, message: &'static str) {
+    if let Some(suppressed) = limiter.allow() {
+        tracing::warn!(
+            key,
+            suppressed,
+            error = error as &dyn std::error::Error,
+            "{message}"
+        );
     }
 }
 

@@ -189,9 +189,10 @@ pub(crate) enum Contention<V> {
     Found(V),
     /// This caller holds the lock: compute, store, then drop (or release) the lock.
     Locked(Lock),
-    /// Compute without the lock (the store failed, it holds something unusable, or waiting
-    /// timed out).
+    /// Compute without the lock: the store holds something unusable, or waiting timed out.
     Alone,
+    /// Compute without the lock: the store could not take it (down, or it has no locks).
+    Failed(crate::Error),
 }
 
 /// The one cross-instance protocol: take the lock for `key`; if another instance holds it,
@@ -219,14 +220,7 @@ where
                 };
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(
-                    key,
-                    error = &e as &dyn std::error::Error,
-                    "cache lock unavailable; computing"
-                );
-                return Contention::Alone;
-            }
+            Err(e) => return Contention::Failed(e),
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {

@@ -10,6 +10,7 @@ use crate::flow::config::Config;
 use crate::flow::service::CacheService;
 use crate::invalidate::Invalidator;
 use crate::key::Keying;
+use crate::observe::{CacheStats, Observer};
 use crate::settings::{clamp, Rules, StatusSet};
 use crate::store::Store;
 
@@ -48,6 +49,7 @@ impl CacheLayer {
                 flights: Arc::default(),
                 tags: Arc::from([]),
                 pending_writes: Arc::default(),
+                observe: Arc::new(Observer::new(DEFAULT_ROUTE)),
             }),
         }
     }
@@ -357,6 +359,101 @@ impl CacheLayer {
     }
 }
 
+/// The route name of a layer that was not given one.
+const DEFAULT_ROUTE: &str = "default";
+
+/// Observability: stats, metrics labels and the headers naming the outcome.
+impl CacheLayer {
+    /// The name this layer's metrics are labelled with (`route="..."`, default `default`)
+    /// and its [`stats`](Self::stats) report. Name each route's layer after the route
+    /// (`"items"`, `"GET /items/{id}"`), never after the raw request path, so the number of
+    /// label values stays bounded.
+    ///
+    /// Giving a name starts new counts: layers cloned from one another share their counts
+    /// until one of them is given a name of its own.
+    pub fn route_name(mut self, name: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.config).observe = Arc::new(Observer::new(name));
+        self
+    }
+
+    /// What the layer (and every layer cloned from it without a new
+    /// [`route_name`](Self::route_name)) has done so far: outcomes, bypass and not-stored
+    /// reasons, store errors by kind, store and handler time. Always on, with or without
+    /// feature `metrics`; reading it costs a few atomic loads.
+    ///
+    /// ```
+    /// # #[cfg(feature = "memory")] {
+    /// use tower_redis_cache::{CacheLayer, MemoryStore};
+    ///
+    /// let layer = CacheLayer::new(MemoryStore::new()).route_name("items");
+    /// let stats = layer.stats();
+    /// assert_eq!((stats.route.as_str(), stats.hits, stats.misses), ("items", 0, 0));
+    /// # }
+    /// ```
+    pub fn stats(&self) -> CacheStats {
+        self.config.observe.snapshot()
+    }
+
+    /// The header naming the outcome (`HIT`, `MISS`, ...): `Some("x-cache")` by default,
+    /// another name, or `None` to send none. A name that is not a valid header name leaves
+    /// the setting unchanged.
+    pub fn x_cache_header(mut self, name: Option<&str>) -> Self {
+        let name = match name {
+            None => None,
+            Some(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => return self,
+            },
+        };
+        self.rules_mut().x_cache = name;
+        self
+    }
+
+    /// Whether answers carry RFC 9211's `Cache-Status` (default true).
+    pub fn cache_status(mut self, enable: bool) -> Self {
+        let name = enable.then(|| {
+            let current = self.config.rules.cache_status.clone();
+            current.unwrap_or_else(|| Arc::from(crate::settings::CACHE_NAME))
+        });
+        self.rules_mut().cache_status = name;
+        self
+    }
+
+    /// The cache's name in `Cache-Status` (default `tower-redis-cache`), for example the
+    /// service's name when several caches stand in a response's path. A name that is not an
+    /// RFC 8941 token is sent as a quoted string; turns `Cache-Status` on.
+    pub fn cache_status_name(mut self, name: &str) -> Self {
+        self.rules_mut().cache_status = Some(Arc::from(cache_name(name)));
+        self
+    }
+}
+
+/// `name` as RFC 9211 wants it: an sf-token as is, anything else as an sf-string (printable
+/// ASCII, quoted, `"` and `\` escaped; other characters dropped).
+fn cache_name(name: &str) -> String {
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '*');
+    let token = first_ok
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c));
+    if token {
+        return name.to_owned();
+    }
+    let mut quoted = String::with_capacity(name.len() + 2);
+    quoted.push('"');
+    for c in name.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
 impl<S> Layer<S> for CacheLayer {
     type Service = CacheService<S>;
 
@@ -370,6 +467,7 @@ impl std::fmt::Debug for CacheLayer {
         f.debug_struct("CacheLayer")
             .field("rules", &self.config.rules)
             .field("key_prefix", &self.config.key_prefix)
+            .field("route", &self.config.observe.route())
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,7 @@ mod flow;
 mod invalidate;
 mod key;
 mod layer;
+mod observe;
 mod rules;
 mod settings;
 pub mod store;
@@ -32,6 +33,7 @@ pub use flow::body::CacheBody;
 pub use flow::service::{CacheService, ResponseFuture};
 pub use invalidate::Invalidator;
 pub use layer::CacheLayer;
+pub use observe::{BypassCounts, CacheStats, NotStoredCounts, StoreErrorCounts, Timing};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "redis")]

@@ -1,6 +1,7 @@
 //! The route's settings, as the builder fixed them: plain data read by the rules and the
 //! request flow, below everything that reads it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
@@ -34,7 +35,14 @@ pub(crate) struct Rules {
     /// Heuristic freshness (RFC 9111 §4.2.2): this fraction of the time since
     /// `Last-Modified`, for responses without explicit freshness; `None`: off.
     pub(crate) heuristic_fraction: Option<f64>,
+    /// The header naming the outcome (`X-Cache` by default); `None`: not sent.
+    pub(crate) x_cache: Option<HeaderName>,
+    /// The cache's name in RFC 9211's `Cache-Status`; `None`: the field is not sent.
+    pub(crate) cache_status: Option<Arc<str>>,
 }
+
+/// The cache's name in `Cache-Status` unless the route sets another.
+pub(crate) const CACHE_NAME: &str = "tower-redis-cache";
 
 /// How requests carrying cookies are treated.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +88,8 @@ impl Default for Rules {
             targeted: DEFAULT_TARGETED.to_vec(),
             strip_targeted: false,
             heuristic_fraction: None,
+            x_cache: Some(HeaderName::from_static("x-cache")),
+            cache_status: Some(Arc::from(CACHE_NAME)),
         }
     }
 }

@@ -35,6 +35,7 @@ const STACK: &[&str] = &[
     "cache_control.rs",
     "settings.rs",
     "clock.rs",
+    "observe.rs",
     "error.rs",
 ];
 

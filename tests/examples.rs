@@ -45,6 +45,13 @@ fn example_binary(name: &str) -> PathBuf {
         for example in EXAMPLES {
             build.args(["--example", example]);
         }
+        if cfg!(all(
+            feature = "metrics",
+            feature = "memory",
+            feature = "axum"
+        )) {
+            build.args(["--features", "metrics", "--example", "observability"]);
+        }
         let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
@@ -193,6 +200,104 @@ fn x_cache(response: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Starts example `name` on a free port (`PORT`) and waits until it answers `path`; the
+/// process is killed when the guard drops.
+#[cfg(all(feature = "metrics", feature = "memory", feature = "axum"))]
+fn start_example(name: &str, path: &str) -> (KillOnDrop, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = KillOnDrop(
+        Command::new(example_binary(name))
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the example"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while http_get(port, path).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never answered on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (app, port)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The observability example: its `/metrics` scrape and `/cache/stats` agree with the
+/// requests sent.
+#[cfg(all(feature = "metrics", feature = "memory", feature = "axum"))]
+#[test]
+fn observability_exports_prometheus_metrics_and_json_stats() {
+    let (_app, port) = start_example("observability", "/cache/stats");
+    // MISS, then requests until the background write has landed and one is a HIT.
+    let first = http_get(port, "/items/1").expect("an answer");
+    assert_eq!(x_cache(&first), Some("MISS"), "{first}");
+    let mut misses = 1;
+    let mut hits = 0;
+    for _ in 0..100 {
+        match x_cache(&http_get(port, "/items/1").expect("an answer")) {
+            Some("HIT") => {
+                hits += 1;
+                break;
+            }
+            _ => misses += 1,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(hits, 1, "no HIT after the MISS");
+    http_get(port, "/items/2").expect("an answer");
+    misses += 1;
+
+    let scrape = http_get(port, "/metrics").expect("a scrape");
+    let value = |series: &str| -> Option<f64> {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let series = |outcome: &str| {
+        format!("http_cache_requests_total{{route=\"items\",outcome=\"{outcome}\"}}")
+    };
+    assert_eq!(value(&series("miss")), Some(misses as f64), "{scrape}");
+    assert_eq!(value(&series("hit")), Some(1.0), "{scrape}");
+    assert_eq!(value(&series("bypass")), Some(0.0), "{scrape}");
+    for name in [
+        "# TYPE http_cache_requests_total counter",
+        "# TYPE http_cache_bypasses_total counter",
+        "# TYPE http_cache_not_stored_total counter",
+        "# TYPE http_cache_store_errors_total counter",
+        "# TYPE http_cache_store_get_duration_seconds summary",
+        "# TYPE http_cache_handler_duration_seconds summary",
+        "# TYPE cache_store_memory_entries gauge",
+    ] {
+        assert!(scrape.contains(name), "no {name:?} in:\n{scrape}");
+    }
+    assert_eq!(
+        value("http_cache_store_get_duration_seconds_count{route=\"items\"}"),
+        Some((misses + hits) as f64),
+        "{scrape}"
+    );
+
+    let stats = http_get(port, "/cache/stats").expect("stats");
+    let json = stats.split("\r\n\r\n").nth(1).expect("a body");
+    let json: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    assert_eq!(json["items"]["hits"], 1, "{json}");
+    assert_eq!(json["items"]["misses"], misses, "{json}");
+}
+
 /// The README's promise: run the quickstart, curl `/items/1` twice, see MISS then HIT.
 fn quickstart_shows_miss_then_hit(redis_url: Option<&str>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -206,13 +311,6 @@ fn quickstart_shows_miss_then_hit(redis_url: Option<&str>) {
         .env_remove("REDIS_URL");
     if let Some(url) = redis_url {
         command.env("REDIS_URL", url);
-    }
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
     let _app = KillOnDrop(
         command

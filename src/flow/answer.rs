@@ -7,6 +7,7 @@ use http::{HeaderMap, Response, StatusCode};
 
 use crate::clock;
 use crate::entry::CachedResponse;
+use crate::observe::{Bypass, Served};
 use crate::rules::conditional;
 use crate::rules::range::{self, RangeAnswer};
 use crate::rules::request::BypassReason;
@@ -14,6 +15,7 @@ use crate::rules::tags::TAG_HEADERS;
 use crate::settings::{Rules, MAX_DELTA_SECS};
 
 use super::body::CacheBody;
+use super::config::Config;
 
 /// The header telling clients how the cache handled the request.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -25,7 +27,7 @@ pub(crate) const REFRESH: HeaderValue = HeaderValue::from_static("REFRESH");
 pub(crate) const STALE: HeaderValue = HeaderValue::from_static("STALE");
 pub(crate) const REVALIDATED: HeaderValue = HeaderValue::from_static("REVALIDATED");
 
-/// RFC 9211's `Cache-Status`, sent alongside `X-Cache`.
+/// RFC 9211's `Cache-Status`, sent alongside `X-Cache` unless the route turns it off.
 pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How the cache answered, for `X-Cache` and `Cache-Status` (RFC 9211).
@@ -41,12 +43,14 @@ pub(crate) enum Outcome {
     StaleIfError,
     /// The handler confirmed the stored copy with a 304.
     Revalidated,
+    /// Another request's handler call produced the response (coalescing); says HIT.
+    Coalesced,
 }
 
 impl Outcome {
     fn x_cache(self) -> HeaderValue {
         match self {
-            Outcome::Hit => HIT,
+            Outcome::Hit | Outcome::Coalesced => HIT,
             Outcome::Miss => MISS,
             Outcome::Bypass(_) => BYPASS,
             Outcome::Refresh => REFRESH,
@@ -55,36 +59,52 @@ impl Outcome {
         }
     }
 
-    /// `Cache-Status` of a response that came from the handler.
-    fn forwarded_status(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            Outcome::Bypass(BypassReason::NoStore) => {
-                "tower-redis-cache; fwd=bypass; detail=no-store"
-            }
-            Outcome::Bypass(BypassReason::Authorization) => {
-                "tower-redis-cache; fwd=bypass; detail=authorization"
-            }
-            Outcome::Bypass(BypassReason::Cookie) => "tower-redis-cache; fwd=bypass; detail=cookie",
-            Outcome::Bypass(BypassReason::NoKey) => "tower-redis-cache; fwd=bypass; detail=no-key",
-            Outcome::Refresh => "tower-redis-cache; fwd=request",
-            _ => "tower-redis-cache; fwd=uri-miss",
-        })
+    /// `Cache-Status` of a response that came from the handler, after the cache's name.
+    fn forwarded_status(self) -> &'static str {
+        match self {
+            Outcome::Bypass(BypassReason::NoStore) => "fwd=bypass; detail=no-store",
+            Outcome::Bypass(BypassReason::Authorization) => "fwd=bypass; detail=authorization",
+            Outcome::Bypass(BypassReason::Cookie) => "fwd=bypass; detail=cookie",
+            Outcome::Bypass(BypassReason::NoKey) => "fwd=bypass; detail=no-key",
+            Outcome::Refresh => "fwd=request",
+            _ => "fwd=uri-miss",
+        }
     }
 
     /// `Cache-Status` of an answer from a stored response with `ttl_left` seconds of
     /// freshness left (negative when stale).
-    fn stored_status(self, ttl_left: i64) -> HeaderValue {
+    fn stored_status(self, name: &str, ttl_left: i64) -> HeaderValue {
         let status = match self {
-            Outcome::Stale => format!("tower-redis-cache; hit; ttl={ttl_left}; detail=stale"),
+            Outcome::Stale => format!("{name}; hit; ttl={ttl_left}; detail=stale"),
             Outcome::StaleIfError => {
-                format!("tower-redis-cache; fwd=stale; ttl={ttl_left}; detail=stale-if-error")
+                format!("{name}; fwd=stale; ttl={ttl_left}; detail=stale-if-error")
             }
             Outcome::Revalidated => {
-                format!("tower-redis-cache; fwd=stale; fwd-status=304; ttl={ttl_left}")
+                format!("{name}; fwd=stale; fwd-status=304; ttl={ttl_left}")
             }
-            _ => format!("tower-redis-cache; hit; ttl={ttl_left}"),
+            _ => format!("{name}; hit; ttl={ttl_left}"),
         };
         HeaderValue::from_str(&status).expect("ASCII")
+    }
+
+    /// Counts the answer in the layer's stats and metrics.
+    fn observe(self, config: &Config) {
+        let observe = &config.observe;
+        match self {
+            Outcome::Hit => observe.served(Served::Hit),
+            Outcome::Miss => observe.served(Served::Miss),
+            Outcome::Refresh => observe.served(Served::Refresh),
+            Outcome::Stale => observe.served(Served::Stale),
+            Outcome::StaleIfError => observe.served(Served::StaleIfError),
+            Outcome::Revalidated => observe.served(Served::Revalidated),
+            Outcome::Coalesced => observe.served(Served::Coalesced),
+            Outcome::Bypass(reason) => observe.bypassed(match reason {
+                BypassReason::NoStore => Bypass::NoStore,
+                BypassReason::Authorization => Bypass::Authorization,
+                BypassReason::Cookie => Bypass::Cookie,
+                BypassReason::NoKey => Bypass::NoKey,
+            }),
+        }
     }
 }
 
@@ -92,12 +112,14 @@ impl Outcome {
 /// match it, a 206 / 416 for a `Range` request of a stored 200 (RFC 9110 §14), the full
 /// stored response otherwise (without its body for HEAD).
 pub(crate) fn answer<B>(
-    rules: &Rules,
+    config: &Config,
     hit: CachedResponse,
     request: &HeaderMap,
     with_body: bool,
     outcome: Outcome,
 ) -> Response<CacheBody<B>> {
+    outcome.observe(config);
+    let rules = &config.rules;
     let now = clock::now_ms();
     // The entry's stored time was set back by the age the response had on arrival, so its
     // age is RFC 9111 §4.2.3's current_age (clamped to 2^31 s, §5.1).
@@ -146,9 +168,13 @@ pub(crate) fn answer<B>(
     if rules.strip_targeted {
         strip_targeted_headers(rules, &mut headers);
     }
-    headers.insert(X_CACHE, outcome.x_cache());
-    // RFC 9211 §2: each cache appends its entry; the origin's (or an inner cache's) stay.
-    headers.append(CACHE_STATUS, outcome.stored_status(ttl_left));
+    if let Some(name) = &rules.x_cache {
+        headers.insert(name.clone(), outcome.x_cache());
+    }
+    if let Some(cache) = &rules.cache_status {
+        // RFC 9211 §2: each cache appends its entry; the origin's (or an inner cache's) stay.
+        headers.append(CACHE_STATUS, outcome.stored_status(cache, ttl_left));
+    }
     let mut response = Response::new(CacheBody::replay(body));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -162,28 +188,40 @@ pub(crate) fn body_allowed(status: StatusCode) -> bool {
 }
 
 /// `only-if-cached` with nothing usable stored (RFC 9111 §5.2.1.7).
-pub(crate) fn gateway_timeout<B>() -> Response<CacheBody<B>> {
+pub(crate) fn gateway_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
+    Outcome::Miss.observe(config);
+    let rules = &config.rules;
     let mut response = Response::new(CacheBody::replay(Bytes::new()));
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-    response.headers_mut().insert(X_CACHE, MISS);
-    response.headers_mut().insert(
-        CACHE_STATUS,
-        HeaderValue::from_static("tower-redis-cache; fwd=miss; detail=only-if-cached"),
-    );
+    if let Some(name) = &rules.x_cache {
+        response.headers_mut().insert(name.clone(), MISS);
+    }
+    if let Some(cache) = &rules.cache_status {
+        let status = format!("{cache}; fwd=miss; detail=only-if-cached");
+        let status = HeaderValue::from_str(&status).expect("ASCII");
+        response.headers_mut().insert(CACHE_STATUS, status);
+    }
     response
 }
 
 /// Marks a response that came from the handler. Tag headers are for this cache alone and
 /// never reach clients.
-pub(crate) fn label_forwarded(rules: &Rules, headers: &mut HeaderMap, outcome: Outcome) {
+pub(crate) fn label_forwarded(config: &Config, headers: &mut HeaderMap, outcome: Outcome) {
+    outcome.observe(config);
+    let rules = &config.rules;
     for name in &TAG_HEADERS {
         headers.remove(name);
     }
     if rules.strip_targeted {
         strip_targeted_headers(rules, headers);
     }
-    headers.insert(X_CACHE, outcome.x_cache());
-    headers.append(CACHE_STATUS, outcome.forwarded_status());
+    if let Some(name) = &rules.x_cache {
+        headers.insert(name.clone(), outcome.x_cache());
+    }
+    if let Some(cache) = &rules.cache_status {
+        let status = format!("{cache}; {}", outcome.forwarded_status());
+        headers.append(CACHE_STATUS, HeaderValue::from_str(&status).expect("ASCII"));
+    }
 }
 
 /// Targeted cache-control fields (RFC 9213) are forwarded by default: an app behind a CDN

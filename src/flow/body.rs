@@ -2,11 +2,14 @@
 //! handler's body through while recording a copy for the store.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+use crate::observe::{NotStored, Observer};
 
 pin_project! {
     /// The body of responses from [`CacheService`](crate::CacheService): either a replayed
@@ -28,20 +31,26 @@ pin_project! {
 /// Copies a body's chunks as they stream by, up to a limit, and hands them over once the
 /// body has ended cleanly. Dropped without calling back if the body fails, carries trailers,
 /// outgrows the limit, is abandoned by the client, or ends at another length than its
-/// `Content-Length` announced: a truncated body is never stored.
+/// `Content-Length` announced: a truncated body is never stored. A recorder dropped without
+/// completing counts why in the layer's stats.
 pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
     /// The length the response's `Content-Length` announced, if any.
     expected: Option<u64>,
-    on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
+    /// Taken when the body completed and was handed over.
+    on_complete: Option<Box<dyn FnOnce(Vec<Bytes>) + Send>>,
+    /// Why the response is not stored if the recorder is dropped now.
+    dropped: NotStored,
+    observe: Arc<Observer>,
 }
 
 impl Recorder {
     pub(crate) fn new(
         limit: usize,
         expected: Option<u64>,
+        observe: Arc<Observer>,
         on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
     ) -> Self {
         Self {
@@ -49,7 +58,9 @@ impl Recorder {
             len: 0,
             limit,
             expected,
-            on_complete,
+            on_complete: Some(on_complete),
+            dropped: NotStored::Incomplete,
+            observe,
         }
     }
 
@@ -57,6 +68,7 @@ impl Recorder {
     fn record(&mut self, chunk: &Bytes) -> bool {
         self.len = self.len.saturating_add(chunk.len());
         if self.len > self.limit {
+            self.dropped = NotStored::Size;
             return false;
         }
         if !chunk.is_empty() {
@@ -66,16 +78,27 @@ impl Recorder {
         true
     }
 
-    fn complete(self) {
+    fn complete(mut self) {
         if self.expected.is_some_and(|n| n != self.len as u64) {
             tracing::debug!(
                 announced = self.expected,
                 received = self.len,
                 "body length contradicts Content-Length; response not stored"
             );
+            self.dropped = NotStored::BadLength;
             return;
         }
-        (self.on_complete)(self.chunks);
+        if let Some(on_complete) = self.on_complete.take() {
+            on_complete(std::mem::take(&mut self.chunks));
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if self.on_complete.is_some() {
+            self.observe.not_stored(self.dropped);
+        }
     }
 }
 

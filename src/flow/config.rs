@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::coalesce;
 use crate::entry::CachedResponse;
 use crate::key::{self, Keying};
+use crate::observe::Observer;
 use crate::settings::Rules;
 use crate::store::Store;
 
@@ -25,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) tags: Arc<[String]>,
     /// Background writes in flight, bounded by `rules.max_pending_writes`.
     pub(crate) pending_writes: Arc<WriteBudget>,
+    /// The route's counters and metrics.
+    pub(crate) observe: Arc<Observer>,
 }
 
 /// Counts the background writes in flight, so a miss storm against a slow store cannot

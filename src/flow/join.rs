@@ -89,6 +89,10 @@ pub(crate) async fn coalesce(
             lead.hold(lock);
             Coalesced::Lead(lead)
         }
+        Contention::Failed(e) => {
+            config.observe.store_error("lock", key, &e);
+            Coalesced::Lead(lead)
+        }
         Contention::Alone => Coalesced::Lead(lead),
     }
 }

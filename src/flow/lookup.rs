@@ -60,15 +60,14 @@ pub(crate) async fn lookup_entry(
 }
 
 pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
-    match config.store.get_memoized(key).await {
+    let started = std::time::Instant::now();
+    let result = config.store.get_memoized(key).await;
+    config.observe.store_get(started.elapsed());
+    match result {
         Ok(Some((bytes, memo))) => decode_memoized(config, key, bytes, memo),
         Ok(None) => None,
         Err(e) => {
-            tracing::debug!(
-                key,
-                error = &e as &dyn std::error::Error,
-                "cache store get failed; treating as a miss"
-            );
+            config.observe.store_error("get", key, &e);
             None
         }
     }

@@ -9,6 +9,7 @@ use http::header;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::clock;
 use crate::coalesce::{Lock, Role};
@@ -102,8 +103,17 @@ where
         // request (tower-service's documented pattern).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
+        // One span per request, at debug: the key, the outcome and the store's time are
+        // recorded on it as the flow decides them.
+        let span = tracing::debug_span!(
+            "cache",
+            route = self.config.observe.route(),
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            store_get_us = tracing::field::Empty,
+        );
         ResponseFuture {
-            inner: Box::pin(respond(self.config.clone(), inner, req)),
+            inner: Box::pin(respond(self.config.clone(), inner, req).instrument(span)),
         }
     }
 }
@@ -136,18 +146,16 @@ where
     let Ok(key) = key else {
         return bypass(&config, inner, req, BypassReason::NoKey).await;
     };
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("key", key.as_str());
+    }
     if plan.action == RequestAction::HeadLookup {
         let stored = lookup(&config, &key, req.headers()).await;
         if let Some(hit) = stored.as_ref() {
             if judge_entry(&config, &plan, hit) == Verdict::Fresh {
                 let hit = stored.expect("checked above");
-                return Ok(answer(
-                    &config.rules,
-                    hit,
-                    req.headers(),
-                    false,
-                    Outcome::Hit,
-                ));
+                return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
             }
         }
         // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
@@ -178,26 +186,13 @@ where
         if let Some(entry) = lookup(&config, &key, req.headers()).await {
             match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => {
-                    return Ok(answer(
-                        &config.rules,
-                        entry,
-                        req.headers(),
-                        true,
-                        Outcome::Hit,
-                    ))
+                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Hit))
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(
-                        &config.rules,
-                        entry,
-                        req.headers(),
-                        true,
-                        Outcome::Stale,
-                    ));
+                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response =
-                        answer(&config.rules, entry, req.headers(), true, Outcome::Stale);
+                    let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
                     refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
                     return Ok(response);
                 }
@@ -209,7 +204,7 @@ where
             }
         }
         if plan.directives.only_if_cached {
-            return Ok(gateway_timeout());
+            return Ok(gateway_timeout(&config));
         }
         // A cold or expired key: let one request call the handler and the others reuse its
         // response.
@@ -218,11 +213,11 @@ where
             match coalesce(&config, &plan, &key, req.headers(), looked_up_at).await {
                 Coalesced::Hit(hit) => {
                     return Ok(answer(
-                        &config.rules,
+                        &config,
                         hit,
                         req.headers(),
                         true,
-                        Outcome::Hit,
+                        Outcome::Coalesced,
                     ))
                 }
                 Coalesced::Lead(l) => lead = Some(l),
@@ -249,10 +244,12 @@ where
         sent_at_ms: clock::now_ms(),
         authorized: plan.authorized,
     };
+    let called_at = std::time::Instant::now();
     let result = inner.call(req).await;
+    config.observe.handler(called_at.elapsed());
     if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
         return Ok(answer(
-            &config.rules,
+            &config,
             stale,
             &request_headers,
             true,
@@ -264,7 +261,7 @@ where
     {
         let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
         return Ok(answer(
-            &config.rules,
+            &config,
             refreshed,
             &request_headers,
             true,
@@ -280,7 +277,7 @@ where
     } else {
         label
     };
-    label_forwarded(&config.rules, &mut parts.headers, label);
+    label_forwarded(&config, &mut parts.headers, label);
     Ok(Response::from_parts(
         parts,
         CacheBody::recording(body, recorder),
@@ -298,11 +295,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-    label_forwarded(
-        &config.rules,
-        response.headers_mut(),
-        Outcome::Bypass(reason),
-    );
+    label_forwarded(config, response.headers_mut(), Outcome::Bypass(reason));
     Ok(response)
 }
 
@@ -368,11 +361,7 @@ where
                 extra.as_deref(),
             );
             if let Err(e) = config.store.delete(&key).await {
-                tracing::debug!(
-                    key,
-                    error = &e as &dyn std::error::Error,
-                    "invalidating after a write failed"
-                );
+                config.observe.store_error("delete", &key, &e);
             }
         }
     }

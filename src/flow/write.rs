@@ -14,6 +14,7 @@ use crate::clock;
 
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
+use crate::observe::{NotStored, Observer};
 use crate::rules::conditional;
 use crate::rules::freshness;
 use crate::rules::tags::{self, TAG_HEADERS};
@@ -46,32 +47,85 @@ pub(crate) fn plan_store<B: Body>(
     let rules = &config.rules;
     // The response's directives, parsed once for every decision about storing it.
     let cc = CacheControl::for_cache(&parts.headers, &rules.targeted);
-    let ttl = freshness::storable_ttl(
+    let not_stored = |reason| {
+        config.observe.not_stored(reason);
+        None
+    };
+    let Some(ttl) = freshness::storable_ttl(
         rules,
         parts.status,
         &parts.headers,
         &cc,
         exchange.authorized,
-    )?;
+    ) else {
+        return not_stored(unstorable(config, parts, &cc, exchange.authorized));
+    };
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
-        return None;
+        return not_stored(NotStored::Size);
     }
     // A body must end at the length it announced, or it was cut short (or padded).
-    let expected = declared_length(&parts.headers).ok()?;
-    let pending = PendingEntry::new(
+    let Ok(expected) = declared_length(&parts.headers) else {
+        return not_stored(NotStored::BadLength);
+    };
+    let Some(pending) = PendingEntry::new(
         config,
         key,
         exchange,
         (parts.status, &parts.headers, &cc),
         ttl,
         lead,
-    )?;
+    ) else {
+        return not_stored(NotStored::VaryStar);
+    };
     Some(Recorder::new(
         rules.max_body_bytes,
         expected,
+        config.observe.clone(),
         Box::new(move |chunks| pending.store(chunks)),
     ))
+}
+
+/// Why `storable_ttl` refused a response, for the stats: its checks, in its order.
+fn unstorable(
+    config: &Config,
+    parts: &http::response::Parts,
+    cc: &CacheControl,
+    authorized: bool,
+) -> NotStored {
+    let headers = &parts.headers;
+    let event_stream = headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    if !entry::storable_status(parts.status) {
+        NotStored::Status
+    } else if headers.contains_key(header::SET_COOKIE) {
+        NotStored::SetCookie
+    } else if cc.private {
+        NotStored::Private
+    } else if cc.no_store {
+        NotStored::NoStore
+    } else if authorized && !cc.shareable_when_authorized() {
+        NotStored::Authorization
+    } else if event_stream {
+        NotStored::EventStream
+    } else if matches!(vary_names(headers), Vary::Any) {
+        NotStored::VaryStar
+    } else if !config.rules.statuses.contains(parts.status)
+        && cc.max_age.is_none()
+        && cc.s_maxage.is_none()
+        && !headers.contains_key(header::EXPIRES)
+    {
+        NotStored::Status
+    } else {
+        NotStored::NoFreshness
+    }
 }
 
 /// The body length `Content-Length` announces: `Ok(None)` without one, `Err` when its
@@ -186,6 +240,7 @@ pub(crate) struct PendingEntry {
     max_pending_writes: usize,
     /// The route's targeted fields, to decode the entry for waiters as lookups would.
     targeted: Vec<HeaderName>,
+    observe: Arc<Observer>,
 }
 
 impl PendingEntry {
@@ -236,6 +291,7 @@ impl PendingEntry {
             budget: config.pending_writes.clone(),
             max_pending_writes: rules.max_pending_writes,
             targeted: rules.targeted.clone(),
+            observe: config.observe.clone(),
         })
     }
 
@@ -269,12 +325,13 @@ impl PendingEntry {
             }
         }
         let Some(slot) = self.budget.try_take(self.max_pending_writes) else {
-            tracing::debug!(key = %self.key, "too many cache writes in flight; response not stored");
+            self.observe.not_stored(NotStored::PendingWritesFull);
             return;
         };
         runtime.spawn(async move {
             let _slot = slot;
             let (store, tags, keep) = (&self.store, &self.tag_keys, self.keep);
+            let started = std::time::Instant::now();
             let result = match &self.variant {
                 None => store.set_tagged(&self.key, entry, keep, tags).await,
                 Some((names, variant_key)) => {
@@ -289,8 +346,9 @@ impl PendingEntry {
                     }
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(key = %self.key, error = &e as &dyn std::error::Error, "cache store set failed");
+            match result {
+                Ok(()) => self.observe.store_set(started.elapsed()),
+                Err(e) => self.observe.store_error("set", &self.key, &e),
             }
             if let Some(lead) = &mut self.lead {
                 lead.written(self.linger);

@@ -169,6 +169,30 @@ impl MemoryStore {
         self.cache.entry_count()
     }
 
+    /// The number of entries and their weighed size (keys, values, tags and bookkeeping, as
+    /// counted against the bound), after running moka's pending maintenance.
+    pub fn stats(&self) -> MemoryStoreStats {
+        self.cache.run_pending_tasks();
+        let stats = MemoryStoreStats {
+            entries: self.cache.entry_count(),
+            weighted_bytes: self.cache.weighted_size(),
+        };
+        #[cfg(feature = "metrics")]
+        stats.publish();
+        stats
+    }
+
+    /// Sets the size gauges (feature `metrics`) after a write; moka's counts are approximate
+    /// until its pending maintenance runs, which they do not wait for.
+    fn publish_size(&self) {
+        #[cfg(feature = "metrics")]
+        MemoryStoreStats {
+            entries: self.cache.entry_count(),
+            weighted_bytes: self.cache.weighted_size(),
+        }
+        .publish();
+    }
+
     /// How many keys the tag index records, over all tags (for tests and health checks).
     pub fn tag_records(&self) -> usize {
         self.cache.run_pending_tasks();
@@ -191,6 +215,29 @@ impl MemoryStore {
                 tags,
             },
         );
+        self.publish_size();
+    }
+}
+
+/// A [`MemoryStore`]'s size, from [`MemoryStore::stats`]. With feature `metrics` the same
+/// values are the gauges `cache_store_memory_entries` and `cache_store_memory_bytes`, set after
+/// each write (and each call to `stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryStoreStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Their weight against the bound: keys, values, tags and an estimate of bookkeeping
+    /// (when the store is bounded by entries only, each entry weighs 1).
+    pub weighted_bytes: u64,
+}
+
+#[cfg(feature = "metrics")]
+impl MemoryStoreStats {
+    fn publish(&self) {
+        use crate::observe::names;
+        metrics::gauge!(names::MEMORY_ENTRIES).set(self.entries as f64);
+        metrics::gauge!(names::MEMORY_BYTES).set(self.weighted_bytes as f64);
     }
 }
 

@@ -19,9 +19,9 @@ mod redis;
 #[cfg(feature = "client")]
 pub(crate) use self::redis::SET_TAGGED_SCRIPT;
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreBuilder};
+pub use self::redis::{RedisHealth, RedisStore, RedisStoreBuilder, RedisStoreStats};
 #[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 
 /// A slot an in-process store keeps beside each value, in which a reader may keep the
 /// value's decoded form, so that later reads of the same value skip decoding (the response

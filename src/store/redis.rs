@@ -14,6 +14,7 @@ use ::redis::{
 use bytes::Bytes;
 
 use super::{Store, StoreFuture};
+use crate::observe::{ErrorCounters, StoreErrorCounts, WarnLimiter};
 use crate::{Error, ErrorKind, Result};
 
 /// A Redis-backed [`Store`] on a shared multiplexed connection.
@@ -60,6 +61,78 @@ struct Inner {
     epoch: Instant,
     /// Milliseconds since `epoch` before which operations fail fast; 0 when healthy.
     down_until_ms: AtomicU64,
+    /// Failed operations by kind, and back-offs entered, for [`RedisStore::stats`].
+    errors: ErrorCounters,
+    backoffs: AtomicU64,
+    backoff_warning: WarnLimiter,
+}
+
+/// What a [`RedisStore`] has seen since it was built, from [`RedisStore::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisStoreStats {
+    /// Failed operations, by kind (those failed fast during a back-off included).
+    pub errors: StoreErrorCounts,
+    /// How many times the store entered its failure back-off.
+    pub backoffs: u64,
+    /// Connections open now, of `connections`.
+    pub open_connections: usize,
+    /// The store's connection slots.
+    pub connections: usize,
+}
+
+/// The server's health, from [`RedisStore::health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisHealth {
+    /// How long a PING took, round trip.
+    pub ping: Duration,
+    /// `used_memory`, in bytes.
+    pub used_memory: Option<u64>,
+    /// `maxmemory`, in bytes (0: no limit).
+    pub maxmemory: Option<u64>,
+    /// `maxmemory_policy` (`allkeys-lru`, `volatile-lru`, `noeviction`, ...).
+    pub maxmemory_policy: Option<String>,
+    /// `evicted_keys`: keys evicted for memory since the server started.
+    pub evicted_keys: Option<u64>,
+    /// Keys without a TTL over all databases (`keys` less `expires` in the keyspace section):
+    /// data an `allkeys-*` policy may evict to make room for cache entries.
+    pub keys_without_ttl: Option<u64>,
+}
+
+impl RedisHealth {
+    /// A warning about the server's eviction policy for a cache, if it deserves one:
+    ///
+    /// - `noeviction`: once `maxmemory` is reached every write fails, so the cache stops
+    ///   storing (and without `maxmemory` Redis grows until the host runs out).
+    /// - `allkeys-*` while the server holds keys without a TTL: the policy evicts keys
+    ///   whatever their TTL, so the app's own data (sessions, queues) may be evicted to make
+    ///   room for cache entries. Every key this crate writes has a TTL, so `volatile-*` keeps
+    ///   such data and evicts cache entries instead.
+    ///
+    /// `allkeys-*` on a server that holds only keys with a TTL (a Redis used only as a cache)
+    /// and `volatile-*` are fine.
+    pub fn eviction_warning(&self) -> Option<String> {
+        let policy = self.maxmemory_policy.as_deref()?;
+        if policy == "noeviction" {
+            return Some(format!(
+                "Redis maxmemory-policy is noeviction (maxmemory {}): once memory is full every \
+                 cache write fails; use allkeys-lru for a Redis used only as a cache, \
+                 volatile-lru for one shared with data without TTLs",
+                self.maxmemory
+                    .map_or("unknown".to_owned(), |m| m.to_string())
+            ));
+        }
+        let persistent = self.keys_without_ttl.unwrap_or(0);
+        if policy.starts_with("allkeys-") && persistent > 0 {
+            return Some(format!(
+                "Redis maxmemory-policy is {policy} and the server holds {persistent} keys \
+                 without a TTL: they may be evicted to make room for cache entries; \
+                 volatile-lru evicts only keys with a TTL (every cache entry has one)"
+            ));
+        }
+        None
+    }
 }
 
 /// One of the store's connections: opened on first use, dropped when a command finds it
@@ -283,11 +356,25 @@ impl RedisStoreBuilder {
 
     /// Builds the store and checks that the server answers a PING within the connection
     /// timeout. Fails with [`ErrorKind::InvalidUrl`] or [`ErrorKind::Unreachable`].
+    ///
+    /// It also reads the server's eviction policy once and logs a warning when it does not
+    /// suit a cache (see [`RedisHealth::eviction_warning`]).
     pub async fn build(self) -> Result<RedisStore> {
         let store = self.build_lazy()?;
         store.ping().await.map_err(|e| {
             Error::new(ErrorKind::Unreachable, "Redis server did not answer PING").with_source(e)
         })?;
+        match store.health().await {
+            Ok(health) => {
+                if let Some(warning) = health.eviction_warning() {
+                    tracing::warn!("{warning}");
+                }
+            }
+            Err(e) => tracing::debug!(
+                error = &e as &dyn std::error::Error,
+                "could not read the Redis eviction policy"
+            ),
+        }
         Ok(store)
     }
 
@@ -334,6 +421,9 @@ impl RedisStoreBuilder {
                 max_value_bytes: self.max_value_bytes,
                 epoch: Instant::now(),
                 down_until_ms: AtomicU64::new(0),
+                errors: ErrorCounters::default(),
+                backoffs: AtomicU64::new(0),
+                backoff_warning: WarnLimiter::default(),
             }),
         })
     }
@@ -557,6 +647,29 @@ impl RedisStore {
         self.query(&::redis::cmd("PING")).await
     }
 
+    /// Probes the server: PING latency, then memory, eviction policy, evictions and keys
+    /// without TTL from `INFO` (fields a server does not report are `None`). Two round trips,
+    /// each within the operation timeout; for a health endpoint, not for every request.
+    pub async fn health(&self) -> Result<RedisHealth> {
+        let started = tokio::time::Instant::now();
+        self.ping().await?;
+        let ping = started.elapsed();
+        let info: String = self.query(&::redis::cmd("INFO")).await?;
+        Ok(parse_info(ping, &info))
+    }
+
+    /// Failed operations by kind, back-offs entered and open connections since the store was
+    /// built; a few atomic loads.
+    pub fn stats(&self) -> RedisStoreStats {
+        let shared = &self.shared;
+        RedisStoreStats {
+            errors: shared.errors.snapshot(),
+            backoffs: shared.backoffs.load(Ordering::Relaxed),
+            open_connections: self.open_connections(),
+            connections: shared.slots.len(),
+        }
+    }
+
     /// Runs one command, bounded by the operation timeout.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T> {
         self.with_conn(|mut conn| async move { cmd.query_async(&mut conn).await })
@@ -593,6 +706,7 @@ impl RedisStore {
     {
         let shared = &*self.shared;
         if shared.is_backing_off() {
+            shared.errors.count(ErrorKind::Unreachable);
             return Err(Error::new(
                 ErrorKind::Unreachable,
                 "Redis marked down after a recent failure; retrying shortly",
@@ -642,7 +756,10 @@ impl RedisStore {
         let still_connecting = timed_out && used.is_none();
         let unreachable = matches!(&result, Err(e) if e.kind() == ErrorKind::Unreachable);
         if connect_failed || still_connecting || unreachable {
-            shared.back_off();
+            shared.back_off(result.as_ref().err());
+        }
+        if let Err(e) = &result {
+            shared.errors.count(e.kind());
         }
         result
     }
@@ -711,7 +828,9 @@ impl Inner {
         until != 0 && (self.epoch.elapsed().as_millis() as u64) < until
     }
 
-    fn back_off(&self) {
+    /// Fails operations fast for the back-off period; counted, and warned about at most once
+    /// per few seconds (with the number of back-offs not logged meanwhile).
+    fn back_off(&self, error: Option<&Error>) {
         if !self.backoff.is_zero() {
             let until = self
                 .epoch
@@ -720,8 +839,60 @@ impl Inner {
                 .as_millis();
             let until = u64::try_from(until).unwrap_or(u64::MAX);
             self.down_until_ms.store(until, Ordering::Relaxed);
+            self.backoffs.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(crate::observe::names::BACKOFFS).increment(1);
+            if let Some(suppressed) = self.backoff_warning.allow() {
+                tracing::warn!(
+                    backoff = ?self.backoff,
+                    suppressed,
+                    error = error.map(|e| e as &dyn std::error::Error),
+                    "Redis unreachable; cache operations fail fast during the back-off"
+                );
+            }
         }
     }
+}
+
+/// The fields of `INFO`'s answer a [`RedisHealth`] reports.
+fn parse_info(ping: Duration, info: &str) -> RedisHealth {
+    let mut health = RedisHealth {
+        ping,
+        used_memory: None,
+        maxmemory: None,
+        maxmemory_policy: None,
+        evicted_keys: None,
+        keys_without_ttl: None,
+    };
+    for line in info.lines() {
+        let Some((name, value)) = line.trim_end().split_once(':') else {
+            continue;
+        };
+        match name {
+            "used_memory" => health.used_memory = value.parse().ok(),
+            "maxmemory" => health.maxmemory = value.parse().ok(),
+            "maxmemory_policy" => health.maxmemory_policy = Some(value.to_owned()),
+            "evicted_keys" => health.evicted_keys = value.parse().ok(),
+            db if db.starts_with("db") => {
+                // db0:keys=3,expires=1,avg_ttl=0
+                let field = |wanted: &str| {
+                    value.split(',').find_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        (k == wanted).then(|| v.parse::<u64>().ok()).flatten()
+                    })
+                };
+                if let (Some(keys), Some(expires)) = (field("keys"), field("expires")) {
+                    let total = health.keys_without_ttl.unwrap_or(0);
+                    health.keys_without_ttl = Some(total + keys.saturating_sub(expires));
+                }
+            }
+            _ => {}
+        }
+    }
+    if health.keys_without_ttl.is_none() && info.contains("# Keyspace") {
+        health.keys_without_ttl = Some(0);
+    }
+    health
 }
 
 /// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s.
@@ -896,5 +1067,49 @@ impl Store for RedisStore {
             let _: i64 = self.run_script(RELEASE.key(key).arg(token)).await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(policy: &str, keyspace: &str) -> RedisHealth {
+        let info = format!(
+            "# Memory\r\nused_memory:1024\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n\
+             # Stats\r\nevicted_keys:7\r\n# Keyspace\r\n{keyspace}"
+        );
+        parse_info(Duration::from_micros(80), &info)
+    }
+
+    #[test]
+    fn info_fields_are_read() {
+        let h = health(
+            "allkeys-lru",
+            "db0:keys=5,expires=3,avg_ttl=10\r\ndb1:keys=2,expires=2,avg_ttl=0\r\n",
+        );
+        assert_eq!(h.used_memory, Some(1024));
+        assert_eq!(h.maxmemory, Some(0));
+        assert_eq!(h.maxmemory_policy.as_deref(), Some("allkeys-lru"));
+        assert_eq!(h.evicted_keys, Some(7));
+        assert_eq!(h.keys_without_ttl, Some(2));
+    }
+
+    #[test]
+    fn eviction_warnings() {
+        let ttl_only = "db0:keys=5,expires=5,avg_ttl=10\r\n";
+        let persistent = "db0:keys=5,expires=4,avg_ttl=10\r\n";
+        assert!(health("noeviction", ttl_only).eviction_warning().is_some());
+        assert!(health("allkeys-lru", persistent)
+            .eviction_warning()
+            .is_some());
+        assert!(health("allkeys-lfu", ttl_only).eviction_warning().is_none());
+        assert!(health("allkeys-lru", "").eviction_warning().is_none());
+        assert!(health("volatile-lru", persistent)
+            .eviction_warning()
+            .is_none());
+        assert!(health("volatile-ttl", ttl_only)
+            .eviction_warning()
+            .is_none());
     }
 }
