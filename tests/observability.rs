@@ -26,6 +26,8 @@ async fn handler(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Inf
         "/private" => response = response.header("cache-control", "private"),
         "/no-store" => response = response.header("cache-control", "no-store"),
         "/vary-star" => response = response.header("vary", "*"),
+        "/event-stream" => response = response.header("content-type", "text/event-stream"),
+        "/bad-length" => response = response.header("content-length", "100"),
         _ => {}
     }
     Ok(response.body(Full::new(Bytes::from(body))).unwrap())
@@ -121,6 +123,62 @@ async fn a_scripted_sequence_gives_exact_counts() {
     assert!(stats
         .counters()
         .contains(&("not_stored.vary_star".to_owned(), 1)));
+}
+
+#[tokio::test]
+async fn the_other_not_stored_reasons_are_counted_exactly() {
+    let layer = CacheLayer::new(MemoryStore::new());
+    for path in ["/event-stream", "/bad-length"] {
+        assert_eq!(get(&layer, path, &[]).await.as_deref(), Some("MISS"));
+    }
+    // With no route TTL, a response that gives no lifetime is not stored.
+    let origin_only = CacheLayer::new(MemoryStore::new()).ttl(Duration::ZERO);
+    assert_eq!(get(&origin_only, "/a", &[]).await.as_deref(), Some("MISS"));
+    let n = layer.stats().not_stored;
+    assert_eq!((n.event_stream, n.bad_length), (1, 1));
+    assert_eq!(origin_only.stats().not_stored.no_freshness, 1);
+
+    // A body that fails midway is incomplete.
+    let failing = tower::service_fn(|_: Request<Full<Bytes>>| async {
+        let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+            Err(std::io::Error::other("upstream went away")),
+        ];
+        let body = http_body_util::StreamBody::new(futures_iter(chunks));
+        Ok::<_, Infallible>(Response::new(body))
+    });
+    let mut service = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(failing);
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(
+            Request::get("http://example.com/fails")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(response.into_body().collect().await.is_err());
+    layer.flush().await;
+    assert_eq!(layer.stats().not_stored.incomplete, 1);
+}
+
+/// A stream over the items of a vector.
+fn futures_iter<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T: Unpin> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Iter(items.into_iter())
 }
 
 #[tokio::test]
