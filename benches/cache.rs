@@ -16,7 +16,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{Layer, Service, ServiceExt};
 use tower_redis_cache::__bench as internals;
-use tower_redis_cache::{CacheLayer, MemoryStore, X_CACHE};
+use tower_redis_cache::store::StoreFuture;
+use tower_redis_cache::{CacheLayer, MemoryStore, Store, X_CACHE};
 
 /// Headers of a typical JSON API response.
 fn response_headers() -> HeaderMap {
@@ -148,6 +149,49 @@ where
         .len()
 }
 
+/// A MemoryStore behind the `Store` trait's required methods only: no memo slot, so every
+/// hit decodes the stored bytes.
+struct DecodeEveryHit(MemoryStore);
+
+impl Store for DecodeEveryHit {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        self.0.get(key)
+    }
+
+    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.0.set(key, value, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        self.0.delete(key)
+    }
+}
+
+/// Requests `/items/1` until it is a hit: the miss stores it from a spawned task once the
+/// body has ended.
+fn prime<S>(rt: &tokio::runtime::Runtime, svc: &mut S)
+where
+    S: Service<
+        Request<Empty<Bytes>>,
+        Response = Response<tower_redis_cache::CacheBody<Full<Bytes>>>,
+    >,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        for _ in 0..1000 {
+            let request = Request::get("/items/1").body(Empty::new()).unwrap();
+            let response = svc.ready().await.unwrap().call(request).await.unwrap();
+            let hit = response.headers().get(X_CACHE) == Some(&HeaderValue::from_static("HIT"));
+            response.into_body().collect().await.unwrap();
+            if hit {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the entry was never stored");
+    });
+}
+
 fn hit_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,21 +209,9 @@ fn hit_path(c: &mut Criterion) {
         }
     });
     let mut cached = CacheLayer::new(MemoryStore::new()).layer(handler.clone());
-
-    // Prime the entry: the miss stores it from a spawned task once the body has ended.
-    rt.block_on(async {
-        for _ in 0..1000 {
-            let request = Request::get("/items/1").body(Empty::new()).unwrap();
-            let response = cached.ready().await.unwrap().call(request).await.unwrap();
-            let hit = response.headers().get(X_CACHE) == Some(&HeaderValue::from_static("HIT"));
-            response.into_body().collect().await.unwrap();
-            if hit {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-        panic!("the entry was never stored");
-    });
+    let mut decoding = CacheLayer::new(DecodeEveryHit(MemoryStore::new())).layer(handler.clone());
+    prime(&rt, &mut cached);
+    prime(&rt, &mut decoding);
 
     let mut group = c.benchmark_group("hit_path");
     group.throughput(Throughput::Elements(1));
@@ -193,6 +225,13 @@ fn hit_path(c: &mut Criterion) {
     group.bench_function("memory_store_hit", |b| {
         b.to_async(&rt).iter(|| {
             let mut svc = cached.clone();
+            async move { roundtrip(&mut svc, "/items/1").await }
+        })
+    });
+    // The same hit decoding the stored bytes each time (a store without a memo slot).
+    group.bench_function("memory_store_hit_decoding", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = decoding.clone();
             async move { roundtrip(&mut svc, "/items/1").await }
         })
     });
