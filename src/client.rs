@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::coalesce::{self, Lock};
-use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
+use crate::store::{RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -341,6 +341,10 @@ impl RedisCache {
     /// user input in them is literal.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64> {
         let pattern = format!("{}{pattern}", escape_glob(&self.namespace));
+        #[cfg(feature = "cluster")]
+        if self.store.is_cluster() {
+            return self.delete_pattern_on_primaries(&pattern).await;
+        }
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
@@ -361,6 +365,36 @@ impl RedisCache {
             }
             cursor = next;
         }
+    }
+
+    /// [`delete_pattern`](Self::delete_pattern) on a cluster: `SCAN` sees one node's keys, so
+    /// every primary is walked in turn. (The UNLINK of a batch is split by slot by redis-rs.)
+    #[cfg(feature = "cluster")]
+    async fn delete_pattern_on_primaries(&self, pattern: &str) -> Result<u64> {
+        let mut removed = 0;
+        for node in self.store.primaries().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .store
+                    .query_node(
+                        &node,
+                        ::redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(BATCH),
+                    )
+                    .await?;
+                removed += self.unlink(&keys).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
     }
 
     /// The values under `keys`, in order, in one round trip (`MGET`).
@@ -419,13 +453,12 @@ impl RedisCache {
     ) -> Result<()> {
         let key = self.full_key(key);
         let json = encode(&key, value)?;
-        let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
-        invocation.key(&key);
-        for tag in tags {
-            invocation.key(self.tag_key(tag));
-        }
-        invocation.arg(json).arg(millis(ttl));
-        self.store.run_script(&invocation).await
+        let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        // One script on one server; on a cluster, tag records then the value (see
+        // `RedisStore::write_tagged`).
+        self.store
+            .write_tagged(&key, &json, millis(ttl), &tag_keys)
+            .await
     }
 
     /// Removes every key stored with `tag` (see [`set_tagged`](Self::set_tagged)) and the tag
@@ -590,7 +623,12 @@ impl RedisCache {
             .arg(&token)
             .arg(millis(self.lock.ttl));
         loop {
-            match self.store.run_script::<(u8, Vec<u8>)>(&script).await {
+            let step = if self.store.is_cluster() {
+                self.get_or_lock_across_slots(key, &token).await
+            } else {
+                self.store.run_script::<(u8, Vec<u8>)>(&script).await
+            };
+            match step {
                 Ok((0, json)) => return Contended::Stored(json),
                 Ok((1, _)) => {
                     return Contended::Locked(Lock::taken(&self.lock_store, key, token));
@@ -611,6 +649,31 @@ impl RedisCache {
                 return Contended::Alone;
             }
             tokio::time::sleep(LOCK_POLL_INTERVAL.min(deadline - now)).await;
+        }
+    }
+
+    /// [`GET_OR_LOCK`] on a cluster, where the value and its lock live in different slots and
+    /// no script may touch both: take the lock, then look for the value. A holder stores its
+    /// value before it releases the lock, so a lock taken after a release finds that value
+    /// (and is given back at once). Same answers as the script, one more round trip.
+    async fn get_or_lock_across_slots(&self, key: &str, token: &str) -> Result<(u8, Vec<u8>)> {
+        let lock_key = coalesce::lock_key(key);
+        let taken = self.store.try_lock(&lock_key, token, self.lock.ttl).await?;
+        match (self.get_raw(key).await, taken) {
+            (Ok(Some(json)), taken) => {
+                if taken {
+                    self.store.unlock(&lock_key, token).await?;
+                }
+                Ok((0, json))
+            }
+            (Ok(None), true) => Ok((1, Vec::new())),
+            (Ok(None), false) => Ok((2, Vec::new())),
+            (Err(e), taken) => {
+                if taken {
+                    let _ = self.store.unlock(&lock_key, token).await;
+                }
+                Err(e)
+            }
         }
     }
 

@@ -17,8 +17,6 @@ mod memory;
 mod redis;
 
 #[cfg(feature = "redis")]
-pub(crate) use self::redis::SET_TAGGED_SCRIPT;
-#[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
