@@ -15,11 +15,15 @@ use crate::{Error, ErrorKind, Result};
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "tiered")]
+mod tiered;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "tiered")]
+pub use tiered::{TieredStore, TieredStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
