@@ -983,7 +983,9 @@ impl Cluster {
 /// `keyspace_hits` and `keyspace_misses` of the benchmark's Redis (summed over the nodes of
 /// a comma-separated list).
 fn redis_stats(urls: &str) -> (i64, i64) {
-    urls.split(',').map(node_stats).fold((0, 0), |(h, m), (nh, nm)| (h + nh, m + nm))
+    urls.split(',')
+        .map(node_stats)
+        .fold((0, 0), |(h, m), (nh, nm)| (h + nh, m + nm))
 }
 
 fn node_stats(url: &str) -> (i64, i64) {

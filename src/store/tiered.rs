@@ -44,6 +44,8 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 ///   the L1 TTL; the store subscribes again with a growing back-off (50 ms to 2 s) and, once
 ///   subscribed, empties L1, since invalidations sent meanwhile were missed.
 /// - Locks are L2's.
+/// - A delete or tag invalidation whose publish fails returns that error, after L2 and this
+///   instance's L1 were updated: other instances may then keep their copies up to the L1 TTL.
 ///
 /// A tag invalidation drops the L1 copies recorded under the tag and every copy read through
 /// from L2 (whose tags L1 does not know); entries this instance wrote with other tags stay.
