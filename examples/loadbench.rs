@@ -19,6 +19,12 @@
 //! 4. the layer on `RedisStore`, all misses (a unique id per request),
 //! 5. the ceiling for row 3: a handler without the layer doing one Redis GET through one
 //!    shared `MultiplexedConnection`,
+//! 6. (feature `tiered`) the layer on a `TieredStore` (L1 `MemoryStore` in front of the
+//!    `RedisStore` of row 3, invalidations on a Redis channel), all hits: L1 hits, next to
+//!    row 2,
+//! 7. (feature `cluster`) the layer on `RedisStore::builder_cluster`, all hits, on a private
+//!    3-primary Redis Cluster (no replicas) started for the run; its Redis CPU is the sum
+//!    over the three primaries,
 //!
 //! and the ratios 2/1, 3/5 and 4/1 against the targets. Options:
 //!
@@ -71,6 +77,12 @@ const MAIN_ROWS: &[&str] = &[
     "redis-hit-bb8",
     "redis-miss",
     "get-mux",
+];
+
+/// The rows the optional stores add to the main table (`scripts/loadbench.sh` enables them).
+const STORE_ROWS: &[(&str, bool)] = &[
+    ("tiered", cfg!(feature = "tiered")),
+    ("cluster", cfg!(feature = "cluster")),
 ];
 
 /// The connection setups compared with `--pools`.
@@ -262,6 +274,25 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
             let store = RedisStore::builder_from_pool(pool).build().await.unwrap();
             primed(handler.layer(CacheLayer::new(store)), ids).await
         }
+        #[cfg(feature = "tiered")]
+        "tiered" => {
+            let l2 = RedisStore::connect(url).await.unwrap();
+            let store = tower_redis_cache::TieredStore::builder(l2)
+                .invalidations(url, "loadbench:invalidations")
+                .unwrap()
+                .build()
+                .await;
+            primed(handler.layer(CacheLayer::new(store)), ids).await
+        }
+        #[cfg(feature = "cluster")]
+        "cluster" => {
+            // `url` is the nodes' URLs, comma-separated.
+            let store = RedisStore::builder_cluster(url.split(','))
+                .build()
+                .await
+                .unwrap();
+            primed(handler.layer(CacheLayer::new(store)), ids).await
+        }
         "redis-miss" => {
             // A short TTL keeps Redis's memory bounded while every request stores an entry.
             let layer = CacheLayer::new(RedisStore::connect(url).await.unwrap());
@@ -351,7 +382,12 @@ impl Options {
             threads: 2,
             workers: 2,
             ids: 1000,
-            rows: MAIN_ROWS.iter().map(|r| r.to_string()).collect(),
+            rows: MAIN_ROWS
+                .iter()
+                .copied()
+                .chain(STORE_ROWS.iter().filter(|(_, on)| *on).map(|(row, _)| *row))
+                .map(str::to_owned)
+                .collect(),
             pools: false,
         };
         let mut args = args.iter();
@@ -403,6 +439,11 @@ fn run(options: Options) {
     let url = format!("redis://127.0.0.1:{}/", redis.port);
     let (cycle, unique) = write_scripts(&dir);
     let (get_rtt, set_rtt) = redis_round_trips(&url);
+    let cluster = options
+        .rows
+        .iter()
+        .any(|r| r == "cluster")
+        .then(|| Cluster::start(&dir));
 
     let mut rows = options.rows.clone();
     if options.pools {
@@ -431,7 +472,13 @@ fn run(options: Options) {
     let mut results = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let script = if row == "redis-miss" { &unique } else { &cycle };
-        let m = measure_row(row, &url, redis.child.id(), &options, script, i);
+        let m = match (row.as_str(), &cluster) {
+            ("cluster", Some(cluster)) => {
+                let urls = cluster.urls();
+                measure_row(row, &urls, &cluster.pids(), &options, script, i)
+            }
+            _ => measure_row(row, &url, &[redis.child.id()], &options, script, i),
+        };
         eprintln!(
             "  {row}: {:.0} req/s, p50 {}, p99 {}",
             m.requests_per_sec,
@@ -453,8 +500,9 @@ fn run(options: Options) {
             duration: options.duration.min(3),
             ..options.clone()
         };
-        let bare = measure_row("bare", &url, redis.child.id(), &single, &cycle, 100);
-        let miss = measure_row("redis-miss", &url, redis.child.id(), &single, &unique, 101);
+        let pids = [redis.child.id()];
+        let bare = measure_row("bare", &url, &pids, &single, &cycle, 100);
+        let miss = measure_row("redis-miss", &url, &pids, &single, &unique, 101);
         let bound = (bare.p50_us + set_rtt) * 1.1;
         println!(
             "one request at a time (wrk -t1 -c1 -d{}s): bare p50 {} / p99 {}, miss p50 {} / p99 {}",
@@ -474,6 +522,7 @@ fn run(options: Options) {
         );
     }
     drop(redis);
+    drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -486,6 +535,8 @@ fn describe(row: &str) -> String {
         ("bare", _) => "1. bare axum handler (no layer)".into(),
         ("memory", _) => "2. layer, MemoryStore, all hits".into(),
         ("memory-decode", _) => "2b. layer, MemoryStore without memo (decode per hit)".into(),
+        ("tiered", _) => "6. layer, TieredStore (L1 over RedisStore), all hits".into(),
+        ("cluster", _) => "7. layer, RedisStore on a 3-primary Cluster, all hits".into(),
         ("redis-hit", None) => "3. layer, RedisStore (defaults), all hits".into(),
         ("redis-hit", Some(n)) => format!("layer, RedisStore max_connections({n}), all hits"),
         ("redis-hit-bb8", _) => {
@@ -500,10 +551,12 @@ fn describe(row: &str) -> String {
     }
 }
 
+/// `url`: Redis's URL, or for the cluster row the nodes' URLs, comma-separated;
+/// `redis_pids`: the redis-server processes whose CPU time the row is charged.
 fn measure_row(
     row: &str,
     url: &str,
-    redis_pid: u32,
+    redis_pids: &[u32],
     options: &Options,
     script: &FsPath,
     seq: usize,
@@ -514,7 +567,8 @@ fn measure_row(
     let warmup_nonce = format!("w{seq}");
     wrk(options, 1, script, &base, &warmup_nonce, options.ids);
     let redis_before = redis_stats(url);
-    let cpu_before = (cpu_time(server.child.id()), cpu_time(redis_pid));
+    let redis_cpu = || redis_pids.iter().map(|&pid| cpu_time(pid)).sum::<f64>();
+    let cpu_before = (cpu_time(server.child.id()), redis_cpu());
     let output = wrk(
         options,
         options.duration,
@@ -523,7 +577,7 @@ fn measure_row(
         &format!("r{seq}"),
         options.ids,
     );
-    let cpu_after = (cpu_time(server.child.id()), cpu_time(redis_pid));
+    let cpu_after = (cpu_time(server.child.id()), redis_cpu());
     let redis_after = redis_stats(url);
     let peak_rss_kib = server.peak_rss_kib();
     server.stop();
@@ -829,6 +883,10 @@ struct RedisProcess {
 
 impl RedisProcess {
     fn start(dir: &FsPath) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &FsPath, extra: &[String]) -> Self {
         let version = Command::new("redis-server")
             .arg("--version")
             .output()
@@ -852,6 +910,7 @@ impl RedisProcess {
             .args(["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"])
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -892,8 +951,69 @@ impl Drop for RedisProcess {
     }
 }
 
-/// `keyspace_hits` and `keyspace_misses` of the benchmark's Redis.
-fn redis_stats(url: &str) -> (i64, i64) {
+/// The cluster row's Redis Cluster: three primaries, no replicas.
+struct Cluster {
+    nodes: Vec<RedisProcess>,
+}
+
+impl Cluster {
+    fn start(dir: &FsPath) -> Self {
+        let nodes: Vec<RedisProcess> = (0..3)
+            .map(|i| {
+                let args = [
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-config-file".to_owned(),
+                    format!("nodes-{}-{i}.conf", std::process::id()),
+                ];
+                RedisProcess::start_with(dir, &args)
+            })
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster.urls().split(',').all(|url| {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+            info.contains("cluster_state:ok")
+        }) {
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    fn urls(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect();
+        urls.join(",")
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|n| n.child.id()).collect()
+    }
+}
+
+/// `keyspace_hits` and `keyspace_misses` of the benchmark's Redis (summed over the nodes of
+/// a comma-separated list).
+fn redis_stats(urls: &str) -> (i64, i64) {
+    urls.split(',')
+        .map(node_stats)
+        .fold((0, 0), |(h, m), (nh, nm)| (h + nh, m + nm))
+}
+
+fn node_stats(url: &str) -> (i64, i64) {
     let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
     let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
     let field = |name: &str| {

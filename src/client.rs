@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::coalesce::{self, Contention, Flights, Looked, Role};
 use crate::observe::WarnLimiter;
-use crate::store::{RedisStore, Store, SET_TAGGED_SCRIPT};
+use crate::store::{RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -316,6 +316,10 @@ impl RedisCache {
     /// user input in them is literal.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64> {
         let pattern = format!("{}{pattern}", escape_glob(&self.namespace));
+        #[cfg(feature = "cluster")]
+        if self.store.is_cluster() {
+            return self.delete_pattern_on_primaries(&pattern).await;
+        }
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
@@ -336,6 +340,36 @@ impl RedisCache {
             }
             cursor = next;
         }
+    }
+
+    /// [`delete_pattern`](Self::delete_pattern) on a cluster: `SCAN` sees one node's keys, so
+    /// every primary is walked in turn. (The UNLINK of a batch is split by slot by redis-rs.)
+    #[cfg(feature = "cluster")]
+    async fn delete_pattern_on_primaries(&self, pattern: &str) -> Result<u64> {
+        let mut removed = 0;
+        for node in self.store.primaries().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .store
+                    .query_node(
+                        &node,
+                        ::redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(BATCH),
+                    )
+                    .await?;
+                removed += self.unlink(&keys).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
     }
 
     /// The values under `keys`, in order, in one round trip (`MGET`).
@@ -394,13 +428,12 @@ impl RedisCache {
     ) -> Result<()> {
         let key = self.full_key(key);
         let json = encode(&key, value)?;
-        let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
-        invocation.key(&key);
-        for tag in tags {
-            invocation.key(self.tag_key(tag));
-        }
-        invocation.arg(json).arg(millis(ttl));
-        self.store.run_script(&invocation).await
+        let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
+        // One script on one server; on a cluster, tag records then the value (see
+        // `RedisStore::write_tagged`).
+        self.store
+            .write_tagged(&key, &json, millis(ttl), &tag_keys)
+            .await
     }
 
     /// Removes every key stored with `tag` (see [`set_tagged`](Self::set_tagged)) and the tag

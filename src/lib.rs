@@ -39,6 +39,8 @@ pub use store::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::Store;
+#[cfg(feature = "tiered")]
+pub use store::TieredStore;
 
 /// Compiles the README's Rust examples as doctests.
 #[cfg(doctest)]

@@ -29,6 +29,7 @@ const STACK: &[&str] = &[
     "coalesce.rs",
     "entry.rs",
     "key.rs",
+    "store/tiered.rs",
     "store/redis.rs",
     "store/memory.rs",
     "store/mod.rs",

@@ -199,6 +199,40 @@ impl MemoryStore {
         lock(&self.tags).values().map(HashSet::len).sum()
     }
 
+    /// The value under `key`, without a future (the two-tier store's L1 hit).
+    #[cfg(feature = "tiered")]
+    pub(crate) fn peek(&self, key: &str) -> Option<Bytes> {
+        self.cache.get(key).map(|v| v.bytes)
+    }
+
+    /// The value under `key` and its memo slot, without a future (for the two-tier store's
+    /// L1).
+    #[cfg(feature = "tiered")]
+    pub(crate) fn peek_memoized(&self, key: &str) -> Option<(Bytes, Memo)> {
+        self.cache.get(key).map(|v| (v.bytes, v.memo))
+    }
+
+    /// Removes every entry whose key `matches`; returns how many (for the two-tier store's
+    /// pattern invalidations: a walk over every entry).
+    #[cfg(feature = "tiered")]
+    pub(crate) fn remove_matching(&self, matches: impl Fn(&str) -> bool) -> u64 {
+        let keys: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| matches(key))
+            .map(|(key, _)| key)
+            .collect();
+        keys.iter()
+            .filter(|key| self.cache.remove(key.as_str()).is_some())
+            .count() as u64
+    }
+
+    /// Removes every entry.
+    #[cfg(feature = "tiered")]
+    pub(crate) fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
     fn insert(&self, key: &str, bytes: Bytes, ttl: Duration, tags: Option<Arc<[String]>>) {
         // A zero TTL means "do not keep", in every store: the key holds nothing afterwards.
         if ttl.is_zero() {

@@ -15,9 +15,9 @@ use crate::{Error, ErrorKind, Result};
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "tiered")]
+mod tiered;
 
-#[cfg(feature = "client")]
-pub(crate) use self::redis::SET_TAGGED_SCRIPT;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisHealth, RedisStore, RedisStoreBuilder, RedisStoreStats};
 #[cfg(feature = "memory")]
@@ -28,6 +28,8 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// layer keeps its decoded response there: a hit on [`MemoryStore`] is a
 /// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
 pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
+#[cfg(feature = "tiered")]
+pub use tiered::{TieredStore, TieredStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;

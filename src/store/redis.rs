@@ -181,6 +181,10 @@ enum Source {
     /// A connection to the master the sentinels name at the time of connecting.
     #[cfg(feature = "sentinel")]
     Sentinel(tokio::sync::Mutex<::redis::sentinel::SentinelClient>),
+    /// A cluster connection: one multiplexed connection per node, commands routed by slot,
+    /// redirects followed and the slot map refreshed by redis-rs.
+    #[cfg(feature = "cluster")]
+    Cluster(::redis::cluster::ClusterClient),
 }
 
 impl Source {
@@ -203,6 +207,8 @@ impl Source {
                 .get_async_connection_with_config(config)
                 .await
                 .map(Conn::Multiplexed),
+            #[cfg(feature = "cluster")]
+            Source::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
         }
     }
 
@@ -216,6 +222,8 @@ impl Source {
             Source::Pool(_) => "bb8 pool",
             #[cfg(feature = "sentinel")]
             Source::Sentinel(_) => "sentinel",
+            #[cfg(feature = "cluster")]
+            Source::Cluster(_) => "cluster",
         }
     }
 }
@@ -258,6 +266,8 @@ pub(crate) enum Conn {
     Multiplexed(MultiplexedConnection),
     #[cfg(feature = "connection-manager")]
     Manager(::redis::aio::ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(::redis::cluster_async::ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
@@ -266,6 +276,8 @@ impl ConnectionLike for Conn {
             Conn::Multiplexed(conn) => conn.req_packed_command(cmd),
             #[cfg(feature = "connection-manager")]
             Conn::Manager(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -279,6 +291,8 @@ impl ConnectionLike for Conn {
             Conn::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
             #[cfg(feature = "connection-manager")]
             Conn::Manager(conn) => conn.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -287,6 +301,8 @@ impl ConnectionLike for Conn {
             Conn::Multiplexed(conn) => conn.get_db(),
             #[cfg(feature = "connection-manager")]
             Conn::Manager(conn) => conn.get_db(),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => conn.get_db(),
         }
     }
 }
@@ -400,6 +416,9 @@ impl RedisStoreBuilder {
             Source::Manager(_) => 1,
             #[cfg(feature = "bb8")]
             Source::Pool(_) => 1,
+            // A cluster connection already holds one multiplexed connection per node.
+            #[cfg(feature = "cluster")]
+            Source::Cluster(_) => 1,
             _ => self.max_connections,
         };
         // The operation timeout in `with_conn` bounds every command; a second, per-response
@@ -445,6 +464,10 @@ enum Target {
         service_name: String,
         node: Option<::redis::sentinel::SentinelNodeConnectionInfo>,
     },
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
+    #[cfg(feature = "cluster")]
+    ClusterClient(Box<::redis::cluster::ClusterClient>),
 }
 
 impl Target {
@@ -485,6 +508,20 @@ impl Target {
                 })?;
                 Source::Sentinel(tokio::sync::Mutex::new(client))
             }
+            #[cfg(feature = "cluster")]
+            Target::Cluster(nodes) => {
+                let redacted: Vec<String> = nodes.iter().map(|s| redact(s)).collect();
+                let client = ::redis::cluster::ClusterClient::new(nodes).map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidUrl,
+                        format!("invalid cluster node addresses {redacted:?}"),
+                    )
+                    .with_source(e)
+                })?;
+                Source::Cluster(client)
+            }
+            #[cfg(feature = "cluster")]
+            Target::ClusterClient(client) => Source::Cluster(*client),
         })
     }
 }
@@ -512,6 +549,13 @@ impl std::fmt::Debug for Target {
                 )
                 .field("service_name", service_name)
                 .finish(),
+            #[cfg(feature = "cluster")]
+            Target::Cluster(nodes) => f
+                .debug_tuple("Cluster")
+                .field(&nodes.iter().map(|s| redact(s)).collect::<Vec<_>>())
+                .finish(),
+            #[cfg(feature = "cluster")]
+            Target::ClusterClient(_) => f.write_str("ClusterClient"),
         }
     }
 }
@@ -631,6 +675,54 @@ impl RedisStore {
         })
     }
 
+    /// A builder for a store on a Redis Cluster, reached through any of `nodes`
+    /// (`redis://host:port` each; the others are found with `CLUSTER SLOTS`).
+    ///
+    /// Every operation stays in one slot: an entry, its tag records and its lock are separate
+    /// keys written by separate commands, each routed to its own slot's primary, so entries
+    /// spread over every primary (see docs/ARCHITECTURE.md for the placement). A tag
+    /// invalidation unlinks the tag's keys slot by slot; `RedisCache::delete_pattern` scans
+    /// every primary.
+    ///
+    /// The cluster connection keeps one multiplexed connection per node, follows `MOVED` and
+    /// `ASK`, and reloads the slot map when a node fails, so it heals itself after a
+    /// failover: meanwhile operations on the failed primary's slots time out (cache misses)
+    /// while the other primaries keep serving hits. For that reason the store's
+    /// [failure back-off](RedisStoreBuilder::failure_backoff) applies only when the cluster
+    /// cannot be reached at all (connecting failed), never to one node's errors, and
+    /// `max_connections` is ignored.
+    #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
+    pub fn builder_cluster<I, S>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::builder_for(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    /// [`builder_cluster`](Self::builder_cluster) on the app's redis-rs `ClusterClient`, for
+    /// settings node URLs cannot carry (TLS, credentials, read-from-replicas, retries).
+    #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
+    pub fn builder_from_cluster_client(
+        client: ::redis::cluster::ClusterClient,
+    ) -> RedisStoreBuilder {
+        Self::builder_for(Target::ClusterClient(Box::new(client)))
+    }
+
+    /// Whether the store runs on a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        #[cfg(feature = "cluster")]
+        {
+            matches!(self.shared.source, Source::Cluster(_))
+        }
+        #[cfg(not(feature = "cluster"))]
+        {
+            false
+        }
+    }
+
     fn builder_for(target: Target) -> RedisStoreBuilder {
         RedisStoreBuilder {
             target,
@@ -688,13 +780,120 @@ impl RedisStore {
     }
 
     /// Runs a pipeline, bounded by the operation timeout.
+    ///
+    /// On a cluster a pipeline may only hold commands of one slot, so there the commands go out
+    /// one by one, concurrently, each to its own slot, and `T` is read from the array of every
+    /// command's reply. Not atomic (neither is a pipeline).
     #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn query_pipeline<T: FromRedisValue>(
         &self,
         pipe: &::redis::Pipeline,
     ) -> Result<T> {
+        #[cfg(feature = "cluster")]
+        if self.is_cluster() {
+            let replies = self
+                .with_conn(|conn| async move {
+                    let sends = pipe.cmd_iter().map(|cmd| {
+                        let mut conn = conn.clone();
+                        async move { cmd.query_async::<Value>(&mut conn).await }
+                    });
+                    futures_util::future::try_join_all(sends).await
+                })
+                .await?;
+            return T::from_redis_value(Value::Array(replies)).map_err(|e| {
+                Error::new(ErrorKind::Backend, "unexpected reply from Redis").with_source(e)
+            });
+        }
         self.with_conn(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await
+    }
+
+    /// The addresses of the cluster's primaries, from `CLUSTER SLOTS` (sorted, without
+    /// duplicates).
+    #[cfg(feature = "cluster")]
+    pub(crate) async fn primaries(&self) -> Result<Vec<(String, u16)>> {
+        let ranges: Vec<Vec<Value>> = self.query(::redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let mut primaries: Vec<(String, u16)> = ranges
+            .iter()
+            .filter_map(|range| match range.get(2)? {
+                Value::Array(node) => {
+                    let host = String::from_redis_value(node.first()?.clone()).ok()?;
+                    let port = u16::from_redis_value(node.get(1)?.clone()).ok()?;
+                    Some((host, port))
+                }
+                _ => None,
+            })
+            .collect();
+        primaries.sort();
+        primaries.dedup();
+        Ok(primaries)
+    }
+
+    /// Runs one command on the cluster node at `node` (a `SCAN` step, which names no key),
+    /// bounded by the operation timeout.
+    #[cfg(feature = "cluster")]
+    pub(crate) async fn query_node<T: FromRedisValue>(
+        &self,
+        node: &(String, u16),
+        cmd: &::redis::Cmd,
+    ) -> Result<T> {
+        use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: node.0.clone(),
+            port: node.1,
+        });
+        let value = self
+            .with_conn(|conn| async move {
+                match conn {
+                    Conn::Cluster(mut conn) => conn.route_command(cmd.clone(), routing).await,
+                    // Not a cluster: the only node there is.
+                    mut conn => cmd.query_async::<Value>(&mut conn).await,
+                }
+            })
+            .await?;
+        T::from_redis_value(value).map_err(|e| {
+            Error::new(ErrorKind::Backend, "unexpected reply from Redis").with_source(e)
+        })
+    }
+
+    /// Stores `value` under `key` for `millis` ms and records the key in each tag set.
+    /// On one server: one script, atomic. On a cluster, where the value and its tag sets live
+    /// in different slots: first each tag record (concurrently, one script per tag set),
+    /// then the value, so a tag invalidation never misses a value that was stored before it
+    /// began (see docs/ARCHITECTURE.md, "Cluster").
+    pub(crate) async fn write_tagged(
+        &self,
+        key: &str,
+        value: &[u8],
+        millis: u64,
+        tag_keys: &[String],
+    ) -> Result<()> {
+        #[cfg(feature = "cluster")]
+        if self.is_cluster() {
+            let records = tag_keys.iter().map(|tag_key| {
+                let mut invocation = RECORD_TAG_SCRIPT.prepare_invoke();
+                invocation.key(tag_key).arg(key).arg(millis);
+                async move { self.run_script::<i64>(&invocation).await }
+            });
+            futures_util::future::try_join_all(records).await?;
+            return self
+                .query(
+                    ::redis::cmd("SET")
+                        .arg(key)
+                        .arg(value)
+                        .arg("PX")
+                        .arg(millis),
+                )
+                .await;
+        }
+        let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
+        invocation.key(key);
+        for tag_key in tag_keys {
+            invocation.key(tag_key);
+        }
+        invocation.arg(value).arg(millis);
+        let _: i64 = self.run_script(&invocation).await?;
+        Ok(())
     }
 
     /// Runs `run` on the next connection within the operation timeout, and keeps the
@@ -712,6 +911,9 @@ impl RedisStore {
                 "Redis marked down after a recent failure; retrying shortly",
             ));
         }
+        // A cluster connection heals itself (per-node reconnects, slot map reloads): never
+        // replaced for a command's error, and one node's failure never backs off the others.
+        let self_healing = self.is_cluster();
         let index = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
         let slot = &shared.slots[index];
         let mut used = None;
@@ -727,11 +929,11 @@ impl RedisStore {
             used = Some(generation);
             let result = run(conn).await;
             if let Err(e) = &result {
-                if e.is_io_error()
+                let broken = e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_unrecoverable_error()
-                    || is_read_only(e)
-                {
+                    || is_read_only(e);
+                if broken && !self_healing {
                     slot.discard(generation);
                 }
             }
@@ -742,7 +944,7 @@ impl RedisStore {
         let result = outcome.unwrap_or_else(|_| {
             // A connection that stopped answering may be half-open (a peer gone without a
             // reset, a failed-over address): replace it rather than wait on it forever.
-            if let Some(generation) = used {
+            if let (Some(generation), false) = (used, self_healing) {
                 slot.discard(generation);
             }
             Err(Error::new(
@@ -754,7 +956,8 @@ impl RedisStore {
         // out, or the connection was refused or broke. One slow command (a large value) must
         // not fail every other request for the back-off period.
         let still_connecting = timed_out && used.is_none();
-        let unreachable = matches!(&result, Err(e) if e.kind() == ErrorKind::Unreachable);
+        let unreachable =
+            !self_healing && matches!(&result, Err(e) if e.kind() == ErrorKind::Unreachable);
         if connect_failed || still_connecting || unreachable {
             shared.back_off(result.as_ref().err());
         }
@@ -924,8 +1127,9 @@ const TAG_BATCH: usize = 1000;
 /// Stores a value and records its key in each tag set, scored by its expiry on the server's
 /// clock. Expired members are trimmed on each write; a tag set lives as long as its
 /// longest-lived member. KEYS[1]: the value's key; KEYS[2..]: tag sets. ARGV[1]: the value;
-/// ARGV[2]: TTL in ms. Shared by the response layer and [`RedisCache`](crate::RedisCache).
-pub(crate) static SET_TAGGED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_TAGGED));
+/// ARGV[2]: TTL in ms. Run by [`RedisStore::write_tagged`], for the response layer and
+/// [`RedisCache`](crate::RedisCache).
+static SET_TAGGED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_TAGGED));
 
 const SET_TAGGED: &str = r"
 local t = redis.call('TIME')
@@ -938,6 +1142,24 @@ for i = 2, #KEYS do
   if redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
+end
+return 1
+";
+
+/// On a cluster: records a key in one tag set, as [`SET_TAGGED_SCRIPT`] does for each of its
+/// tag sets. KEYS[1]: the tag set; ARGV[1]: the value's key; ARGV[2]: TTL in ms.
+#[cfg(feature = "cluster")]
+static RECORD_TAG_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD_TAG));
+
+#[cfg(feature = "cluster")]
+const RECORD_TAG: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return 1
 ";
@@ -999,14 +1221,7 @@ impl Store for RedisStore {
         }
         Box::pin(async move {
             self.check_size(&value)?;
-            let mut invocation = SET_TAGGED_SCRIPT.prepare_invoke();
-            invocation.key(key);
-            for tag_key in tag_keys {
-                invocation.key(tag_key);
-            }
-            invocation.arg(&value[..]).arg(px(ttl));
-            let _: i64 = self.run_script(&invocation).await?;
-            Ok(())
+            self.write_tagged(key, &value, px(ttl), tag_keys).await
         })
     }
 

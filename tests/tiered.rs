@@ -1,0 +1,221 @@
+//! The two-tier store (feature `tiered`): two instances, each with its own L1 (MemoryStore),
+//! sharing an L2 (RedisStore) on a private redis-server and an invalidation channel on it.
+#![cfg(feature = "tiered")]
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use common::{send, serve, Counter, RedisServer};
+use http::Method;
+use tower_redis_cache::{CacheLayer, RedisStore, Store, TieredStore};
+
+const CHANNEL: &str = "trc:invalidations";
+
+/// How long an invalidation may take to reach the other instance (measured: about a
+/// millisecond on loopback; the bound leaves room for a loaded CI machine).
+const BOUND: Duration = Duration::from_secs(1);
+
+async fn instance(redis: &RedisServer, l1_ttl: Duration) -> TieredStore {
+    let l2 = RedisStore::builder(&redis.url())
+        .failure_backoff(Duration::from_millis(50))
+        .build_lazy()
+        .unwrap();
+    let store = TieredStore::builder(l2)
+        .l1_ttl(l1_ttl)
+        .invalidations(&redis.url(), CHANNEL)
+        .unwrap()
+        .build()
+        .await;
+    assert!(store.is_subscribed());
+    store
+}
+
+/// Polls `check` until it holds; panics after `within`. Returns how long it took.
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn in_l1(store: &TieredStore, key: &str) -> bool {
+    store.l1().get(key).await.unwrap().is_some()
+}
+
+/// Reads `key` through `reader` so its L1 holds a copy.
+async fn read_through(reader: &TieredStore, key: &str) {
+    assert!(reader.get(key).await.unwrap().is_some(), "{key} in L2");
+    assert!(in_l1(reader, key).await, "{key} copied into L1");
+}
+
+#[tokio::test]
+async fn an_invalidation_on_one_instance_empties_the_others_l1() {
+    let redis = RedisServer::start();
+    let a = instance(&redis, Duration::from_secs(30)).await;
+    let b = instance(&redis, Duration::from_secs(30)).await;
+    let ttl = Duration::from_secs(60);
+    let v = Bytes::from_static(b"v");
+
+    // Delete.
+    a.set("k", v.clone(), ttl).await.unwrap();
+    read_through(&b, "k").await;
+    let started = Instant::now();
+    assert!(a.delete("k").await.unwrap());
+    wait_until("delete reaches B", BOUND, || async {
+        !in_l1(&b, "k").await
+    })
+    .await;
+    println!(
+        "delete reached the other instance in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(b.get("k").await.unwrap(), None);
+
+    // Tag: B's read-through copy goes; what B wrote itself under another tag stays.
+    let red = ["p:__tag:red".to_owned()];
+    let blue = ["p:__tag:blue".to_owned()];
+    a.set_tagged("t1", v.clone(), ttl, &red).await.unwrap();
+    b.set_tagged("t2", v.clone(), ttl, &blue).await.unwrap();
+    read_through(&b, "t1").await;
+    let started = Instant::now();
+    assert_eq!(a.invalidate_tag("p:__tag:red").await.unwrap(), 1);
+    wait_until("tag reaches B", BOUND, || async { !in_l1(&b, "t1").await }).await;
+    println!(
+        "tag invalidation reached the other instance in {:?}",
+        started.elapsed()
+    );
+    assert!(in_l1(&b, "t2").await, "another tag's entry stays");
+    assert_eq!(b.get("t1").await.unwrap(), None);
+
+    // Pattern: L2 first (the caller's), then every L1.
+    a.set("user:1:a", v.clone(), ttl).await.unwrap();
+    a.set("user:2:a", v.clone(), ttl).await.unwrap();
+    read_through(&b, "user:1:a").await;
+    read_through(&b, "user:2:a").await;
+    a.l2().delete("user:1:a").await.unwrap();
+    let started = Instant::now();
+    a.invalidate_pattern("user:1:*").await.unwrap();
+    wait_until("pattern reaches B", BOUND, || async {
+        !in_l1(&b, "user:1:a").await
+    })
+    .await;
+    println!(
+        "pattern invalidation reached the other instance in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        in_l1(&b, "user:2:a").await,
+        "a key the pattern misses stays"
+    );
+    assert!(b.invalidations_received() >= 3);
+}
+
+#[tokio::test]
+async fn a_lost_subscription_falls_back_to_the_l1_ttl_and_reconnects() {
+    let mut redis = RedisServer::start();
+    let l1_ttl = Duration::from_millis(300);
+    let a = instance(&redis, l1_ttl).await;
+    let b = instance(&redis, l1_ttl).await;
+    let v = Bytes::from_static(b"v");
+    a.set("k", v.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    read_through(&b, "k").await;
+
+    redis.kill();
+    wait_until("B notices the lost subscription", BOUND, || async {
+        !b.is_subscribed()
+    })
+    .await;
+    // Served from L1 while Redis is down, until the L1 TTL.
+    let expired = wait_until("B's copy expires", l1_ttl + BOUND, || async {
+        !in_l1(&b, "k").await
+    })
+    .await;
+    println!("while unsubscribed, the L1 copy expired after {expired:?} more");
+
+    redis.restart();
+    let took = wait_until("B subscribes again", Duration::from_secs(5), || async {
+        b.is_subscribed()
+    })
+    .await;
+    println!("subscribed again {took:?} after the restart");
+    // The restarted Redis is empty; A's store may still be backing off.
+    wait_until("A writes again", Duration::from_secs(5), || async {
+        a.set("k2", v.clone(), Duration::from_secs(60))
+            .await
+            .is_ok()
+    })
+    .await;
+    // B's L2 connection broke with the restart: its first command fails and replaces it.
+    wait_until("B reads through again", Duration::from_secs(5), || async {
+        matches!(b.get("k2").await, Ok(Some(_)))
+    })
+    .await;
+    assert!(in_l1(&b, "k2").await);
+    assert!(a.delete("k2").await.unwrap());
+    wait_until("delete reaches B after the reconnect", BOUND, || async {
+        !in_l1(&b, "k2").await
+    })
+    .await;
+}
+
+/// The layer on two instances: a tag invalidated through one instance's layer is soon a miss
+/// on the other, though the other had the response in its L1.
+#[tokio::test]
+async fn the_layer_on_two_instances_sees_one_instances_invalidation() {
+    let redis = RedisServer::start();
+    let calls = Counter::default();
+    let app = |store: TieredStore| {
+        let calls = calls.clone();
+        let layer = CacheLayer::new(store).tags(["items"]);
+        let invalidator = layer.invalidator();
+        let router = Router::new()
+            .route(
+                "/items/1",
+                get(move || {
+                    let n = calls.bump();
+                    async move { format!("fresh #{n}") }
+                }),
+            )
+            .layer(layer);
+        (router, invalidator)
+    };
+    let (router_a, invalidator_a) = app(instance(&redis, Duration::from_secs(30)).await);
+    let (router_b, _) = app(instance(&redis, Duration::from_secs(30)).await);
+    let (addr_a, addr_b) = (serve(router_a).await, serve(router_b).await);
+    // One host for both instances, as behind a load balancer: one key.
+    let host = [("host", "shop.test")];
+    let x_cache = |addr| async move {
+        let reply = send(addr, Method::GET, "/items/1", &host).await;
+        reply.x_cache().map(str::to_owned)
+    };
+    assert_eq!(x_cache(addr_a).await.as_deref(), Some("MISS"));
+    wait_until("B hits", Duration::from_secs(5), || async {
+        x_cache(addr_b).await.as_deref() == Some("HIT")
+    })
+    .await;
+    let started = Instant::now();
+    invalidator_a.invalidate_tag("items").await.unwrap();
+    wait_until("B misses", BOUND, || async {
+        x_cache(addr_b).await.as_deref() == Some("MISS")
+    })
+    .await;
+    println!(
+        "B missed {:?} after A's invalidation began",
+        started.elapsed()
+    );
+}
