@@ -73,6 +73,7 @@ const MAIN_ROWS: &[&str] = &["bare", "memory", "redis-hit", "redis-miss", "get-m
 const MAIN_ROWS: &[&str] = &[
     "bare",
     "memory",
+    "memory-decode",
     "redis-hit",
     "redis-hit-bb8",
     "redis-miss",
