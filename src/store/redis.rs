@@ -811,6 +811,7 @@ impl RedisStore {
     /// The addresses of the cluster's primaries, from `CLUSTER SLOTS` (sorted, without
     /// duplicates).
     #[cfg(feature = "cluster")]
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn primaries(&self) -> Result<Vec<(String, u16)>> {
         let ranges: Vec<Vec<Value>> = self.query(::redis::cmd("CLUSTER").arg("SLOTS")).await?;
         let mut primaries: Vec<(String, u16)> = ranges
@@ -832,6 +833,7 @@ impl RedisStore {
     /// Runs one command on the cluster node at `node` (a `SCAN` step, which names no key),
     /// bounded by the operation timeout.
     #[cfg(feature = "cluster")]
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn query_node<T: FromRedisValue>(
         &self,
         node: &(String, u16),
