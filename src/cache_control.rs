@@ -109,21 +109,7 @@ impl CacheControl {
 /// Splits a comma-separated header list, ignoring commas inside quoted strings, trimming
 /// whitespace and dropping empty elements.
 pub(crate) fn split_list(value: &str) -> impl Iterator<Item = &str> {
-    let mut in_quotes = false;
-    let mut escaped = false;
-    value
-        .split(move |c: char| {
-            if escaped {
-                escaped = false;
-            } else if in_quotes && c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quotes = !in_quotes;
-            } else if c == ',' && !in_quotes {
-                return true;
-            }
-            false
-        })
+    split_outside_quotes(value, ',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
 }

@@ -16,7 +16,7 @@ use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
 use crate::observe::{NotStored, Observer};
 use crate::rules::conditional;
-use crate::rules::freshness;
+use crate::rules::freshness::{self, Unstorable};
 use crate::rules::tags::{self, TAG_HEADERS};
 use crate::rules::vary::{vary_names, Vary};
 use crate::store::Store;
@@ -51,14 +51,15 @@ pub(crate) fn plan_store<B: Body>(
         config.observe.not_stored(reason);
         None
     };
-    let Some(ttl) = freshness::storable_ttl(
+    let ttl = match freshness::storable_ttl(
         rules,
         parts.status,
         &parts.headers,
         &cc,
         exchange.authorized,
-    ) else {
-        return not_stored(unstorable(config, parts, &cc, exchange.authorized));
+    ) {
+        Ok(ttl) => ttl,
+        Err(reason) => return not_stored(not_stored_reason(reason)),
     };
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
@@ -86,45 +87,17 @@ pub(crate) fn plan_store<B: Body>(
     ))
 }
 
-/// Why `storable_ttl` refused a response, for the stats: its checks, in its order.
-fn unstorable(
-    config: &Config,
-    parts: &http::response::Parts,
-    cc: &CacheControl,
-    authorized: bool,
-) -> NotStored {
-    let headers = &parts.headers;
-    let event_stream = headers
-        .get_all(header::CONTENT_TYPE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
-    if !entry::storable_status(parts.status) {
-        NotStored::Status
-    } else if headers.contains_key(header::SET_COOKIE) {
-        NotStored::SetCookie
-    } else if cc.private {
-        NotStored::Private
-    } else if cc.no_store {
-        NotStored::NoStore
-    } else if authorized && !cc.shareable_when_authorized() {
-        NotStored::Authorization
-    } else if event_stream {
-        NotStored::EventStream
-    } else if matches!(vary_names(headers), Vary::Any) {
-        NotStored::VaryStar
-    } else if !config.rules.statuses.contains(parts.status)
-        && cc.max_age.is_none()
-        && cc.s_maxage.is_none()
-        && !headers.contains_key(header::EXPIRES)
-    {
-        NotStored::Status
-    } else {
-        NotStored::NoFreshness
+/// The stats' name for why the rules refused a response.
+fn not_stored_reason(reason: Unstorable) -> NotStored {
+    match reason {
+        Unstorable::Status => NotStored::Status,
+        Unstorable::SetCookie => NotStored::SetCookie,
+        Unstorable::Private => NotStored::Private,
+        Unstorable::NoStore => NotStored::NoStore,
+        Unstorable::Authorization => NotStored::Authorization,
+        Unstorable::EventStream => NotStored::EventStream,
+        Unstorable::VaryStar => NotStored::VaryStar,
+        Unstorable::NoFreshness => NotStored::NoFreshness,
     }
 }
 
@@ -167,7 +140,8 @@ pub(crate) fn revalidated(
         &stale.headers,
         &stale.directives,
         exchange.authorized,
-    );
+    )
+    .ok();
     // The 304 is the response the entry's age now counts from.
     stale.stored_at_ms = received_at(not_modified, exchange);
     stale.ttl = ttl.unwrap_or(Duration::ZERO);

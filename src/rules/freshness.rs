@@ -14,7 +14,24 @@ use super::date::http_date;
 use super::request::RequestPlan;
 use super::vary::{vary_names, Vary};
 
-/// How long a response may be stored, or `None` if it must not be stored.
+/// Why a response may not be stored, as [`storable_ttl`] decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unstorable {
+    /// Not a final status the cache replays, or (relying on the route's TTL) not in the
+    /// route's status set.
+    Status,
+    SetCookie,
+    Private,
+    NoStore,
+    /// A response to a request with credentials, not marked shareable.
+    Authorization,
+    EventStream,
+    VaryStar,
+    /// No lifetime (explicit, heuristic or the route's) and no validator to revalidate with.
+    NoFreshness,
+}
+
+/// How long a response may be stored, or why it must not be.
 ///
 /// `cc`: the response's directives for this cache, parsed once from `headers`.
 /// `authorized`: the request carried `Authorization`; then only a response marked
@@ -30,12 +47,21 @@ pub(crate) fn storable_ttl(
     headers: &HeaderMap,
     cc: &CacheControl,
     authorized: bool,
-) -> Option<Duration> {
-    if !storable_status(status) || headers.contains_key(SET_COOKIE) {
-        return None;
+) -> Result<Duration, Unstorable> {
+    if !storable_status(status) {
+        return Err(Unstorable::Status);
     }
-    if cc.private || cc.no_store || (authorized && !cc.shareable_when_authorized()) {
-        return None;
+    if headers.contains_key(SET_COOKIE) {
+        return Err(Unstorable::SetCookie);
+    }
+    if cc.private {
+        return Err(Unstorable::Private);
+    }
+    if cc.no_store {
+        return Err(Unstorable::NoStore);
+    }
+    if authorized && !cc.shareable_when_authorized() {
+        return Err(Unstorable::Authorization);
     }
     // An event stream is a live feed, not a document: never replay it, and never make
     // concurrent subscribers wait for it to end.
@@ -49,10 +75,10 @@ pub(crate) fn storable_ttl(
                 .starts_with("text/event-stream")
         });
     if event_stream {
-        return None;
+        return Err(Unstorable::EventStream);
     }
     if matches!(vary_names(headers), Vary::Any) {
-        return None;
+        return Err(Unstorable::VaryStar);
     }
     let explicit = rules
         .honor_origin_ttl
@@ -64,7 +90,7 @@ pub(crate) fn storable_ttl(
         None => {
             let heuristic = heuristic_ttl(rules, status, headers, cc);
             if heuristic.is_none() && !rules.statuses.contains(status) {
-                return None;
+                return Err(Unstorable::Status);
             }
             heuristic.unwrap_or(rules.ttl)
         }
@@ -78,12 +104,14 @@ pub(crate) fn storable_ttl(
     // window: its next request costs the handler a 304, not a body (RFC 9111 §4.3).
     if ttl.is_zero() {
         return if cc.no_cache && !rules.ttl.is_zero() {
-            Some(rules.ttl)
+            Ok(rules.ttl)
+        } else if has_validator {
+            Ok(Duration::ZERO)
         } else {
-            has_validator.then_some(Duration::ZERO)
+            Err(Unstorable::NoFreshness)
         };
     }
-    Some(ttl)
+    Ok(ttl)
 }
 
 /// The freshness lifetime the origin gave (RFC 9111 §4.2.1): `s-maxage`, else `max-age`,
