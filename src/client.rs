@@ -702,6 +702,8 @@ fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>> {
 
 /// A TTL in whole milliseconds, at least 1 (Redis rejects `PX 0`).
 fn millis(ttl: Duration) -> u64 {
+    // Clamped to 2^31 s like every duration the crate takes: Redis refuses larger PX values.
+    let ttl = crate::settings::clamp(ttl);
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 

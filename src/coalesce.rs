@@ -210,7 +210,8 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Looked<V>>,
 {
-    let deadline = tokio::time::Instant::now() + wait;
+    // Clamped like every duration the crate takes (a caller may pass `Duration::MAX`).
+    let deadline = tokio::time::Instant::now() + crate::settings::clamp(wait);
     loop {
         match Lock::try_acquire(store, key, ttl).await {
             Ok(Some(lock)) => {

@@ -683,3 +683,22 @@ async fn a_key_function_adds_material_or_declines_the_request() {
         Some("tower-redis-cache; fwd=bypass; detail=no-key")
     );
 }
+
+// Durations given to the client are clamped too.
+#[tokio::test]
+async fn the_client_takes_duration_max_without_panicking() {
+    let redis = RedisServer::start();
+    let cache = tower_redis_cache::RedisCache::connect(&redis.url())
+        .await
+        .unwrap()
+        .with_lock(Duration::MAX, Duration::MAX);
+    let value: u32 = cache
+        .get_or_insert_with("k", Duration::MAX, || async {
+            Ok::<_, tower_redis_cache::Error>(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(value, 7);
+    cache.set("s", &1u8, Duration::MAX).await.unwrap();
+    assert_eq!(cache.get::<u8>("s").await.unwrap(), Some(1));
+}
