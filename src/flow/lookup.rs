@@ -90,8 +90,7 @@ fn decode_memoized(
     let memoized = memo
         .as_ref()
         .and_then(|m| m.get()?.downcast_ref::<Memoized>());
-    if let Some((for_targeted, value)) = memoized.filter(|(t, _)| t == targeted) {
-        let _ = for_targeted;
+    if let Some((_, value)) = memoized.filter(|(for_targeted, _)| for_targeted == targeted) {
         return Some(value.clone());
     }
     let value = entry::decode(bytes, targeted)

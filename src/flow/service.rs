@@ -151,13 +151,12 @@ where
         span.record("key", key.as_str());
     }
     if plan.action == RequestAction::HeadLookup {
-        let stored = lookup(&config, &key, req.headers()).await;
-        if let Some(hit) = stored.as_ref() {
-            if judge_entry(&config, &plan, hit) == Verdict::Fresh {
-                let hit = stored.expect("checked above");
+        let stored = match lookup(&config, &key, req.headers()).await {
+            Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
                 return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
             }
-        }
+            other => other,
+        };
         // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
         // response's headers when it is the same representation (RFC 9111 §4.3.5).
         let request_headers = req.headers().clone();
