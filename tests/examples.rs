@@ -8,7 +8,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Once;
 
 use common::RedisServer;
 
@@ -25,44 +24,17 @@ const EXAMPLES: [&str; 8] = [
     "reverse_proxy",
 ];
 
-/// `target/{profile}/examples/{name}`, after making sure the examples are built and current
-/// (a no-op under a plain `cargo test`, which builds them; filters such as
-/// `cargo test --test examples` skip them).
+/// An example's binary, all of them built first (see [`common::example_binary`]).
 fn example_binary(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent() // deps
-        .and_then(|deps| deps.parent())
-        .expect("target profile dir");
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        for example in EXAMPLES {
-            build.args(["--example", example]);
-        }
-        if cfg!(all(
-            feature = "metrics",
-            feature = "memory",
-            feature = "axum"
-        )) {
-            build.args(["--features", "metrics", "--example", "observability"]);
-        }
-        let status = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the examples failed");
-    });
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(binary.exists(), "no example binary at {}", binary.display());
-    binary
+    let mut args: Vec<&str> = EXAMPLES.iter().flat_map(|e| ["--example", *e]).collect();
+    if cfg!(all(
+        feature = "metrics",
+        feature = "memory",
+        feature = "axum"
+    )) {
+        args.extend(["--features", "metrics", "--example", "observability"]);
+    }
+    common::example_binary(name, &args)
 }
 
 /// Runs example `name` against a fresh redis-server; returns its stdout, asserting success.

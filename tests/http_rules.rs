@@ -34,11 +34,15 @@
 //! `HTTP_RULES=name` runs only the rows whose name contains `name`.
 #![cfg(all(feature = "redis", feature = "memory"))]
 
+mod common;
+
+use common::serve;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -799,44 +803,12 @@ impl Origin {
     }
 }
 
-/// Serves `app` on 127.0.0.1 on a free port, for as long as the test's runtime lives.
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
-/// `target/{profile}/examples/{name}`, built if need be (as in `tests/examples.rs`: a plain
-/// `cargo test` has built it already; `cargo test --test http_rules` has not).
+/// The example's binary, built if need be (see [`common::example_binary`]).
 fn example_binary(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent() // deps
-        .and_then(|deps| deps.parent())
-        .expect("target profile dir");
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "--example", name]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building example {name} failed");
-    });
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(binary.exists(), "no example binary at {}", binary.display());
-    binary
+    common::example_binary(name, &["--example", name])
 }
 
 /// A running `reverse_proxy` example, killed (and reaped) on drop, a failed test included.

@@ -420,3 +420,33 @@ pub fn cache_key(
 pub fn http_key(addr: SocketAddr, method: &str, path: &str) -> String {
     cache_key("http-cache", method, Some(&addr.to_string()), path, None)
 }
+
+/// `target/{profile}/examples/{name}`, after one `cargo build --quiet {build_args}` per test
+/// process (a no-op under a plain `cargo test`, which has built the examples; filters such as
+/// `cargo test --test examples` have not).
+pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent() // deps
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet"]).args(build_args);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the examples failed");
+    });
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "no example binary at {}", binary.display());
+    binary
+}
