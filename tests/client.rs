@@ -1,32 +1,40 @@
-//! The typed client, `RedisCache`, against private redis-server processes.
+//! The typed client, `RedisCache`, against private redis-server processes and, with feature
+//! `cluster`, a private Redis Cluster.
 #![cfg(feature = "redis")]
 
 mod common;
 
 use std::time::Duration;
 
+use common::backend::Backend;
 use common::{Counter, RedisServer};
 use serde::{Deserialize, Serialize};
 use tower_redis_cache::{Error, ErrorKind, RedisCache, RedisStore};
 
 /// A client with timeouts generous enough for a busy test machine.
-async fn client(server: &RedisServer) -> RedisCache {
-    let store = RedisStore::builder(&server.url())
+async fn client(backend: &Backend) -> RedisCache {
+    let store = backend
+        .builder()
         .operation_timeout(Duration::from_secs(5))
         .connection_timeout(Duration::from_secs(2))
         .build()
         .await
-        .expect("connect to test redis-server");
+        .unwrap_or_else(|e| panic!("connect to the test {}: {e}", backend.name()));
     RedisCache::from_store(&store)
 }
 
-/// Calls per command since the last `CONFIG RESETSTAT`, e.g. `calls(&server, "keys")`.
-fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = server.cmd(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+/// Every case of every module below on one cluster. Not run there:
+/// `get_or_insert::with_redis_down_the_closure_still_answers`, which kills its redis-server.
+#[cfg(feature = "cluster")]
+#[test]
+fn every_case_on_a_cluster() {
+    common::backend::run_on_cluster(&[
+        values::CASES,
+        patterns::CASES,
+        tags::CASES,
+        get_or_insert::CASES,
+        across_instances::CASES,
+    ]);
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,10 +48,19 @@ const MINUTE: Duration = Duration::from_secs(60);
 mod values {
     use super::*;
 
-    #[tokio::test]
-    async fn get_returns_what_set_stored_as_json_with_its_ttl() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    backend_cases!(
+        get_returns_what_set_stored_as_json_with_its_ttl,
+        falsy_json_values_are_hits_not_misses,
+        undecodable_value_is_a_codec_error_naming_the_key,
+        reads_values_written_by_python_json_dumps,
+        delete_and_exists,
+        get_many_uses_one_mget_and_set_many_one_pipeline,
+        prefix_namespaces_keys_and_patterns,
+        a_zero_ttl_still_stores_briefly_instead_of_failing,
+    );
+
+    async fn get_returns_what_set_stored_as_json_with_its_ttl(backend: &Backend) {
+        let cache = client(backend).await;
         let ada = User {
             id: 1,
             name: "Ada".into(),
@@ -52,17 +69,15 @@ mod values {
         cache.set("user:1", &ada, MINUTE).await.unwrap();
 
         assert_eq!(cache.get::<User>("user:1").await.unwrap(), Some(ada));
-        let raw: String = server.cmd(&["GET", "user:1"]);
+        let raw: String = backend.cmd(&["GET", "user:1"]);
         assert_eq!(raw, r#"{"id":1,"name":"Ada"}"#);
-        let pttl: i64 = server.cmd(&["PTTL", "user:1"]);
+        let pttl: i64 = backend.cmd(&["PTTL", "user:1"]);
         assert!((59_000..=60_000).contains(&pttl), "PTTL {pttl}");
         assert_eq!(cache.get::<User>("user:2").await.unwrap(), None);
     }
 
-    #[tokio::test]
-    async fn falsy_json_values_are_hits_not_misses() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn falsy_json_values_are_hits_not_misses(backend: &Backend) {
+        let cache = client(backend).await;
         cache.set("null", &None::<u32>, MINUTE).await.unwrap();
         cache.set("false", &false, MINUTE).await.unwrap();
         cache.set("zero", &0, MINUTE).await.unwrap();
@@ -105,12 +120,10 @@ mod values {
         assert_eq!(computed.get(), 0);
     }
 
-    #[tokio::test]
-    async fn undecodable_value_is_a_codec_error_naming_the_key() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
-        server.cmd::<()>(&["SET", "user:7", "not json"]);
-        server.cmd::<()>(&["SET", "user:8", r#"{"id":"eight"}"#]);
+    async fn undecodable_value_is_a_codec_error_naming_the_key(backend: &Backend) {
+        let cache = client(backend).await;
+        backend.cmd::<()>(&["SET", "user:7", "not json"]);
+        backend.cmd::<()>(&["SET", "user:8", r#"{"id":"eight"}"#]);
 
         for key in ["user:7", "user:8"] {
             let err = cache.get::<User>(key).await.unwrap_err();
@@ -124,12 +137,10 @@ mod values {
         assert!(err.to_string().contains("user:8"), "{err}");
     }
 
-    #[tokio::test]
-    async fn reads_values_written_by_python_json_dumps() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn reads_values_written_by_python_json_dumps(backend: &Backend) {
+        let cache = client(backend).await;
         // json.dumps({"id": 3, "name": "Zoé"}): spaces after separators, non-ASCII escaped.
-        server.cmd::<()>(&["SET", "user:3", r#"{"id": 3, "name": "Zo\u00e9"}"#]);
+        backend.cmd::<()>(&["SET", "user:3", r#"{"id": 3, "name": "Zo\u00e9"}"#]);
 
         let user = cache.get::<User>("user:3").await.unwrap().unwrap();
         assert_eq!(
@@ -141,23 +152,19 @@ mod values {
         );
     }
 
-    #[tokio::test]
-    async fn delete_and_exists() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn delete_and_exists(backend: &Backend) {
+        let cache = client(backend).await;
         cache.set("k", &1, MINUTE).await.unwrap();
 
         assert!(cache.exists("k").await.unwrap());
         assert!(cache.delete("k").await.unwrap());
         assert!(!cache.exists("k").await.unwrap());
         assert!(!cache.delete("k").await.unwrap());
-        assert_eq!(server.dbsize(), 0);
+        assert_eq!(backend.dbsize(), 0);
     }
 
-    #[tokio::test]
-    async fn get_many_uses_one_mget_and_set_many_one_pipeline() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn get_many_uses_one_mget_and_set_many_one_pipeline(backend: &Backend) {
+        let cache = client(backend).await;
         let users: Vec<(String, User)> = (1..=3)
             .map(|id| {
                 (
@@ -171,7 +178,7 @@ mod values {
             .collect();
 
         cache.set_many(&users, MINUTE).await.unwrap();
-        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+        backend.reset_stats();
         let got: Vec<Option<User>> = cache
             .get_many(&["user:3", "user:9", "user:1"])
             .await
@@ -181,18 +188,21 @@ mod values {
             got,
             vec![Some(users[2].1.clone()), None, Some(users[0].1.clone())]
         );
-        assert_eq!(calls(&server, "mget"), 1);
-        assert_eq!(calls(&server, "get"), 0);
-        let pttl: i64 = server.cmd(&["PTTL", "user:2"]);
+        // On a cluster redis-rs splits a cross-slot MGET into one MGET per slot, sent
+        // concurrently.
+        assert_eq!(
+            backend.command_calls("mget"),
+            backend.slots_of(&["user:3", "user:9", "user:1"]) as u64
+        );
+        assert_eq!(backend.command_calls("get"), 0);
+        let pttl: i64 = backend.cmd(&["PTTL", "user:2"]);
         assert!(pttl > 59_000, "PTTL {pttl}");
         assert!(cache.get_many::<User, &str>(&[]).await.unwrap().is_empty());
         cache.set_many::<&str, u32>(&[], MINUTE).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn prefix_namespaces_keys_and_patterns() {
-        let server = RedisServer::start();
-        let root = client(&server).await;
+    async fn prefix_namespaces_keys_and_patterns(backend: &Backend) {
+        let root = client(backend).await;
         let app = root.clone().with_prefix("app");
         let globby = root.clone().with_prefix("a*");
         assert_eq!(app.prefix(), "app");
@@ -202,7 +212,7 @@ mod values {
         root.set("ab:k", &3, MINUTE).await.unwrap();
         globby.set("k", &4, MINUTE).await.unwrap();
 
-        let raw: String = server.cmd(&["GET", "app:k"]);
+        let raw: String = backend.cmd(&["GET", "app:k"]);
         assert_eq!(raw, "1");
         assert_eq!(app.get::<u32>("k").await.unwrap(), Some(1));
         assert_eq!(root.get::<u32>("k").await.unwrap(), Some(2));
@@ -213,10 +223,8 @@ mod values {
         assert_eq!(root.get::<u32>("ab:k").await.unwrap(), Some(3));
     }
 
-    #[tokio::test]
-    async fn a_zero_ttl_still_stores_briefly_instead_of_failing() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn a_zero_ttl_still_stores_briefly_instead_of_failing(backend: &Backend) {
+        let cache = client(backend).await;
         cache.set("brief", &1, Duration::ZERO).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cache.get::<u32>("brief").await.unwrap(), None);
@@ -226,50 +234,43 @@ mod values {
 mod patterns {
     use super::*;
 
-    #[tokio::test]
-    async fn delete_pattern_removes_exactly_the_1k_matching_keys_among_100k() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
-        let mut conn = server.conn();
-        for chunk in 0..10 {
-            let mut pipe = redis::pipe();
-            for i in chunk * 10_000..(chunk + 1) * 10_000 {
-                let key = if i % 100 == 0 {
-                    format!("session:{i}")
-                } else if i % 100 == 1 {
-                    format!("sessions:{i}") // close, but not matching "session:*"
-                } else {
-                    format!("other:{i}")
-                };
-                pipe.cmd("SET").arg(key).arg(i).ignore();
-            }
-            pipe.query::<()>(&mut conn).unwrap();
-        }
-        assert_eq!(server.dbsize(), 100_000);
-        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+    backend_cases!(
+        delete_pattern_removes_exactly_the_1k_matching_keys_among_100k,
+        a_pattern_built_from_escaped_keys_stays_in_its_namespace,
+    );
+
+    async fn delete_pattern_removes_exactly_the_1k_matching_keys_among_100k(backend: &Backend) {
+        let cache = client(backend).await;
+        backend.set_raw((0..100_000).map(|i| {
+            let key = if i % 100 == 0 {
+                format!("session:{i}")
+            } else if i % 100 == 1 {
+                format!("sessions:{i}") // close, but not matching "session:*"
+            } else {
+                format!("other:{i}")
+            };
+            (key, i.to_string())
+        }));
+        assert_eq!(backend.dbsize(), 100_000);
+        backend.reset_stats();
 
         let removed = cache.delete_pattern("session:*").await.unwrap();
 
         assert_eq!(removed, 1_000);
-        assert_eq!(server.dbsize(), 99_000);
-        let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(0)
-            .arg("MATCH")
-            .arg("session:*")
-            .arg("COUNT")
-            .arg(200_000)
-            .query(&mut conn)
-            .unwrap();
+        assert_eq!(backend.dbsize(), 99_000);
+        assert_eq!(backend.command_calls("keys"), 0);
+        assert!(
+            backend.command_calls("scan") > 1,
+            "expected SCAN in batches"
+        );
+        assert!(backend.command_calls("unlink") >= 1);
+        // (After the counts: this looks with SCAN too.)
+        let left = backend.keys("session:*");
         assert!(left.is_empty(), "left behind: {left:?}");
-        assert_eq!(calls(&server, "keys"), 0);
-        assert!(calls(&server, "scan") > 1, "expected SCAN in batches");
-        assert!(calls(&server, "unlink") >= 1);
     }
 
-    #[tokio::test]
-    async fn a_pattern_built_from_escaped_keys_stays_in_its_namespace() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn a_pattern_built_from_escaped_keys_stays_in_its_namespace(backend: &Backend) {
+        let cache = client(backend).await;
         let ids = ["ali*", "alice", "a", "a:b", "[ab]", "b"];
         for id in ids {
             for order in 1..=2 {
@@ -288,17 +289,21 @@ mod patterns {
                 "{pattern} removed {other}"
             );
         }
-        assert_eq!(server.dbsize(), 6);
+        assert_eq!(backend.dbsize(), 6);
     }
 }
 
 mod tags {
     use super::*;
 
-    #[tokio::test]
-    async fn invalidate_tag_removes_exactly_the_tagged_keys_without_scanning() {
-        let server = RedisServer::start();
-        let cache = client(&server).await.with_prefix("app");
+    backend_cases!(
+        invalidate_tag_removes_exactly_the_tagged_keys_without_scanning,
+        large_tags_are_invalidated_in_batches,
+        tag_sets_trim_expired_members_and_expire_with_their_last_member,
+    );
+
+    async fn invalidate_tag_removes_exactly_the_tagged_keys_without_scanning(backend: &Backend) {
+        let cache = client(backend).await.with_prefix("app");
         for id in 0..1_000u64 {
             let key = format!("user:{id}");
             let user = User {
@@ -317,7 +322,7 @@ mod tags {
             }
             .unwrap();
         }
-        server.cmd::<()>(&["CONFIG", "RESETSTAT"]);
+        backend.reset_stats();
 
         let removed = cache.invalidate_tag("users").await.unwrap();
 
@@ -327,19 +332,17 @@ mod tags {
             let exists = cache.exists(&format!("user:{id}")).await.unwrap();
             assert_eq!(exists, !tagged_users, "user:{id}");
         }
-        assert_eq!(calls(&server, "keys"), 0);
-        assert_eq!(calls(&server, "scan"), 0);
-        let users_tag: bool = server.cmd(&["EXISTS", "app:__tag:users"]);
+        assert_eq!(backend.command_calls("keys"), 0);
+        assert_eq!(backend.command_calls("scan"), 0);
+        let users_tag: bool = backend.cmd(&["EXISTS", "app:__tag:users"]);
         assert!(!users_tag, "the tag's set is removed with its keys");
         // The other tag still names its live keys (and one that is gone, which is harmless).
         assert_eq!(cache.invalidate_tag("admins").await.unwrap(), 100);
         assert_eq!(cache.invalidate_tag("users").await.unwrap(), 0);
     }
 
-    #[tokio::test]
-    async fn large_tags_are_invalidated_in_batches() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn large_tags_are_invalidated_in_batches(backend: &Backend) {
+        let cache = client(backend).await;
         for i in 0..2_500 {
             cache
                 .set_tagged(&format!("k:{i}"), &i, MINUTE, &["big"])
@@ -349,13 +352,11 @@ mod tags {
         cache.set("untagged", &0, MINUTE).await.unwrap();
 
         assert_eq!(cache.invalidate_tag("big").await.unwrap(), 2_500);
-        assert_eq!(server.dbsize(), 1);
+        assert_eq!(backend.dbsize(), 1);
     }
 
-    #[tokio::test]
-    async fn tag_sets_trim_expired_members_and_expire_with_their_last_member() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn tag_sets_trim_expired_members_and_expire_with_their_last_member(backend: &Backend) {
+        let cache = client(backend).await;
         cache
             .set_tagged("short", &1, Duration::from_millis(50), &["t"])
             .await
@@ -366,18 +367,18 @@ mod tags {
             .await
             .unwrap();
 
-        let members: Vec<String> = server.cmd(&["ZRANGE", "__tag:t", "0", "-1"]);
+        let members: Vec<String> = backend.cmd(&["ZRANGE", "__tag:t", "0", "-1"]);
         assert_eq!(members, vec!["long".to_owned()]);
-        let pttl: i64 = server.cmd(&["PTTL", "__tag:t"]);
+        let pttl: i64 = backend.cmd(&["PTTL", "__tag:t"]);
         assert!((29_000..=30_000).contains(&pttl), "tag set PTTL {pttl}");
         // A shorter-lived member does not shorten the set's life.
         cache
             .set_tagged("shorter", &3, Duration::from_secs(5), &["t"])
             .await
             .unwrap();
-        let pttl: i64 = server.cmd(&["PTTL", "__tag:t"]);
+        let pttl: i64 = backend.cmd(&["PTTL", "__tag:t"]);
         assert!(pttl > 25_000, "tag set PTTL {pttl}");
-        let value_pttl: i64 = server.cmd(&["PTTL", "shorter"]);
+        let value_pttl: i64 = backend.cmd(&["PTTL", "shorter"]);
         assert!((4_000..=5_000).contains(&value_pttl), "PTTL {value_pttl}");
     }
 }
@@ -389,10 +390,16 @@ mod get_or_insert {
 
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn a_hundred_concurrent_callers_on_a_cold_key_run_the_closure_once() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    backend_cases!(
+        a_hundred_concurrent_callers_on_a_cold_key_run_the_closure_once: multi_thread(4),
+        a_closure_error_is_returned_and_not_cached,
+        waiting_callers_get_the_leaders_error_without_rerunning_it: multi_thread(2),
+        a_dropped_leader_does_not_wedge_the_waiting_callers: multi_thread(2),
+        an_undecodable_cached_value_is_recomputed_and_replaced,
+    );
+
+    async fn a_hundred_concurrent_callers_on_a_cold_key_run_the_closure_once(backend: &Backend) {
+        let cache = client(backend).await;
         let computed = Counter::default();
         let key = RedisCache::function_key("load_user", &(42, "en")).unwrap();
         let start = Arc::new(tokio::sync::Barrier::new(100));
@@ -428,14 +435,12 @@ mod get_or_insert {
             cache.get::<User>(&key).await.unwrap().map(|u| u.id),
             Some(42)
         );
-        let pttl: i64 = server.cmd(&["PTTL", &key]);
+        let pttl: i64 = backend.cmd(&["PTTL", &key]);
         assert!(pttl > 59_000, "PTTL {pttl}");
     }
 
-    #[tokio::test]
-    async fn a_closure_error_is_returned_and_not_cached() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn a_closure_error_is_returned_and_not_cached(backend: &Backend) {
+        let cache = client(backend).await;
         let computed = Counter::default();
 
         let failed = cache
@@ -460,10 +465,8 @@ mod get_or_insert {
         assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(7));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn waiting_callers_get_the_leaders_error_without_rerunning_it() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn waiting_callers_get_the_leaders_error_without_rerunning_it(backend: &Backend) {
+        let cache = client(backend).await;
         let computed = Counter::default();
 
         let start = Arc::new(tokio::sync::Barrier::new(10));
@@ -500,10 +503,8 @@ mod get_or_insert {
         assert!(!cache.exists("k").await.unwrap());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_dropped_leader_does_not_wedge_the_waiting_callers() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
+    async fn a_dropped_leader_does_not_wedge_the_waiting_callers(backend: &Backend) {
+        let cache = client(backend).await;
         let computed = Counter::default();
 
         let leader = {
@@ -552,11 +553,9 @@ mod get_or_insert {
         assert_eq!(computed.get(), 2, "one waiter took over");
     }
 
-    #[tokio::test]
-    async fn an_undecodable_cached_value_is_recomputed_and_replaced() {
-        let server = RedisServer::start();
-        let cache = client(&server).await;
-        server.cmd::<()>(&["SET", "k", "not json"]);
+    async fn an_undecodable_cached_value_is_recomputed_and_replaced(backend: &Backend) {
+        let cache = client(backend).await;
+        backend.cmd::<()>(&["SET", "k", "not json"]);
 
         let value = cache
             .get_or_insert_with("k", MINUTE, || async { Ok::<_, Error>(vec![1u8, 2]) })
@@ -564,7 +563,7 @@ mod get_or_insert {
             .unwrap();
 
         assert_eq!(value, vec![1, 2]);
-        let raw: String = server.cmd(&["GET", "k"]);
+        let raw: String = backend.cmd(&["GET", "k"]);
         assert_eq!(raw, "[1,2]");
     }
 
@@ -605,6 +604,14 @@ mod across_instances {
 
     use super::*;
 
+    backend_cases!(
+        four_instances_on_a_cold_key_run_the_closure_once_in_total: multi_thread(4),
+        without_the_lock_each_instance_runs_the_closure: multi_thread(4),
+        a_crashed_lock_holder_delays_the_others_by_at_most_the_lock_ttl: multi_thread(2),
+        a_caller_stops_waiting_after_the_wait_timeout,
+        a_closure_error_releases_the_lock_at_once: multi_thread(2),
+    );
+
     /// `instances` independent clients x `callers` concurrent callers each, all on one cold
     /// key, each closure taking 200 ms. Returns how many times the closure ran; asserts that
     /// every caller got the value.
@@ -641,21 +648,19 @@ mod across_instances {
 
     /// Waits until the lock of `key` is gone (it is released in the background once the
     /// value is stored).
-    async fn wait_for_lock_release(server: &RedisServer, key: &str) {
+    async fn wait_for_lock_release(backend: &Backend, key: &str) {
         let lock = format!("{key}:lock");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while server.cmd::<bool>(&["EXISTS", &lock]) {
+        while backend.cmd::<bool>(&["EXISTS", &lock]) {
             assert!(Instant::now() < deadline, "{lock} was never released");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn four_instances_on_a_cold_key_run_the_closure_once_in_total() {
-        let server = RedisServer::start();
+    async fn four_instances_on_a_cold_key_run_the_closure_once_in_total(backend: &Backend) {
         let mut instances = Vec::new();
         for _ in 0..4 {
-            instances.push(client(&server).await); // each with its own pool
+            instances.push(client(backend).await); // each with its own pool
         }
 
         let computed = stampede(&instances, 25).await;
@@ -672,16 +677,14 @@ mod across_instances {
                 .map(|u| u.id),
             Some(7)
         );
-        wait_for_lock_release(&server, "report").await;
-        assert_eq!(server.dbsize(), 1, "only the value is left");
+        wait_for_lock_release(backend, "report").await;
+        assert_eq!(backend.dbsize(), 1, "only the value is left");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn without_the_lock_each_instance_runs_the_closure() {
-        let server = RedisServer::start();
+    async fn without_the_lock_each_instance_runs_the_closure(backend: &Backend) {
         let mut instances = Vec::new();
         for _ in 0..4 {
-            instances.push(client(&server).await.lock_across_instances(false));
+            instances.push(client(backend).await.lock_across_instances(false));
         }
 
         let computed = stampede(&instances, 25).await;
@@ -689,15 +692,13 @@ mod across_instances {
         // Once per instance (in-process single-flight still holds), unless an instance
         // missed only after another had stored the value.
         assert!((2..=4).contains(&computed), "ran {computed} times");
-        assert_eq!(calls(&server, "eval"), 0, "no lock taken");
+        assert_eq!(backend.command_calls("eval"), 0, "no lock taken");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_crashed_lock_holder_delays_the_others_by_at_most_the_lock_ttl() {
-        let server = RedisServer::start();
+    async fn a_crashed_lock_holder_delays_the_others_by_at_most_the_lock_ttl(backend: &Backend) {
         // A holder that crashed: its lock stays until its TTL.
-        server.cmd::<()>(&["SET", "report:lock", "crashed-holder", "PX", "1000"]);
-        let instances = [client(&server).await, client(&server).await];
+        backend.cmd::<()>(&["SET", "report:lock", "crashed-holder", "PX", "1000"]);
+        let instances = [client(backend).await, client(backend).await];
 
         let started = Instant::now();
         let computed = stampede(&instances, 5).await;
@@ -712,14 +713,12 @@ mod across_instances {
             "did not wait for the lock: {waited:?}"
         );
         assert!(waited < Duration::from_secs(10), "waited {waited:?}");
-        wait_for_lock_release(&server, "report").await;
+        wait_for_lock_release(backend, "report").await;
     }
 
-    #[tokio::test]
-    async fn a_caller_stops_waiting_after_the_wait_timeout() {
-        let server = RedisServer::start();
-        server.cmd::<()>(&["SET", "k:lock", "stuck-holder", "PX", "60000"]);
-        let cache = client(&server)
+    async fn a_caller_stops_waiting_after_the_wait_timeout(backend: &Backend) {
+        backend.cmd::<()>(&["SET", "k:lock", "stuck-holder", "PX", "60000"]);
+        let cache = client(backend)
             .await
             .with_lock(Duration::from_secs(5), Duration::from_millis(300));
 
@@ -736,21 +735,19 @@ mod across_instances {
             "waited {waited:?}"
         );
         assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(3));
-        let holder: String = server.cmd(&["GET", "k:lock"]);
+        let holder: String = backend.cmd(&["GET", "k:lock"]);
         assert_eq!(
             holder, "stuck-holder",
             "another holder's lock is left alone"
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_closure_error_releases_the_lock_at_once() {
-        let server = RedisServer::start();
+    async fn a_closure_error_releases_the_lock_at_once(backend: &Backend) {
         // A lock that would hold the second instance for a minute if it were not released.
-        let first = client(&server)
+        let first = client(backend)
             .await
             .with_lock(MINUTE, Duration::from_secs(30));
-        let second = client(&server)
+        let second = client(backend)
             .await
             .with_lock(MINUTE, Duration::from_secs(30));
         let computed = Counter::default();
@@ -776,7 +773,7 @@ mod across_instances {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(server.cmd::<bool>(&["EXISTS", "k:lock"]));
+        assert!(backend.cmd::<bool>(&["EXISTS", "k:lock"]));
 
         let started = Instant::now();
         let value = {
@@ -803,6 +800,6 @@ mod across_instances {
             waited < Duration::from_secs(5),
             "the second instance waited {waited:?}: the lock was not released"
         );
-        wait_for_lock_release(&server, "k").await;
+        wait_for_lock_release(backend, "k").await;
     }
 }

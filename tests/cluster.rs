@@ -1,11 +1,13 @@
-//! The stores on a Redis Cluster (feature `cluster`): a private 3-primary cluster with one
-//! replica each. The store contract, the layer over real HTTP, `RedisCache`, entries spread
-//! over every primary, tag invalidation across slots, and a primary killed under load.
+//! What is particular to a Redis Cluster (feature `cluster`), on a private 3-primary cluster
+//! with one replica each: entries spread over every primary, tag invalidation exact across
+//! slots, and a primary killed under load. The store, layer, client and lock suites
+//! (`stores.rs`, `layer.rs`, `client.rs`, `stampede.rs`) run on a cluster too, each in its
+//! `every_case_on_a_cluster` test.
 #![cfg(feature = "cluster")]
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,7 @@ use axum::Router;
 use bytes::Bytes;
 use common::cluster::RedisCluster;
 use common::{fetch, get_until_hit, http_key, serve, Counter};
-use tower_redis_cache::{CacheLayer, RedisCache, RedisStore, Store};
+use tower_redis_cache::{CacheLayer, RedisStore, Store};
 
 async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
     RedisStore::builder_cluster(cluster.urls())
@@ -41,61 +43,13 @@ fn app(layer: CacheLayer, calls: Counter) -> Router {
         .layer(layer)
 }
 
-/// One cluster for the contract, the layer and the client (starting one costs ~1-2 s).
+/// One cluster for both checks (starting one costs ~1-2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_layer_and_client_keep_their_contract_on_a_cluster() {
+async fn tags_and_entries_reach_every_primary() {
     let cluster = RedisCluster::start();
     let store = cluster_store(&cluster).await;
-    store_contract(&store).await;
     tags_are_exact_across_slots(&cluster, &store).await;
     layer_spreads_entries_over_every_primary(&cluster, &store).await;
-    client_works_on_the_cluster(&store).await;
-}
-
-async fn store_contract(store: &RedisStore) {
-    let value = Bytes::from_static(b"\x00\xffbinary\r\n");
-    store
-        .set("k", value.clone(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(store.get("k").await.unwrap(), Some(value));
-    assert!(store.delete("k").await.unwrap());
-    assert!(!store.delete("k").await.unwrap());
-    assert_eq!(store.get("k").await.unwrap(), None);
-
-    store
-        .set(
-            "short",
-            Bytes::from_static(b"v"),
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
-    store
-        .set("zero", Bytes::from_static(b"v"), Duration::from_secs(5))
-        .await
-        .unwrap();
-    store
-        .set("zero", Bytes::from_static(b"v"), Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(
-        store.get("zero").await.unwrap(),
-        None,
-        "zero TTL keeps nothing"
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.get("short").await.unwrap(), None, "expired");
-
-    // Locks: one owner until released; a stranger's release leaves it alone.
-    let ttl = Duration::from_secs(5);
-    assert!(store.try_lock("p:abc:lock", "a", ttl).await.unwrap());
-    assert!(!store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
-    store.unlock("p:abc:lock", "b").await.unwrap();
-    assert!(!store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
-    store.unlock("p:abc:lock", "a").await.unwrap();
-    assert!(store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
-    store.unlock("p:abc:lock", "b").await.unwrap();
 }
 
 /// Keys of one tag live in many slots (on every primary); invalidating the tag removes
@@ -167,67 +121,6 @@ async fn layer_spreads_entries_over_every_primary(cluster: &RedisCluster, store:
         let keys: usize = cluster.node(primary).dbsize();
         assert!(keys > 0, "primary {primary} holds no keys");
     }
-}
-
-async fn client_works_on_the_cluster(store: &RedisStore) {
-    let cache = RedisCache::from_store(store).with_prefix("app");
-    let ttl = Duration::from_secs(60);
-    cache.set("user:1", &"Ada", ttl).await.unwrap();
-    assert_eq!(
-        cache.get::<String>("user:1").await.unwrap().as_deref(),
-        Some("Ada")
-    );
-    assert!(cache.exists("user:1").await.unwrap());
-    assert!(cache.delete("user:1").await.unwrap());
-    assert_eq!(cache.get::<String>("user:1").await.unwrap(), None);
-
-    let entries: Vec<(String, u32)> = (0..50).map(|i| (format!("n:{i}"), i)).collect();
-    cache.set_many(&entries, ttl).await.unwrap();
-    let keys: Vec<String> = (0..50).map(|i| format!("n:{i}")).collect();
-    let values: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
-    assert_eq!(values, (0..50).map(Some).collect::<Vec<_>>());
-    cache.set("other:1", &1, ttl).await.unwrap();
-    assert_eq!(cache.delete_pattern("n:*").await.unwrap(), 50);
-    let values: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
-    assert!(values.iter().all(Option::is_none));
-    assert_eq!(cache.get::<u32>("other:1").await.unwrap(), Some(1));
-
-    for i in 0..20 {
-        let tags: &[&str] = if i % 2 == 0 { &["even"] } else { &["odd"] };
-        cache
-            .set_tagged(&format!("t:{i}"), &i, ttl, tags)
-            .await
-            .unwrap();
-    }
-    assert_eq!(cache.invalidate_tag("even").await.unwrap(), 10);
-    for i in 0..20 {
-        let found = cache.get::<u32>(&format!("t:{i}")).await.unwrap();
-        assert_eq!(found.is_some(), i % 2 == 1, "t:{i}");
-    }
-
-    // get_or_insert_with: one computation across two clients (two "instances").
-    let other = RedisCache::from_store(store).with_prefix("app");
-    let computed = Arc::new(AtomicUsize::new(0));
-    let run = |cache: RedisCache| {
-        let computed = computed.clone();
-        async move {
-            cache
-                .get_or_insert_with("slow", ttl, || async move {
-                    computed.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Ok::<_, tower_redis_cache::Error>(42u32)
-                })
-                .await
-                .unwrap()
-        }
-    };
-    let (a, b) = tokio::join!(run(cache.clone()), run(other));
-    assert_eq!((a, b), (42, 42));
-    assert_eq!(
-        computed.load(Ordering::SeqCst),
-        1,
-        "one computation in total"
-    );
 }
 
 /// A primary is killed while requests run: every request is answered with the handler's

@@ -1,5 +1,5 @@
 //! The behaviour table of DESIGN.md, row by row, through real HTTP (axum/hyper) against a
-//! private redis-server.
+//! private redis-server and, with feature `cluster`, a private Redis Cluster.
 
 mod common;
 
@@ -12,21 +12,51 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use common::{advance_clock, fetch, get_until_hit, http_key, send, serve, Counter, RedisServer};
-use tower_redis_cache::{CacheLayer, RedisStore};
+use common::backend::Backend;
+use common::{advance_clock, fetch, get_until_hit, http_key, send, serve, Counter};
+use tower_redis_cache::CacheLayer;
 
 /// Header pairs in a table row.
 type Pairs = &'static [(&'static str, &'static str)];
 
-/// A Redis store on the test's own server.
-/// A Redis store on the test's own server, with a generous operation timeout: on a loaded CI
-/// machine a lookup that timed out would turn an expected HIT into a MISS.
-async fn store(redis: &RedisServer) -> RedisStore {
-    RedisStore::builder(&redis.url())
-        .operation_timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .expect("connect to test redis")
+// Every Redis-backed row, on both backends (the one MemoryStore test is a plain test).
+// Stores come from `Backend::store`, with a generous operation timeout: on a loaded CI
+// machine a lookup that timed out would turn an expected HIT into a MISS.
+backend_cases!(
+    get_is_stored_then_replayed_as_hit_with_age_and_same_body,
+    age_counts_whole_seconds_since_stored,
+    entries_expire_after_the_ttl,
+    with_sort_query_pairs_in_any_order_share_an_entry_and_other_queries_do_not,
+    methods_outside_the_set_are_untouched_and_never_answered_from_cache,
+    head_before_any_get_is_untouched_and_stores_no_empty_body,
+    head_is_answered_from_a_fresh_get_entry_without_body,
+    request_no_store_bypasses_and_stores_nothing,
+    authorized_replies_are_never_stored_or_served_to_others,
+    a_route_can_opt_in_to_caching_authorized_requests,
+    client_no_cache_refreshes_the_stored_copy,
+    a_route_can_ignore_client_no_cache,
+    responses_that_must_not_be_shared_are_returned_but_never_stored,
+    stored_status_codes_are_configurable,
+    origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise,
+    multi_valued_headers_and_binary_bodies_replay_exactly,
+    vary_keys_on_the_listed_request_headers,
+    bodies_over_the_limit_stream_through_whole_and_are_not_stored,
+    a_body_that_fails_midway_is_not_stored,
+    a_body_the_client_abandoned_is_not_stored,
+    two_routes_of_one_router_keep_their_own_ttl_and_methods,
+    a_corrupt_entry_is_a_miss_and_is_overwritten,
+    the_layer_wraps_a_plain_tower_service,
+    the_inner_service_called_is_the_one_polled_ready,
+    tags_from_route_and_response_headers_invalidate_exactly_their_entries,
+    works_inside_and_outside_tower_http_compression,
+    past_the_pending_write_limit_responses_are_served_but_not_stored,
+);
+
+/// Every case above on one cluster; all of this file's Redis-backed tests run there.
+#[cfg(feature = "cluster")]
+#[test]
+fn every_case_on_a_cluster() {
+    common::backend::run_on_cluster(&[CASES]);
 }
 
 /// `GET /items/{id}` answering `item {id} #{call}` and counting calls.
@@ -45,12 +75,10 @@ fn items_app(layer: CacheLayer, calls: Counter) -> Router {
         .layer(layer)
 }
 
-#[tokio::test]
-async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body() {
-    let redis = RedisServer::start();
+async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body(backend: &Backend) {
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
+        CacheLayer::new(backend.store().await),
         calls.clone(),
     ))
     .await;
@@ -67,32 +95,28 @@ async fn get_is_stored_then_replayed_as_hit_with_age_and_same_body() {
     assert_eq!(hit.header("content-type"), first.header("content-type"));
     assert_eq!(hit.header("content-length"), Some("9"));
     assert_eq!(calls.get(), 1, "a hit must not call the handler");
-    assert_eq!(redis.dbsize(), 1);
+    assert_eq!(backend.dbsize(), 1);
     let key = http_key(addr, "GET", "/items/1");
     assert_eq!(
-        redis.cmd::<i64>(&["EXISTS", &key]),
+        backend.cmd::<i64>(&["EXISTS", &key]),
         1,
         "key layout {{prefix}}:{{md5}}"
     );
 }
 
-#[tokio::test]
-async fn age_counts_whole_seconds_since_stored() {
-    let redis = RedisServer::start();
-    let layer = CacheLayer::new(store(&redis).await);
+async fn age_counts_whole_seconds_since_stored(backend: &Backend) {
+    let layer = CacheLayer::new(backend.store().await);
     let addr = serve(items_app(layer.clone(), Counter::default())).await;
     fetch(addr, "/items/1").await;
     layer.flush().await;
-    assert_eq!(redis.dbsize(), 1);
+    assert_eq!(backend.dbsize(), 1);
     advance_clock(Duration::from_millis(1100)).await;
     assert_eq!(fetch(addr, "/items/1").await.header("age"), Some("1"));
 }
 
-#[tokio::test]
-async fn entries_expire_after_the_ttl() {
-    let redis = RedisServer::start();
+async fn entries_expire_after_the_ttl(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await).ttl(Duration::from_secs(1));
+    let layer = CacheLayer::new(backend.store().await).ttl(Duration::from_secs(1));
     let addr = serve(items_app(layer, calls.clone())).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
@@ -101,12 +125,12 @@ async fn entries_expire_after_the_ttl() {
     assert_eq!((after.x_cache(), after.text()), (Some("MISS"), "item 1 #2"));
 }
 
-#[tokio::test]
-async fn with_sort_query_pairs_in_any_order_share_an_entry_and_other_queries_do_not() {
-    let redis = RedisServer::start();
+async fn with_sort_query_pairs_in_any_order_share_an_entry_and_other_queries_do_not(
+    backend: &Backend,
+) {
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await).sort_query(true),
+        CacheLayer::new(backend.store().await).sort_query(true),
         calls.clone(),
     ))
     .await;
@@ -126,9 +150,7 @@ async fn with_sort_query_pairs_in_any_order_share_an_entry_and_other_queries_do_
     );
 }
 
-#[tokio::test]
-async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
-    let redis = RedisServer::start();
+async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache(backend: &Backend) {
     let posts = Counter::default();
     let counter = posts.clone();
     let app = Router::new()
@@ -139,7 +161,7 @@ async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
                 async move { format!("posted #{n}") }
             }),
         )
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(CacheLayer::new(backend.store().await));
     let addr = serve(app).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
@@ -153,36 +175,32 @@ async fn methods_outside_the_set_are_untouched_and_never_answered_from_cache() {
         assert_eq!(post.x_cache(), None, "untouched: no X-Cache");
     }
     assert_eq!(
-        redis.dbsize(),
+        backend.dbsize(),
         0,
         "POST responses are not stored, and a successful POST drops the GET entry"
     );
     assert_eq!(fetch(addr, "/items/1").await.x_cache(), Some("MISS"));
 }
 
-#[tokio::test]
-async fn head_before_any_get_is_untouched_and_stores_no_empty_body() {
-    let redis = RedisServer::start();
+async fn head_before_any_get_is_untouched_and_stores_no_empty_body(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await);
+    let layer = CacheLayer::new(backend.store().await);
     let addr = serve(items_app(layer.clone(), calls.clone())).await;
     let head = send(addr, Method::HEAD, "/items/1", &[]).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.x_cache(), None);
     layer.flush().await;
-    assert_eq!(redis.dbsize(), 0, "a HEAD response must not be stored");
+    assert_eq!(backend.dbsize(), 0, "a HEAD response must not be stored");
     let get1 = fetch(addr, "/items/1").await;
     assert_eq!((get1.x_cache(), get1.text()), (Some("MISS"), "item 1 #2"));
     let hit = get_until_hit(addr, "/items/1", &[]).await;
     assert_eq!(hit.text(), "item 1 #2", "the GET entry has the full body");
 }
 
-#[tokio::test]
-async fn head_is_answered_from_a_fresh_get_entry_without_body() {
-    let redis = RedisServer::start();
+async fn head_is_answered_from_a_fresh_get_entry_without_body(backend: &Backend) {
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
+        CacheLayer::new(backend.store().await),
         calls.clone(),
     ))
     .await;
@@ -199,11 +217,9 @@ async fn head_is_answered_from_a_fresh_get_entry_without_body() {
     assert_eq!(calls.get(), 1);
 }
 
-#[tokio::test]
-async fn request_no_store_bypasses_and_stores_nothing() {
-    let redis = RedisServer::start();
+async fn request_no_store_bypasses_and_stores_nothing(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await);
+    let layer = CacheLayer::new(backend.store().await);
     let addr = serve(items_app(layer.clone(), calls.clone())).await;
     for n in 1..=2 {
         let reply = send(
@@ -219,7 +235,7 @@ async fn request_no_store_bypasses_and_stores_nothing() {
         );
     }
     layer.flush().await;
-    assert_eq!(redis.dbsize(), 0);
+    assert_eq!(backend.dbsize(), 0);
 }
 
 /// Answers with the caller's identity, as a per-user endpoint would.
@@ -230,12 +246,10 @@ async fn whoami(headers: HeaderMap) -> String {
     }
 }
 
-#[tokio::test]
-async fn authorized_replies_are_never_stored_or_served_to_others() {
-    let redis = RedisServer::start();
+async fn authorized_replies_are_never_stored_or_served_to_others(backend: &Backend) {
     let app = Router::new()
         .route("/me", get(whoami))
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(CacheLayer::new(backend.store().await));
     let addr = serve(app).await;
     let alice = send(
         addr,
@@ -265,14 +279,12 @@ async fn authorized_replies_are_never_stored_or_served_to_others() {
     )
     .await;
     assert_eq!(alice.text(), "private data of Bearer alice");
-    assert_eq!(redis.dbsize(), 1, "only the anonymous reply is stored");
+    assert_eq!(backend.dbsize(), 1, "only the anonymous reply is stored");
 }
 
-#[tokio::test]
-async fn a_route_can_opt_in_to_caching_authorized_requests() {
-    let redis = RedisServer::start();
+async fn a_route_can_opt_in_to_caching_authorized_requests(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await).cache_authorized_requests(true);
+    let layer = CacheLayer::new(backend.store().await).cache_authorized_requests(true);
     let addr = serve(items_app(layer, calls.clone())).await;
     let auth = [("authorization", "Bearer alice")];
     assert_eq!(
@@ -283,12 +295,10 @@ async fn a_route_can_opt_in_to_caching_authorized_requests() {
     assert_eq!(calls.get(), 1);
 }
 
-#[tokio::test]
-async fn client_no_cache_refreshes_the_stored_copy() {
-    let redis = RedisServer::start();
+async fn client_no_cache_refreshes_the_stored_copy(backend: &Backend) {
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
+        CacheLayer::new(backend.store().await),
         calls.clone(),
     ))
     .await;
@@ -323,11 +333,9 @@ async fn client_no_cache_refreshes_the_stored_copy() {
     }
 }
 
-#[tokio::test]
-async fn a_route_can_ignore_client_no_cache() {
-    let redis = RedisServer::start();
+async fn a_route_can_ignore_client_no_cache(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await).honor_request_no_cache(false);
+    let layer = CacheLayer::new(backend.store().await).honor_request_no_cache(false);
     let addr = serve(items_app(layer, calls.clone())).await;
     fetch(addr, "/items/1").await;
     get_until_hit(addr, "/items/1", &[]).await;
@@ -376,8 +384,7 @@ async fn twice(layer: &CacheLayer, addr: std::net::SocketAddr) -> common::Reply 
     second
 }
 
-#[tokio::test]
-async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
+async fn responses_that_must_not_be_shared_are_returned_but_never_stored(backend: &Backend) {
     let cases: &[(StatusCode, &[(&str, &str)])] = &[
         (StatusCode::NOT_FOUND, &[]),
         (StatusCode::INTERNAL_SERVER_ERROR, &[]),
@@ -393,9 +400,9 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
         ),
     ];
     for (status, headers) in cases {
-        let redis = RedisServer::start();
+        backend.flush();
         let calls = Counter::default();
-        let layer = CacheLayer::new(store(&redis).await);
+        let layer = CacheLayer::new(backend.store().await);
         let addr = serve(fixed_app(layer.clone(), *status, headers, calls.clone())).await;
         let second = twice(&layer, addr).await;
         assert_eq!(second.status, *status);
@@ -405,7 +412,7 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
             "reply #2",
             "{status} {headers:?} was served from cache"
         );
-        assert_eq!(redis.dbsize(), 0, "{status} {headers:?} was stored");
+        assert_eq!(backend.dbsize(), 0, "{status} {headers:?} was stored");
         if headers.iter().any(|(n, _)| *n == "set-cookie") {
             assert_eq!(
                 second.header("set-cookie"),
@@ -416,11 +423,9 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored() {
     }
 }
 
-#[tokio::test]
-async fn stored_status_codes_are_configurable() {
-    let redis = RedisServer::start();
+async fn stored_status_codes_are_configurable(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await).status_codes([200, 404]);
+    let layer = CacheLayer::new(backend.store().await).status_codes([200, 404]);
     let addr = serve(fixed_app(layer, StatusCode::NOT_FOUND, &[], calls.clone())).await;
     fetch(addr, "/r").await;
     let hit = get_until_hit(addr, "/r", &[]).await;
@@ -430,8 +435,9 @@ async fn stored_status_codes_are_configurable() {
     );
 }
 
-#[tokio::test]
-async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise() {
+async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise(
+    backend: &Backend,
+) {
     let cases: &[(Pairs, bool, i64)] = &[
         (&[("cache-control", "max-age=100")], true, 100),
         (&[("cache-control", "max-age=100, s-maxage=200")], true, 200),
@@ -439,8 +445,8 @@ async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise
         (&[], true, 60),
     ];
     for (headers, honor, expected) in cases {
-        let redis = RedisServer::start();
-        let layer = CacheLayer::new(store(&redis).await).honor_origin_ttl(*honor);
+        backend.flush();
+        let layer = CacheLayer::new(backend.store().await).honor_origin_ttl(*honor);
         let addr = serve(fixed_app(
             layer,
             StatusCode::OK,
@@ -449,9 +455,9 @@ async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise
         ))
         .await;
         fetch(addr, "/r").await;
-        redis.wait_for_keys(1).await;
+        backend.wait_for_keys(1).await;
         let key = http_key(addr, "GET", "/r");
-        let ttl: i64 = redis.cmd(&["TTL", &key]);
+        let ttl: i64 = backend.cmd(&["TTL", &key]);
         assert!(
             (expected - 2..=*expected).contains(&ttl),
             "{headers:?} honor={honor}: ttl {ttl}"
@@ -459,10 +465,8 @@ async fn origin_max_age_and_s_maxage_set_the_ttl_unless_the_route_says_otherwise
     }
 }
 
-#[tokio::test]
-async fn multi_valued_headers_and_binary_bodies_replay_exactly() {
+async fn multi_valued_headers_and_binary_bodies_replay_exactly(backend: &Backend) {
     const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff\xfe\x00";
-    let redis = RedisServer::start();
     let app = Router::new()
         .route(
             "/logo.png",
@@ -476,7 +480,7 @@ async fn multi_valued_headers_and_binary_bodies_replay_exactly() {
                     .unwrap()
             }),
         )
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(CacheLayer::new(backend.store().await));
     let addr = serve(app).await;
     let first = fetch(addr, "/logo.png").await;
     let hit = get_until_hit(addr, "/logo.png", &[]).await;
@@ -512,12 +516,10 @@ async fn negotiated(headers: HeaderMap) -> Response {
     }
 }
 
-#[tokio::test]
-async fn vary_keys_on_the_listed_request_headers() {
-    let redis = RedisServer::start();
+async fn vary_keys_on_the_listed_request_headers(backend: &Backend) {
     let app = Router::new()
         .route("/asset", get(negotiated))
-        .layer(CacheLayer::new(store(&redis).await));
+        .layer(CacheLayer::new(backend.store().await));
     let addr = serve(app).await;
     let gzip = [("accept-encoding", "gzip")];
     assert_eq!(
@@ -548,12 +550,10 @@ async fn vary_keys_on_the_listed_request_headers() {
     assert_eq!(gz_again.header("content-encoding"), Some("gzip"));
 }
 
-#[tokio::test]
-async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
-    let redis = RedisServer::start();
+async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored(backend: &Backend) {
     let calls = Counter::default();
     let counter = calls.clone();
-    let layer = CacheLayer::new(store(&redis).await).max_body_bytes(2048);
+    let layer = CacheLayer::new(backend.store().await).max_body_bytes(2048);
     let app = Router::new()
         .route(
             "/big",
@@ -580,7 +580,7 @@ async fn bodies_over_the_limit_stream_through_whole_and_are_not_stored() {
         .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
     layer.flush().await;
     assert_eq!(calls.get(), 3);
-    assert_eq!(redis.dbsize(), 0);
+    assert_eq!(backend.dbsize(), 0);
 }
 
 async fn twice_at(layer: &CacheLayer, addr: std::net::SocketAddr, path: &str) -> common::Reply {
@@ -643,12 +643,10 @@ fn tokio_stream_from<T: Send + 'static>(
     Rx(rx)
 }
 
-#[tokio::test]
-async fn a_body_that_fails_midway_is_not_stored() {
-    let redis = RedisServer::start();
+async fn a_body_that_fails_midway_is_not_stored(backend: &Backend) {
     let calls = Counter::default();
     let counter = calls.clone();
-    let layer = CacheLayer::new(store(&redis).await);
+    let layer = CacheLayer::new(backend.store().await);
     let app = Router::new()
         .route(
             "/flaky",
@@ -673,13 +671,11 @@ async fn a_body_that_fails_midway_is_not_stored() {
     }
     layer.flush().await;
     assert_eq!(calls.get(), 2);
-    assert_eq!(redis.dbsize(), 0, "a truncated body was stored");
+    assert_eq!(backend.dbsize(), 0, "a truncated body was stored");
 }
 
-#[tokio::test]
-async fn a_body_the_client_abandoned_is_not_stored() {
-    let redis = RedisServer::start();
-    let layer = CacheLayer::new(store(&redis).await);
+async fn a_body_the_client_abandoned_is_not_stored(backend: &Backend) {
+    let layer = CacheLayer::new(backend.store().await);
     // Notified when the server drops the handler's body: at once if it noticed the client
     // leave, or after the last chunk if it kept streaming (and recording) regardless.
     let dropped = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -719,13 +715,15 @@ async fn a_body_the_client_abandoned_is_not_stored() {
     drop(body); // the client goes away mid-body
     dropped.notified().await;
     layer.flush().await;
-    assert_eq!(redis.dbsize(), 0, "a body the client abandoned was stored");
+    assert_eq!(
+        backend.dbsize(),
+        0,
+        "a body the client abandoned was stored"
+    );
 }
 
-#[tokio::test]
-async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
-    let redis = RedisServer::start();
-    let store = store(&redis).await;
+async fn two_routes_of_one_router_keep_their_own_ttl_and_methods(backend: &Backend) {
+    let store = backend.store().await;
     let base = CacheLayer::new(store);
     let short = base.clone().ttl(Duration::from_secs(10));
     let long = base
@@ -757,9 +755,9 @@ async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
     );
     fetch(addr, "/short").await;
     fetch(addr, "/long").await;
-    redis.wait_for_keys(3).await;
+    backend.wait_for_keys(3).await;
     let ttl =
-        |method: &str, path: &str| -> i64 { redis.cmd(&["TTL", &http_key(addr, method, path)]) };
+        |method: &str, path: &str| -> i64 { backend.cmd(&["TTL", &http_key(addr, method, path)]) };
     assert!(
         (8..=10).contains(&ttl("GET", "/short")),
         "short ttl {}",
@@ -772,23 +770,21 @@ async fn two_routes_of_one_router_keep_their_own_ttl_and_methods() {
     );
     assert!((298..=300).contains(&ttl("POST", "/long")));
     assert_eq!(
-        redis.cmd::<i64>(&["EXISTS", &http_key(addr, "POST", "/short")]),
+        backend.cmd::<i64>(&["EXISTS", &http_key(addr, "POST", "/short")]),
         0
     );
 }
 
-#[tokio::test]
-async fn a_corrupt_entry_is_a_miss_and_is_overwritten() {
-    let redis = RedisServer::start();
+async fn a_corrupt_entry_is_a_miss_and_is_overwritten(backend: &Backend) {
     let calls = Counter::default();
     let addr = serve(items_app(
-        CacheLayer::new(store(&redis).await),
+        CacheLayer::new(backend.store().await),
         calls.clone(),
     ))
     .await;
     let key = http_key(addr, "GET", "/items/1");
     for junk in ["not an entry", "TRC\u{1}\u{0}\u{0}", ""] {
-        let _: () = redis.cmd(&["SET", &key, junk]);
+        let _: () = backend.cmd(&["SET", &key, junk]);
         let reply = fetch(addr, "/items/1").await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.x_cache(), Some("MISS"), "junk {junk:?} was served");
@@ -801,10 +797,8 @@ async fn a_corrupt_entry_is_a_miss_and_is_overwritten() {
     }
 }
 
-#[tokio::test]
-async fn the_layer_wraps_a_plain_tower_service() {
+async fn the_layer_wraps_a_plain_tower_service(backend: &Backend) {
     use tower::{Layer, ServiceExt};
-    let redis = RedisServer::start();
     let calls = Counter::default();
     let counter = calls.clone();
     let service = tower::service_fn(move |_req: http::Request<http_body_util::Empty<Bytes>>| {
@@ -815,7 +809,7 @@ async fn the_layer_wraps_a_plain_tower_service() {
             ))))
         }
     });
-    let service = CacheLayer::new(store(&redis).await).layer(service);
+    let service = CacheLayer::new(backend.store().await).layer(service);
     let request = || {
         http::Request::get("/plain")
             .body(http_body_util::Empty::new())
@@ -828,7 +822,7 @@ async fn the_layer_wraps_a_plain_tower_service() {
         .unwrap()
         .to_bytes();
     assert_eq!(body, "plain #1");
-    redis.wait_for_keys(1).await;
+    backend.wait_for_keys(1).await;
     let second = service.oneshot(request()).await.unwrap();
     assert_eq!(second.headers()["x-cache"], "HIT");
     let body = http_body_util::BodyExt::collect(second.into_body())
@@ -868,8 +862,7 @@ impl tower::Service<http::Request<Body>> for ReadyTracked {
     }
 }
 
-#[tokio::test]
-async fn the_inner_service_called_is_the_one_polled_ready() {
+async fn the_inner_service_called_is_the_one_polled_ready(backend: &Backend) {
     use tower::{Layer, Service, ServiceExt};
     // A clone starts not ready, so calling a clone instead of the polled service fails.
     #[derive(Default)]
@@ -893,8 +886,7 @@ async fn the_inner_service_called_is_the_one_polled_ready() {
             self.0.call(req)
         }
     }
-    let redis = RedisServer::start();
-    let mut service = CacheLayer::new(store(&redis).await).layer(Fresh::default());
+    let mut service = CacheLayer::new(backend.store().await).layer(Fresh::default());
     for method in [Method::GET, Method::POST, Method::GET] {
         let request = http::Request::builder()
             .method(method)
@@ -931,10 +923,8 @@ fn tagged_app(layer: CacheLayer, calls: Counter) -> Router {
         .layer(layer)
 }
 
-#[tokio::test]
-async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries() {
-    let redis = RedisServer::start();
-    let store = store(&redis).await;
+async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries(backend: &Backend) {
+    let store = backend.store().await;
     let layer = CacheLayer::new(store.clone()).tags(["catalog"]);
     let invalidator = layer.invalidator();
     let addr = serve(tagged_app(layer.clone(), Counter::default())).await;
@@ -961,7 +951,7 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries()
     layer.flush().await;
     assert_eq!(client.invalidate_tag("catalog").await.unwrap(), 6);
     // Only tag sets remain (their members now name removed keys and expire with them).
-    let left: Vec<String> = redis.cmd(&["KEYS", "*"]);
+    let left = backend.keys("*");
     assert!(
         left.iter().all(|k| k.starts_with("http-cache:__tag:")),
         "{left:?}"
@@ -1016,11 +1006,10 @@ fn gunzip(bytes: &[u8]) -> String {
 /// Both orders of the cache and tower-http's CompressionLayer are safe: a client that did
 /// not ask for gzip never receives gzip, and a gzip client gets a body that decodes to the
 /// same text.
-#[tokio::test]
-async fn works_inside_and_outside_tower_http_compression() {
+async fn works_inside_and_outside_tower_http_compression(backend: &Backend) {
     use tower_http::compression::CompressionLayer;
     for cache_outside in [false, true] {
-        let redis = RedisServer::start();
+        backend.flush();
         let calls = Counter::default();
         let counter = calls.clone();
         let routes = Router::new().route(
@@ -1030,7 +1019,7 @@ async fn works_inside_and_outside_tower_http_compression() {
                 async { long_text() }
             }),
         );
-        let layer = CacheLayer::new(store(&redis).await);
+        let layer = CacheLayer::new(backend.store().await);
         let app = if cache_outside {
             // The cache stores compressed variants, keyed by Accept-Encoding (the compression
             // layer adds `Vary: accept-encoding`).
@@ -1074,11 +1063,9 @@ async fn works_inside_and_outside_tower_http_compression() {
     }
 }
 
-#[tokio::test]
-async fn past_the_pending_write_limit_responses_are_served_but_not_stored() {
-    let redis = RedisServer::start();
+async fn past_the_pending_write_limit_responses_are_served_but_not_stored(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(store(&redis).await).max_pending_writes(0);
+    let layer = CacheLayer::new(backend.store().await).max_pending_writes(0);
     let addr = serve(items_app(layer.clone(), calls.clone())).await;
     for n in 1..=3 {
         let reply = fetch(addr, "/items/1").await;
@@ -1088,5 +1075,5 @@ async fn past_the_pending_write_limit_responses_are_served_but_not_stored() {
         );
         layer.flush().await;
     }
-    assert_eq!(redis.dbsize(), 0);
+    assert_eq!(backend.dbsize(), 0);
 }

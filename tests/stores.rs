@@ -1,5 +1,6 @@
-//! The stores: RedisStore's errors and fail-open behaviour (Redis killed, hung, unreachable,
-//! restarted), MemoryStore's TTL and bounds.
+//! The stores: RedisStore's contract (on single Redis and, with feature `cluster`, on a
+//! cluster), its errors and fail-open behaviour (Redis killed, hung, unreachable, restarted),
+//! MemoryStore's TTL and bounds.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use common::backend::Backend;
 use common::{advance_clock, fetch, get_until_hit, serve, Counter, RedisServer};
 use tower_redis_cache::{CacheLayer, ErrorKind, MemoryStore, RedisStore, Store};
 
@@ -51,10 +53,28 @@ async fn errors_name_their_kind() {
     );
 }
 
-#[tokio::test]
-async fn redis_store_round_trips_bytes_with_ttl_and_deletes() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url()).await.unwrap();
+// The cases on both backends (the tests that need one redis-server process of their own are
+// below, and listed at the cluster test).
+backend_cases!(
+    redis_store_round_trips_bytes_with_ttl_and_deletes,
+    a_zero_ttl_means_do_not_keep_in_every_store,
+    redis_store_locks_have_one_owner_until_released,
+    a_redis_store_has_no_memo_slot,
+);
+
+/// Every case above on one cluster. Not run there, because each is about one redis-server
+/// process or none: `scripts_run_by_hash_and_are_sent_again_after_script_flush` (`SCRIPT
+/// FLUSH` and the script-load counts of one server), `redis_killed_...` (kill and restart),
+/// `redis_hung_...` (SIGSTOP), `redis_unreachable_from_the_start_...` and the error tests
+/// (no server), and the MemoryStore tests.
+#[cfg(feature = "cluster")]
+#[test]
+fn every_case_on_a_cluster() {
+    common::backend::run_on_cluster(&[CASES]);
+}
+
+async fn redis_store_round_trips_bytes_with_ttl_and_deletes(backend: &Backend) {
+    let store = backend.store().await;
     let value = Bytes::from_static(b"\x00\xffbinary\r\n");
     store
         .set("k", value.clone(), Duration::from_millis(300))
@@ -365,15 +385,10 @@ async fn store_methods_a_store_cannot_honour_say_so() {
     unsupported(store.unlock("l", "me").await.unwrap_err());
 }
 
-#[tokio::test]
-async fn a_zero_ttl_means_do_not_keep_in_every_store() {
-    let redis = RedisServer::start();
+async fn a_zero_ttl_means_do_not_keep_in_every_store(backend: &Backend) {
     let stores: [(&str, Box<dyn Store>); 2] = [
         ("memory", Box::new(MemoryStore::new())),
-        (
-            "redis",
-            Box::new(RedisStore::connect(&redis.url()).await.unwrap()),
-        ),
+        (backend.name(), Box::new(backend.store().await)),
     ];
     for (name, store) in stores {
         let v = Bytes::from_static(b"old");
@@ -393,6 +408,20 @@ async fn a_zero_ttl_means_do_not_keep_in_every_store() {
             .unwrap();
         assert_eq!(store.get("t").await.unwrap(), None, "{name}");
     }
+}
+
+/// Locks: one owner until released; a stranger's release leaves the lock alone.
+async fn redis_store_locks_have_one_owner_until_released(backend: &Backend) {
+    let store = backend.store().await;
+    let ttl = Duration::from_secs(5);
+    assert!(store.try_lock("p:abc:lock", "a", ttl).await.unwrap());
+    assert!(!store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
+    store.unlock("p:abc:lock", "b").await.unwrap();
+    assert!(!store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
+    store.unlock("p:abc:lock", "a").await.unwrap();
+    assert!(store.try_lock("p:abc:lock", "b", ttl).await.unwrap());
+    store.unlock("p:abc:lock", "b").await.unwrap();
+    assert_eq!(backend.dbsize(), 0, "a released lock leaves no key");
 }
 
 #[tokio::test]
@@ -420,7 +449,7 @@ async fn errors_print_their_cause_once() {
 }
 
 #[tokio::test]
-async fn memory_store_keeps_a_memo_slot_per_value_and_redis_none() {
+async fn memory_store_keeps_a_memo_slot_per_value() {
     use std::sync::Arc;
     let store = MemoryStore::new();
     let ttl = Duration::from_secs(60);
@@ -450,9 +479,11 @@ async fn memory_store_keeps_a_memo_slot_per_value_and_redis_none() {
         fresh.unwrap().get().is_none(),
         "a replaced value starts with an empty slot"
     );
+}
 
-    let redis = RedisServer::start();
-    let redis_store = RedisStore::connect(&redis.url()).await.unwrap();
+async fn a_redis_store_has_no_memo_slot(backend: &Backend) {
+    let redis_store = backend.store().await;
+    let ttl = Duration::from_secs(60);
     redis_store
         .set("k", Bytes::from_static(b"v"), ttl)
         .await

@@ -1,6 +1,7 @@
 //! Test harness: private `redis-server` processes and a real HTTP server and client.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod backend;
 pub mod cluster;
 pub mod fault_proxy;
 
