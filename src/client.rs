@@ -372,7 +372,8 @@ impl RedisCache {
         Ok(removed)
     }
 
-    /// The values under `keys`, in order, in one round trip (`MGET`).
+    /// The values under `keys`, in order, in one round trip (`MGET`; on a Cluster, one `MGET`
+    /// per hash slot, sent concurrently).
     pub async fn get_many<T: DeserializeOwned, K: AsRef<str>>(
         &self,
         keys: &[K],
