@@ -1,0 +1,122 @@
+//! Instructions per request of an in-process hit, next to the bare handler: a measure of the
+//! hit path that machine noise does not move (callgrind counts instructions, not seconds).
+//!
+//! ```text
+//! scripts/hit_instructions.sh          # builds this, runs each mode under callgrind, prints
+//!                                      # instructions per request and the difference
+//! cargo run --release --example hit_instructions -- memory 100000   # one mode, no valgrind
+//! ```
+//!
+//! Modes: `bare` (the handler alone), `memory` (the layer on `MemoryStore`, every request a
+//! hit), `decoding` (the same on a store without a memo slot, so every hit decodes). Each
+//! request is built, sent through the service on a current-thread runtime and its body read
+//! to the end, as in `benches/cache.rs`'s `hit_path` group.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use tower::{Layer, Service, ServiceExt};
+use tower_redis_cache::store::StoreFuture;
+use tower_redis_cache::{CacheLayer, MemoryStore, Store, X_CACHE};
+
+/// A MemoryStore behind the `Store` trait's required methods only: no memo slot.
+struct DecodeEveryHit(MemoryStore);
+
+impl Store for DecodeEveryHit {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        self.0.get(key)
+    }
+
+    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.0.set(key, value, ttl)
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
+        self.0.delete(key)
+    }
+}
+
+/// Sends `/items/1` through `svc`, reads the body, and says whether it was a hit.
+async fn roundtrip<S, B>(svc: &mut S) -> bool
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let request = Request::get("/items/1").body(Empty::new()).unwrap();
+    let response = svc.ready().await.unwrap().call(request).await.unwrap();
+    let hit = response.headers().get(X_CACHE) == Some(&HeaderValue::from_static("HIT"));
+    response.into_body().collect().await.unwrap();
+    hit
+}
+
+/// Primes the cache (the miss stores from a spawned task), then sends `n` requests that must
+/// all be hits.
+async fn run_cached<S, B>(mut svc: S, n: u64)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let mut primed = false;
+    for _ in 0..1000 {
+        if roundtrip(&mut svc).await {
+            primed = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(primed, "the entry was never stored");
+    for _ in 0..n {
+        assert!(
+            roundtrip(&mut svc).await,
+            "every request after priming is a hit"
+        );
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "memory".to_owned());
+    let n: u64 = args.next().map_or(100_000, |n| n.parse().expect("a count"));
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let handler = tower::service_fn(move |_req: Request<Empty<Bytes>>| {
+        let body = body.clone();
+        async move {
+            let mut response = Response::new(Full::new(body));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match mode.as_str() {
+            "bare" => {
+                let mut svc = handler;
+                for _ in 0..n {
+                    let request = Request::get("/items/1").body(Empty::new()).unwrap();
+                    let response = svc.ready().await.unwrap().call(request).await.unwrap();
+                    response.into_body().collect().await.unwrap();
+                }
+            }
+            "memory" => {
+                let svc = CacheLayer::new(MemoryStore::new()).layer(handler);
+                run_cached(svc, n).await;
+            }
+            "decoding" => {
+                let svc = CacheLayer::new(DecodeEveryHit(MemoryStore::new())).layer(handler);
+                run_cached(svc, n).await;
+            }
+            other => panic!("unknown mode {other}: bare, memory or decoding"),
+        }
+    });
+}
