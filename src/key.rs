@@ -47,7 +47,7 @@ pub(crate) fn base_key(prefix: &str, fields: &KeyFields<'_>) -> String {
     field(&mut hasher, b'p', Some(fields.path.as_bytes()));
     field(&mut hasher, b'q', fields.query.map(str::as_bytes));
     field(&mut hasher, b'x', fields.extra.map(str::as_bytes));
-    with_hex(prefix, "", &hasher.finalize())
+    with_hex(prefix, "", hasher.finalize().into())
 }
 
 /// A user function adding key material: see [`CacheLayer::key_fn`](crate::CacheLayer::key_fn).
@@ -250,7 +250,7 @@ pub(crate) fn variant_key(base: &str, names: &[HeaderName], request: &HeaderMap)
             field(&mut hasher, b'v', Some(value));
         }
     }
-    with_hex(base, ":v", &hasher.finalize())
+    with_hex(base, ":v", hasher.finalize().into())
 }
 
 /// An `Accept-*` list in canonical form: every field line's members, lower-cased, without
@@ -299,20 +299,23 @@ pub(crate) fn body_etag(chunks: &[bytes::Bytes]) -> HeaderValue {
     for chunk in chunks {
         hasher.update(chunk);
     }
-    let tag = format!("\"{}\"", &with_hex("", "", &hasher.finalize())[1..]);
+    let tag = format!("\"{}\"", &with_hex("", "", hasher.finalize().into())[1..]);
     HeaderValue::from_str(&tag).expect("hex is a valid header value")
 }
 
-fn with_hex(head: &str, infix: &str, digest: &[u8]) -> String {
+fn with_hex(head: &str, infix: &str, digest: [u8; 16]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(head.len() + infix.len() + 1 + digest.len() * 2);
     key.push_str(head);
     key.push_str(infix);
     key.push(':');
-    for byte in digest {
-        key.push(char::from(HEX[usize::from(byte >> 4)]));
-        key.push(char::from(HEX[usize::from(byte & 0xf)]));
+    // Hex digits are ASCII, so each byte is a char: push them as one string, not one by one.
+    let mut hex = [0u8; 32];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
+    key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     key
 }
 

@@ -479,6 +479,14 @@ async fn memory_store_keeps_a_memo_slot_per_value() {
         fresh.unwrap().get().is_none(),
         "a replaced value starts with an empty slot"
     );
+    // Read without waiting: the same value and the same slot, and an absent key is known
+    // absent (not "ask again with I/O").
+    let (bytes, now) = store.get_in_process("k").unwrap().unwrap();
+    assert_eq!(bytes, Bytes::from_static(b"v2"));
+    now.unwrap().set(Arc::new(7u32)).unwrap();
+    let (_, slot) = store.get_memoized("k").await.unwrap().unwrap();
+    assert_eq!(slot.unwrap().get().unwrap().downcast_ref::<u32>(), Some(&7));
+    assert!(store.get_in_process("absent").unwrap().is_none());
 }
 
 async fn a_redis_store_has_no_memo_slot(backend: &Backend) {
@@ -490,4 +498,8 @@ async fn a_redis_store_has_no_memo_slot(backend: &Backend) {
         .unwrap();
     let (_, memo) = redis_store.get_memoized("k").await.unwrap().unwrap();
     assert!(memo.is_none(), "a store that serialises values has no slot");
+    assert!(
+        redis_store.get_in_process("k").is_none(),
+        "a Redis read needs I/O"
+    );
 }

@@ -57,8 +57,15 @@ async fn in_l1(store: &TieredStore, key: &str) -> bool {
 
 /// Reads `key` through `reader` so its L1 holds a copy.
 async fn read_through(reader: &TieredStore, key: &str) {
+    if !in_l1(reader, key).await {
+        assert!(reader.get_in_process(key).is_none(), "an L1 miss needs L2");
+    }
     assert!(reader.get(key).await.unwrap().is_some(), "{key} in L2");
     assert!(in_l1(reader, key).await, "{key} copied into L1");
+    assert!(
+        matches!(reader.get_in_process(key), Some(Some(_))),
+        "an L1 hit is read without waiting"
+    );
 }
 
 #[tokio::test]

@@ -74,17 +74,24 @@ impl Outcome {
     /// `Cache-Status` of an answer from a stored response with `ttl_left` seconds of
     /// freshness left (negative when stale).
     fn stored_status(self, name: &str, ttl_left: i64) -> HeaderValue {
-        let status = match self {
-            Outcome::Stale => format!("{name}; hit; ttl={ttl_left}; detail=stale"),
-            Outcome::StaleIfError => {
-                format!("{name}; fwd=stale; ttl={ttl_left}; detail=stale-if-error")
-            }
-            Outcome::Revalidated => {
-                format!("{name}; fwd=stale; fwd-status=304; ttl={ttl_left}")
-            }
-            _ => format!("{name}; hit; ttl={ttl_left}"),
+        let (how, detail) = match self {
+            Outcome::Stale => ("; hit; ttl=", "; detail=stale"),
+            Outcome::StaleIfError => ("; fwd=stale; ttl=", "; detail=stale-if-error"),
+            Outcome::Revalidated => ("; fwd=stale; fwd-status=304; ttl=", ""),
+            _ => ("; hit; ttl=", ""),
         };
-        HeaderValue::from_str(&status).expect("ASCII")
+        // Built in one buffer of the right size: this runs on every hit, and `format!` would
+        // grow a string and then copy it.
+        let mut ttl = itoa::Buffer::new();
+        let ttl = ttl.format(ttl_left);
+        let mut status = Vec::with_capacity(name.len() + how.len() + ttl.len() + detail.len());
+        for part in [name, how, ttl, detail] {
+            status.extend_from_slice(part.as_bytes());
+        }
+        // Every part is visible ASCII (the layer quotes the cache's name when it is set), so
+        // the fallback is never taken.
+        HeaderValue::from_maybe_shared(Bytes::from(status))
+            .unwrap_or_else(|_| HeaderValue::from_static("tower-redis-cache"))
     }
 
     /// Counts the answer in the layer's stats and metrics.
@@ -113,7 +120,7 @@ impl Outcome {
 /// stored response otherwise (without its body for HEAD).
 pub(crate) fn answer<B>(
     config: &Config,
-    hit: CachedResponse,
+    hit: &CachedResponse,
     request: &HeaderMap,
     with_body: bool,
     outcome: Outcome,
@@ -139,9 +146,9 @@ pub(crate) fn answer<B>(
         )
     } else if hit.status == StatusCode::OK && with_body {
         match range::answer(request, &hit.headers, body_len) {
-            RangeAnswer::Full => (hit.status, hit.headers, hit.body),
+            RangeAnswer::Full => (hit.status, replay_headers(hit), hit.body.clone()),
             RangeAnswer::Partial { start, end } => {
-                let mut headers = hit.headers;
+                let mut headers = replay_headers(hit);
                 let range = format!("bytes {start}-{end}/{body_len}");
                 headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ASCII"));
                 let body = hit.body.slice(start as usize..=end as usize);
@@ -157,13 +164,17 @@ pub(crate) fn answer<B>(
             }
         }
     } else {
-        let body = if with_body { hit.body } else { Bytes::new() };
-        (hit.status, hit.headers, body)
+        let body = if with_body {
+            hit.body.clone()
+        } else {
+            Bytes::new()
+        };
+        (hit.status, replay_headers(hit), body)
     };
-    headers.insert(AGE, HeaderValue::from(age));
+    headers.insert(AGE, small_number(age));
     if let Some(length) = content_length.filter(|_| body_allowed(status)) {
         // Also right for HEAD, which must announce the length a GET would get.
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        headers.insert(CONTENT_LENGTH, small_number(length));
     }
     if rules.strip_targeted {
         strip_targeted_headers(rules, &mut headers);
@@ -179,6 +190,35 @@ pub(crate) fn answer<B>(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// The stored headers, copied into a map with room for the ones [`answer`] adds, so that
+/// adding them does not grow it (a grown map is a reallocation on every hit).
+fn replay_headers(hit: &CachedResponse) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(hit.headers.len() + 5);
+    for (name, value) in &hit.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers
+}
+
+/// `n` as a header value; below 100 (most ages) without an allocation.
+fn small_number(n: u64) -> HeaderValue {
+    // "0".."9" then "10".."99", sliced out of static text.
+    const DIGITS: &str = "0123456789";
+    const PAIRS: &str = concat!(
+        "101112131415161718192021222324252627282930313233343536373839",
+        "404142434445464748495051525354555657585960616263646566676869",
+        "707172737475767778798081828384858687888990919293949596979899",
+    );
+    match n {
+        0..=9 => HeaderValue::from_static(&DIGITS[n as usize..n as usize + 1]),
+        10..=99 => {
+            let at = (n as usize - 10) * 2;
+            HeaderValue::from_static(&PAIRS[at..at + 2])
+        }
+        _ => HeaderValue::from(n),
+    }
 }
 
 pub(crate) fn body_allowed(status: StatusCode) -> bool {
@@ -229,5 +269,17 @@ pub(crate) fn label_forwarded(config: &Config, headers: &mut HeaderMap, outcome:
 fn strip_targeted_headers(rules: &Rules, headers: &mut HeaderMap) {
     for name in &rules.targeted {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_numbers_read_as_their_decimal_text() {
+        for n in (0..=1000).chain([u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(small_number(n).to_str().unwrap(), n.to_string(), "{n}");
+        }
     }
 }

@@ -24,10 +24,31 @@ pub(crate) async fn lookup(
     config: &Config,
     key: &str,
     request: &HeaderMap,
-) -> Option<CachedResponse> {
+) -> Option<Arc<CachedResponse>> {
     let (response, _) = lookup_entry(config, key, request).await?;
     // Even without `Vary`, a client that did not ask for gzip must never receive gzip.
     conditional::accepts_encoding(request, &response.headers).then_some(response)
+}
+
+/// [`lookup`] without waiting, on a store that keeps its values in this process:
+/// `Some(found)` when the store could tell, `None` when the lookup needs I/O.
+pub(crate) fn lookup_in_process(
+    config: &Config,
+    key: &str,
+    request: &HeaderMap,
+) -> Option<Option<Arc<CachedResponse>>> {
+    let response = match fetch_in_process(config, key)? {
+        Some(Decoded::Response(response)) => response,
+        Some(Decoded::Variants(names)) => {
+            let variant_key = key::variant_key(key, &names, request);
+            match fetch_in_process(config, &variant_key)? {
+                Some(Decoded::Response(response)) => response,
+                Some(Decoded::Variants(_)) | None => return Some(None),
+            }
+        }
+        None => return Some(None),
+    };
+    Some(conditional::accepts_encoding(request, &response.headers).then_some(response))
 }
 
 /// What a stored response is good for, for this request.
@@ -46,20 +67,28 @@ pub(crate) async fn lookup_entry(
     config: &Config,
     key: &str,
     request: &HeaderMap,
-) -> Option<(CachedResponse, Option<key::Variant>)> {
+) -> Option<(Arc<CachedResponse>, Option<key::Variant>)> {
     match fetch(config, key).await? {
-        StoredValue::Response(response) => Some((response, None)),
-        StoredValue::Variants(names) => {
+        Decoded::Response(response) => Some((response, None)),
+        Decoded::Variants(names) => {
             let variant_key = key::variant_key(key, &names, request);
             match fetch(config, &variant_key).await? {
-                StoredValue::Response(response) => Some((response, Some((names, variant_key)))),
-                StoredValue::Variants(_) => None,
+                Decoded::Response(response) => Some((response, Some((names, variant_key)))),
+                Decoded::Variants(_) => None,
             }
         }
     }
 }
 
-pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
+/// A stored value as lookups hand it on. A response is shared with the store's memo slot
+/// (an in-process store's), so an in-process hit copies nothing until it answers.
+#[derive(Clone)]
+enum Decoded {
+    Response(Arc<CachedResponse>),
+    Variants(Vec<HeaderName>),
+}
+
+async fn fetch(config: &Config, key: &str) -> Option<Decoded> {
     let started = std::time::Instant::now();
     let result = config.store.get_memoized(key).await;
     config.observe.store_get(started.elapsed());
@@ -73,19 +102,27 @@ pub(crate) async fn fetch(config: &Config, key: &str) -> Option<StoredValue> {
     }
 }
 
+/// [`fetch`] from a store that can answer without waiting.
+fn fetch_in_process(config: &Config, key: &str) -> Option<Option<Decoded>> {
+    let started = std::time::Instant::now();
+    let found = config.store.get_in_process(key)?;
+    config.observe.store_get(started.elapsed());
+    Some(found.and_then(|(bytes, memo)| decode_memoized(config, key, bytes, memo)))
+}
+
 /// A decoded entry, kept in the store's memo slot (an in-process store's) with the targeted
 /// fields its directives were parsed for: another layer on the same store with other
 /// targeted fields decodes its own.
-type Memoized = (Vec<HeaderName>, StoredValue);
+type Memoized = (Vec<HeaderName>, Decoded);
 
-/// Decodes `bytes`, or clones the decoded form an earlier read left in `memo`: an in-process
-/// hit then costs a lookup and a clone, not a parse.
+/// Decodes `bytes`, or shares the decoded form an earlier read left in `memo`: an in-process
+/// hit then costs a lookup, not a parse.
 fn decode_memoized(
     config: &Config,
     key: &str,
     bytes: Bytes,
     memo: Option<Memo>,
-) -> Option<StoredValue> {
+) -> Option<Decoded> {
     let targeted = &config.rules.targeted;
     let memoized = memo
         .as_ref()
@@ -93,7 +130,7 @@ fn decode_memoized(
     if let Some((_, value)) = memoized.filter(|(for_targeted, _)| for_targeted == targeted) {
         return Some(value.clone());
     }
-    let value = entry::decode(bytes, targeted)
+    let value = match entry::decode(bytes, targeted)
         .inspect_err(|e| {
             tracing::debug!(
                 key,
@@ -101,7 +138,11 @@ fn decode_memoized(
                 "treating entry as a miss"
             )
         })
-        .ok()?;
+        .ok()?
+    {
+        StoredValue::Response(response) => Decoded::Response(Arc::new(response)),
+        StoredValue::Variants(names) => Decoded::Variants(names),
+    };
     if let Some(memo) = memo {
         let _ = memo.set(Arc::new((targeted.clone(), value.clone())));
     }
@@ -117,6 +158,7 @@ pub(crate) async fn fresh_entry(
     headers: &HeaderMap,
 ) -> Option<(CachedResponse, Option<key::Variant>)> {
     let (response, variant) = lookup_entry(config, key, headers).await?;
+    let response = Arc::unwrap_or_clone(response);
     let usable = response.staleness(clock::now_ms()).is_none()
         && conditional::accepts_encoding(headers, &response.headers);
     usable.then_some((response, variant))

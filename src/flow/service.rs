@@ -13,16 +13,17 @@ use tracing::Instrument;
 
 use crate::clock;
 use crate::coalesce::{Lock, Role};
+use crate::entry::CachedResponse;
 use crate::key;
 use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
-use crate::rules::request::{self, BypassReason, RequestAction};
+use crate::rules::request::{self, BypassReason, RequestAction, RequestPlan};
 
 use super::answer::{answer, gateway_timeout, label_forwarded, Outcome};
 use super::body::CacheBody;
 use super::config::Config;
 use super::join::{coalesce, Coalesced};
-use super::lookup::{judge_entry, lookup};
+use super::lookup::{judge_entry, lookup, lookup_in_process};
 use super::write::{head_refreshed, plan_store, revalidated, Exchange};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
@@ -61,18 +62,28 @@ impl<S> std::fmt::Debug for CacheService<S> {
 
 /// The future returned by [`CacheService`].
 pub struct ResponseFuture<B, E> {
-    inner: BoxedFlow<B, E>,
+    inner: Flow<B, E>,
 }
 
-/// The boxed [`respond`] future: an async block is clearer than a hand-written state machine,
-/// and one allocation per request does not show in the benchmarks.
+enum Flow<B, E> {
+    /// Answered in [`CacheService::call`]: a fresh hit in process memory.
+    Answered(std::future::Ready<Result<Response<CacheBody<B>>, E>>),
+    /// Everything else: [`respond`].
+    Running(BoxedFlow<B, E>),
+}
+
+/// The boxed [`respond`] future: an async block is clearer than a hand-written state machine.
 type BoxedFlow<B, E> = Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
 
 impl<B, E> Future for ResponseFuture<B, E> {
     type Output = Result<Response<CacheBody<B>>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Both variants are `Unpin` (a `Ready`, a `Pin<Box>`).
+        match &mut self.get_mut().inner {
+            Flow::Answered(ready) => Pin::new(ready).poll(cx),
+            Flow::Running(flow) => flow.as_mut().poll(cx),
+        }
     }
 }
 
@@ -99,10 +110,6 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // Call the service that `poll_ready` made ready, and keep a fresh clone for the next
-        // request (tower-service's documented pattern).
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         // One span per request, at debug: the key, the outcome and the store's time are
         // recorded on it as the flow decides them.
         let span = tracing::debug_span!(
@@ -112,18 +119,116 @@ where
             outcome = tracing::field::Empty,
             store_get_us = tracing::field::Empty,
         );
+        let step = match span.in_scope(|| begin(&self.config, req)) {
+            Begun::Answered(response) => {
+                // The inner service stays ready for the next request.
+                let inner = Flow::Answered(std::future::ready(Ok(response)));
+                return ResponseFuture { inner };
+            }
+            Begun::Flow(step) => step,
+        };
+        // Call the service that `poll_ready` made ready, and keep a fresh clone for the next
+        // request (tower-service's documented pattern).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let flow = respond(self.config.clone(), inner, step).instrument(span);
         ResponseFuture {
-            inner: Box::pin(respond(self.config.clone(), inner, req).instrument(span)),
+            inner: Flow::Running(Box::pin(flow)),
         }
     }
 }
 
-/// One request through the cache. Every store failure degrades to a miss: the cache never
-/// turns a good response into an error.
+/// What [`begin`] decided.
+enum Begun<ReqBody, ResBody> {
+    /// A fresh hit, answered.
+    Answered(Response<CacheBody<ResBody>>),
+    /// The rest is [`respond`]'s.
+    Flow(Step<ReqBody>),
+}
+
+/// Where [`respond`] picks the request up.
+enum Step<B> {
+    /// Not the cache's business: straight to the handler.
+    Pass(Request<B>),
+    /// A write: the handler, then the URL's stored responses dropped.
+    Invalidate(Request<B>),
+    /// The handler, labelled with why the cache stood aside.
+    Bypass(Request<B>, BypassReason),
+    /// A request for the stored response under `key`.
+    Lookup(Lookup<B>),
+}
+
+struct Lookup<B> {
+    req: Request<B>,
+    plan: RequestPlan,
+    /// What the answer says if it comes from the handler.
+    label: Outcome,
+    key: String,
+    /// What a store in process memory held, and the flights' mark taken just before
+    /// looking; `None` when the lookup needs I/O (or a refresh skips it).
+    found: Option<(u64, Option<Arc<CachedResponse>>)>,
+}
+
+/// Steps 1-3 where they need no waiting, so that a fresh hit in process memory is answered
+/// without a future of its own: may this request use the cache, under which key, and (on a
+/// store that keeps its values in this process) is there a fresh response for it?
+fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqBody, ResBody> {
+    // 1. May this request use the cache at all, and under which key?
+    let plan = request::classify_request(&config.rules, req.method(), req.headers());
+    let (label, method) = match plan.action {
+        RequestAction::Pass => return Begun::Flow(Step::Pass(req)),
+        RequestAction::Invalidate => return Begun::Flow(Step::Invalidate(req)),
+        RequestAction::Bypass(reason) => return Begun::Flow(Step::Bypass(req, reason)),
+        // A HEAD is answered from the GET entry.
+        RequestAction::HeadLookup => (Outcome::Hit, Method::GET),
+        RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
+        RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
+    };
+    let (req, key) = request_key(config, &method, req);
+    let Ok(key) = key else {
+        return Begun::Flow(Step::Bypass(req, BypassReason::NoKey));
+    };
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("key", key.as_str());
+    }
+    // 2. Look up, if the store can answer now (a refresh does not look).
+    let mut found = None;
+    if label != Outcome::Refresh {
+        let looked_up_at = config.flights.mark();
+        found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
+    }
+    // 3. Serve it if fresh; anything else (stale, validation, absent) is respond's.
+    if let Some((_, Some(entry))) = &found {
+        if judge_entry(config, &plan, entry) == Verdict::Fresh {
+            let Some((_, Some(entry))) = found else {
+                unreachable!("matched above")
+            };
+            let with_body = plan.action != RequestAction::HeadLookup;
+            return Begun::Answered(answer(
+                config,
+                &entry,
+                req.headers(),
+                with_body,
+                Outcome::Hit,
+            ));
+        }
+    }
+    Begun::Flow(Step::Lookup(Lookup {
+        req,
+        plan,
+        label,
+        key,
+        found,
+    }))
+}
+
+/// One request through the cache, from where [`begin`] left it. Every store failure
+/// degrades to a miss: the cache never turns a good response into an error.
 async fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
-    req: Request<ReqBody>,
+    step: Step<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -131,31 +236,28 @@ where
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    // 1. May this request use the cache at all, and under which key?
-    let plan = request::classify_request(&config.rules, req.method(), req.headers());
-    let (label, method) = match plan.action {
-        RequestAction::Pass => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
-        RequestAction::Invalidate => return invalidate_after_write(&config, inner, req).await,
-        RequestAction::Bypass(reason) => return bypass(&config, inner, req, reason).await,
-        // A HEAD is answered from the GET entry.
-        RequestAction::HeadLookup => (Outcome::Hit, Method::GET),
-        RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
-        RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
+    let Lookup {
+        req,
+        plan,
+        label,
+        key,
+        found,
+    } = match step {
+        Step::Pass(req) => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
+        Step::Invalidate(req) => return invalidate_after_write(&config, inner, req).await,
+        Step::Bypass(req, reason) => return bypass(&config, inner, req, reason).await,
+        Step::Lookup(lookup) => lookup,
     };
-    let (req, key) = request_key(&config, &method, req);
-    let Ok(key) = key else {
-        return bypass(&config, inner, req, BypassReason::NoKey).await;
-    };
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        span.record("key", key.as_str());
-    }
     if plan.action == RequestAction::HeadLookup {
-        let stored = match lookup(&config, &key, req.headers()).await {
+        let stored = match found {
+            Some((_, stored)) => stored,
+            None => lookup(&config, &key, req.headers()).await,
+        };
+        let stored = match stored {
             Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
+                return Ok(answer(&config, &hit, req.headers(), false, Outcome::Hit));
             }
-            other => other,
+            other => other.map(Arc::unwrap_or_clone),
         };
         // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
         // response's headers when it is the same representation (RFC 9111 §4.3.5).
@@ -174,30 +276,36 @@ where
     }
     let mut req = req;
 
-    // 2-3. Look up (unless the client asked for a refresh) and judge the stored copy for
-    // this request: serve it, serve it stale while refreshing, or keep it to validate with
-    // the handler or to stand in for a failing handler.
+    // 2-3. Look up (unless the client asked for a refresh, or `begin` looked already) and
+    // judge the stored copy for this request: serve it, serve it stale while refreshing, or
+    // keep it to validate with the handler or to stand in for a failing handler.
     let mut stored = None;
     let mut stale_if_error = false;
     let mut lead = None;
     if label == Outcome::Miss {
-        let looked_up_at = config.flights.mark();
-        if let Some(entry) = lookup(&config, &key, req.headers()).await {
+        let (looked_up_at, found) = match found {
+            Some(found) => found,
+            None => {
+                let looked_up_at = config.flights.mark();
+                (looked_up_at, lookup(&config, &key, req.headers()).await)
+            }
+        };
+        if let Some(entry) = found {
             match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => {
-                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Hit))
+                    return Ok(answer(&config, &entry, req.headers(), true, Outcome::Hit))
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
+                    return Ok(answer(&config, &entry, req.headers(), true, Outcome::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
+                    let response = answer(&config, &entry, req.headers(), true, Outcome::Stale);
                     refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
                     return Ok(response);
                 }
                 Verdict::Validate { if_error } => {
                     stale_if_error = if_error;
-                    stored = Some(entry);
+                    stored = Some(Arc::unwrap_or_clone(entry));
                 }
                 Verdict::Unusable => {}
             }
@@ -213,7 +321,7 @@ where
                 Coalesced::Hit(hit) => {
                     return Ok(answer(
                         &config,
-                        hit,
+                        &hit,
                         req.headers(),
                         true,
                         Outcome::Coalesced,
@@ -249,7 +357,7 @@ where
     if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
         return Ok(answer(
             &config,
-            stale,
+            &stale,
             &request_headers,
             true,
             Outcome::StaleIfError,
@@ -261,7 +369,7 @@ where
         let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
         return Ok(answer(
             &config,
-            refreshed,
+            &refreshed,
             &request_headers,
             true,
             Outcome::Revalidated,

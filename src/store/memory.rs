@@ -300,6 +300,10 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(value)))
     }
 
+    fn get_in_process(&self, key: &str) -> Option<Option<(Bytes, Option<Memo>)>> {
+        Some(self.cache.get(key).map(|v| (v.bytes, Some(v.memo))))
+    }
+
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
         self.insert(key, value, ttl, None);
         Box::pin(std::future::ready(Ok(())))

@@ -54,6 +54,14 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async move { Ok(get.await?.map(|bytes| (bytes, None))) })
     }
 
+    /// [`get_memoized`](Self::get_memoized) without waiting, for a store that keeps values in
+    /// this process: `Some(found)` when it can tell now, `None` (the default) when the answer
+    /// needs I/O. The layer answers fresh hits from it without a future of their own.
+    fn get_in_process(&self, key: &str) -> Option<Option<(Bytes, Option<Memo>)>> {
+        let _ = key;
+        None
+    }
+
     /// Stores `value` under `key` for `ttl`, replacing any previous value. A zero `ttl` means
     /// "do not keep": afterwards the key holds nothing, in every store.
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
@@ -124,6 +132,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
         (**self).get_memoized(key)
+    }
+
+    fn get_in_process(&self, key: &str) -> Option<Option<(Bytes, Option<Memo>)>> {
+        (**self).get_in_process(key)
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {

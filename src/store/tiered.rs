@@ -438,6 +438,12 @@ impl<S: Store> Store for TieredStore<S> {
         Box::pin(async move { Ok(get.await?.map(|value| (value, None))) })
     }
 
+    /// An L1 hit; an L1 miss needs L2.
+    fn get_in_process(&self, key: &str) -> Option<Option<(Bytes, Option<Memo>)>> {
+        let (value, memo) = self.shared.near.l1.peek_memoized(key)?;
+        Some(Some((value, Some(memo))))
+    }
+
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.shared.l2.set(key, value.clone(), ttl).await?;
