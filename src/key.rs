@@ -186,13 +186,23 @@ impl Keying {
 
 /// The request's authority, lower-cased: the URI's (absolute-form targets, HTTP/2), else the
 /// `Host` header's.
-pub(crate) fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+pub(crate) fn authority<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Option<std::borrow::Cow<'a, str>> {
     let raw = match uri.authority() {
         Some(authority) => authority.as_str(),
         None => headers.get(http::header::HOST)?.to_str().ok()?,
     };
     let raw = raw.trim();
-    (!raw.is_empty()).then(|| raw.to_ascii_lowercase())
+    if raw.is_empty() {
+        return None;
+    }
+    // Most hosts arrive lower-cased already: copy only the ones that are not.
+    Some(match raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => raw.to_ascii_lowercase().into(),
+        false => raw.into(),
+    })
 }
 
 /// The cookies a request carries, as `(name, value)` pairs from every `Cookie` field line.
@@ -322,6 +332,28 @@ fn with_hex(head: &str, infix: &str, digest: [u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_keyed_case_insensitively_and_copied_only_when_upper_case() {
+        let uri: Uri = "/items/1".parse().unwrap();
+        let host = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::HOST, HeaderValue::from_static(value));
+            headers
+        };
+        let (upper, lower) = (host(" Example.COM:8080 "), host("example.com:8080"));
+        let upper_authority = authority(&uri, &upper).unwrap();
+        let lower_authority = authority(&uri, &lower).unwrap();
+        assert_eq!(upper_authority, "example.com:8080");
+        assert_eq!(upper_authority, lower_authority);
+        assert!(matches!(lower_authority, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(authority(&uri, &host("  ")), None);
+        let keying = Keying::default();
+        assert_eq!(
+            keying.key_with("p", &Method::GET, &uri, &upper, None),
+            keying.key_with("p", &Method::GET, &uri, &lower, None),
+        );
+    }
 
     #[test]
     fn accept_encoding_and_language_variants_are_normalised() {
