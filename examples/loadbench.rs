@@ -36,6 +36,8 @@
 //! --ids N          distinct ids the hit rows cycle over (default 1000)
 //! --rows LIST      comma-separated row names to run instead of the main rows above
 //! --pools          also compare Redis connection setups (bb8 pools, round-robin, store sizes)
+//! --rounds N       run every row N times, interleaved (default 1); the table shows each
+//!                  row's median round, and each round's ratios are printed
 //! ```
 //!
 //! wrk, the server and (for rows 3-5) redis-server share the machine's cores; every row runs
@@ -232,14 +234,16 @@ fn serve(args: &[String]) {
         std::process::exit(0);
     });
     runtime.block_on(async move {
-        let app = build_app(kind, url, ids).await;
+        // Bound first: entries are keyed on the host, so priming must name the one wrk will.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let app = build_app(kind, url, ids, &host).await;
         println!("READY {}", listener.local_addr().unwrap().port());
         axum::serve(listener, app).await.unwrap();
     });
 }
 
-async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
+async fn build_app(kind: &str, url: &str, ids: usize, host: &str) -> Router {
     let body = json_body();
     let handler = Router::new()
         .route("/items/{id}", get(item))
@@ -250,19 +254,26 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
     let check = parts.next() == Some("check");
     match name {
         "bare" => handler,
-        "memory" => primed(handler.layer(CacheLayer::new(MemoryStore::new())), ids).await,
+        "memory" => {
+            primed(
+                handler.layer(CacheLayer::new(MemoryStore::new())),
+                ids,
+                host,
+            )
+            .await
+        }
         // The same store without its memo slot: every hit decodes the stored bytes (how
         // MemoryStore hits worked before hits were served from the decoded form).
         "memory-decode" => {
             let store = DecodeEveryHit(MemoryStore::new());
-            primed(handler.layer(CacheLayer::new(store)), ids).await
+            primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         "redis-hit" => {
             let store = match n {
                 Some(n) => RedisStore::builder(url).max_connections(n).build().await,
                 None => RedisStore::connect(url).await,
             };
-            primed(handler.layer(CacheLayer::new(store.unwrap())), ids).await
+            primed(handler.layer(CacheLayer::new(store.unwrap())), ids, host).await
         }
         #[cfg(feature = "bb8")]
         "redis-hit-bb8" => {
@@ -273,7 +284,7 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
                 .await
                 .unwrap();
             let store = RedisStore::builder_from_pool(pool).build().await.unwrap();
-            primed(handler.layer(CacheLayer::new(store)), ids).await
+            primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         #[cfg(feature = "tiered")]
         "tiered" => {
@@ -283,7 +294,7 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
                 .unwrap()
                 .build()
                 .await;
-            primed(handler.layer(CacheLayer::new(store)), ids).await
+            primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         #[cfg(feature = "cluster")]
         "cluster" => {
@@ -292,7 +303,7 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
                 .build()
                 .await
                 .unwrap();
-            primed(handler.layer(CacheLayer::new(store)), ids).await
+            primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         "redis-miss" => {
             // A short TTL keeps Redis's memory bounded while every request stores an entry.
@@ -333,8 +344,9 @@ async fn build_app(kind: &str, url: &str, ids: usize) -> Router {
     }
 }
 
-/// Requests every id until each one is a hit (the layer stores from a background task).
-async fn primed(app: Router, ids: usize) -> Router {
+/// Requests every id, naming `host` as wrk will, until each one is a hit (the layer stores
+/// from a background task).
+async fn primed(app: Router, ids: usize, host: &str) -> Router {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut pending: Vec<usize> = (0..ids).collect();
     while !pending.is_empty() {
@@ -345,6 +357,7 @@ async fn primed(app: Router, ids: usize) -> Router {
         let mut missed = Vec::new();
         for id in pending {
             let request = Request::get(format!("/items/{id}"))
+                .header(axum::http::header::HOST, host)
                 .body(axum::body::Body::empty())
                 .unwrap();
             let response = app.clone().oneshot(request).await.unwrap();
@@ -373,6 +386,7 @@ struct Options {
     ids: usize,
     rows: Vec<String>,
     pools: bool,
+    rounds: usize,
 }
 
 impl Options {
@@ -390,6 +404,7 @@ impl Options {
                 .map(str::to_owned)
                 .collect(),
             pools: false,
+            rounds: 1,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -402,6 +417,7 @@ impl Options {
                 "--ids" => options.ids = value().parse().expect("--ids"),
                 "--rows" => options.rows = value().split(',').map(str::to_owned).collect(),
                 "--pools" => options.pools = true,
+                "--rounds" => options.rounds = value().parse().expect("--rounds"),
                 "--help" | "-h" => {
                     println!("see the docs at the top of examples/loadbench.rs");
                     std::process::exit(0);
@@ -470,24 +486,40 @@ fn run(options: Options) {
         fmt_us(set_rtt)
     );
 
-    let mut results = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let script = if row == "redis-miss" { &unique } else { &cycle };
-        let m = match (row.as_str(), &cluster) {
-            ("cluster", Some(cluster)) => {
-                let urls = cluster.urls();
-                measure_row(row, &urls, &cluster.pids(), &options, script, i)
-            }
-            _ => measure_row(row, &url, &[redis.child.id()], &options, script, i),
-        };
-        eprintln!(
-            "  {row}: {:.0} req/s, p50 {}, p99 {}",
-            m.requests_per_sec,
-            fmt_us(m.p50_us),
-            fmt_us(m.p99_us)
-        );
-        results.push(m);
+    // Every round runs every row once, in order, so the machine's drift hits all rows alike;
+    // the table shows each row's median round.
+    let mut rounds: Vec<Vec<Measured>> = Vec::new();
+    for round in 0..options.rounds.max(1) {
+        let mut results = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let script = if row == "redis-miss" { &unique } else { &cycle };
+            let seq = round * rows.len() + i;
+            let m = match (row.as_str(), &cluster) {
+                ("cluster", Some(cluster)) => {
+                    let urls = cluster.urls();
+                    measure_row(row, &urls, &cluster.pids(), &options, script, seq)
+                }
+                _ => measure_row(row, &url, &[redis.child.id()], &options, script, seq),
+            };
+            eprintln!(
+                "  round {}: {row}: {:.0} req/s, p50 {}, p99 {}, server CPU/req {:.1} µs",
+                round + 1,
+                m.requests_per_sec,
+                fmt_us(m.p50_us),
+                fmt_us(m.p99_us),
+                m.server_cpu_us,
+            );
+            results.push(m);
+        }
+        rounds.push(results);
     }
+    if rounds.len() > 1 {
+        println!();
+        for (round, results) in rounds.iter().enumerate() {
+            println!("round {}: {}", round + 1, ratio_summary(results));
+        }
+    }
+    let results = medians(rounds);
     print_table(&results);
     print_ratios(&results, set_rtt);
 
@@ -726,6 +758,43 @@ fn print_table(results: &[Measured]) {
     }
 }
 
+/// Each row's median round by requests/s (rows in their first order).
+fn medians(rounds: Vec<Vec<Measured>>) -> Vec<Measured> {
+    let mut by_row: Vec<Vec<Measured>> = Vec::new();
+    for m in rounds.into_iter().flatten() {
+        match by_row.iter_mut().find(|runs| runs[0].row == m.row) {
+            Some(runs) => runs.push(m),
+            None => by_row.push(vec![m]),
+        }
+    }
+    by_row
+        .into_iter()
+        .map(|mut runs| {
+            runs.sort_by(|a, b| a.requests_per_sec.total_cmp(&b.requests_per_sec));
+            runs.swap_remove(runs.len() / 2)
+        })
+        .collect()
+}
+
+/// One round's in-process and Redis ratios, on one line.
+fn ratio_summary(results: &[Measured]) -> String {
+    let rps = |row: &str| {
+        results
+            .iter()
+            .find(|m| m.row == row)
+            .map(|m| m.requests_per_sec)
+    };
+    [
+        ("2/1", "memory", "bare"),
+        ("L1/1", "tiered", "bare"),
+        ("3/5", "redis-hit", "get-mux"),
+    ]
+    .iter()
+    .filter_map(|(name, a, b)| Some(format!("{name} {:.2}", rps(a)? / rps(b)?)))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
 fn print_ratios(results: &[Measured], set_rtt_us: f64) {
     let find = |row: &str| results.iter().find(|m| m.row == row);
     println!();
@@ -733,6 +802,13 @@ fn print_ratios(results: &[Measured], set_rtt_us: f64) {
         let ratio = memory.requests_per_sec / bare.requests_per_sec;
         println!(
             "2/1 (MemoryStore hit / bare handler):   {ratio:.2}  target >= 0.90  {}",
+            verdict(ratio >= 0.9)
+        );
+    }
+    if let (Some(bare), Some(l1)) = (find("bare"), find("tiered")) {
+        let ratio = l1.requests_per_sec / bare.requests_per_sec;
+        println!(
+            "L1/1 (TieredStore L1 hit / bare handler): {ratio:.2}  target >= 0.90  {}",
             verdict(ratio >= 0.9)
         );
     }
