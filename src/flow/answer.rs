@@ -1,6 +1,8 @@
 //! How the cache answers: replaying a stored response (or a 304 for it), and labelling
 //! every answer with `X-Cache` and RFC 9211's `Cache-Status`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AGE, CONTENT_LENGTH, CONTENT_RANGE};
 use http::{HeaderMap, Response, StatusCode};
@@ -120,7 +122,7 @@ impl Outcome {
 /// stored response otherwise (without its body for HEAD).
 pub(crate) fn answer<B>(
     config: &Config,
-    hit: &CachedResponse,
+    hit: Arc<CachedResponse>,
     request: &HeaderMap,
     with_body: bool,
     outcome: Outcome,
@@ -146,12 +148,15 @@ pub(crate) fn answer<B>(
         )
     } else if hit.status == StatusCode::OK && with_body {
         match range::answer(request, &hit.headers, body_len) {
-            RangeAnswer::Full => (hit.status, replay_headers(hit), hit.body.clone()),
+            RangeAnswer::Full => {
+                let (headers, body) = replay_parts(hit);
+                (StatusCode::OK, headers, body)
+            }
             RangeAnswer::Partial { start, end } => {
-                let mut headers = replay_headers(hit);
+                let (mut headers, body) = replay_parts(hit);
                 let range = format!("bytes {start}-{end}/{body_len}");
                 headers.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ASCII"));
-                let body = hit.body.slice(start as usize..=end as usize);
+                let body = body.slice(start as usize..=end as usize);
                 content_length = Some(body.len() as u64);
                 (StatusCode::PARTIAL_CONTENT, headers, body)
             }
@@ -164,12 +169,9 @@ pub(crate) fn answer<B>(
             }
         }
     } else {
-        let body = if with_body {
-            hit.body.clone()
-        } else {
-            Bytes::new()
-        };
-        (hit.status, replay_headers(hit), body)
+        let status = hit.status;
+        let (headers, body) = replay_parts(hit);
+        (status, headers, if with_body { body } else { Bytes::new() })
     };
     headers.insert(AGE, small_number(age));
     if let Some(length) = content_length.filter(|_| body_allowed(status)) {
@@ -192,14 +194,21 @@ pub(crate) fn answer<B>(
     response
 }
 
-/// The stored headers, copied into a map with room for the ones [`answer`] adds, so that
-/// adding them does not grow it (a grown map is a reallocation on every hit).
-fn replay_headers(hit: &CachedResponse) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(hit.headers.len() + 5);
-    for (name, value) in &hit.headers {
-        headers.append(name.clone(), value.clone());
+/// The stored headers, in a map with room for the ones [`answer`] adds (a map that grows is
+/// a reallocation on every hit), and the body. Moved out when this answer holds the only
+/// reference (a response decoded for this request, which the decoder gave that room); copied
+/// when the response is shared with an in-process store's memo slot.
+fn replay_parts(hit: Arc<CachedResponse>) -> (HeaderMap, Bytes) {
+    match Arc::try_unwrap(hit) {
+        Ok(owned) => (owned.headers, owned.body),
+        Err(shared) => {
+            let mut headers = HeaderMap::with_capacity(shared.headers.len() + 5);
+            for (name, value) in &shared.headers {
+                headers.append(name.clone(), value.clone());
+            }
+            (headers, shared.body.clone())
+        }
     }
-    headers
 }
 
 /// `n` as a header value; below 100 (most ages) without an allocation.

@@ -201,13 +201,11 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
     // 3. Serve it if fresh; anything else (stale, validation, absent) is respond's.
     if let Some((_, Some(entry))) = &found {
         if judge_entry(config, &plan, entry) == Verdict::Fresh {
-            let Some((_, Some(entry))) = found else {
-                unreachable!("matched above")
-            };
             let with_body = plan.action != RequestAction::HeadLookup;
+            // The entry is shared with the store's memo slot: a clone of the `Arc`.
             return Begun::Answered(answer(
                 config,
-                &entry,
+                Arc::clone(entry),
                 req.headers(),
                 with_body,
                 Outcome::Hit,
@@ -255,7 +253,7 @@ where
         };
         let stored = match stored {
             Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&config, &hit, req.headers(), false, Outcome::Hit));
+                return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
             }
             other => other.map(Arc::unwrap_or_clone),
         };
@@ -293,13 +291,13 @@ where
         if let Some(entry) = found {
             match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => {
-                    return Ok(answer(&config, &entry, req.headers(), true, Outcome::Hit))
+                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Hit))
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&config, &entry, req.headers(), true, Outcome::Stale));
+                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&config, &entry, req.headers(), true, Outcome::Stale);
+                    let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
                     refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
                     return Ok(response);
                 }
@@ -321,7 +319,7 @@ where
                 Coalesced::Hit(hit) => {
                     return Ok(answer(
                         &config,
-                        &hit,
+                        Arc::new(hit),
                         req.headers(),
                         true,
                         Outcome::Coalesced,
@@ -357,7 +355,7 @@ where
     if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
         return Ok(answer(
             &config,
-            &stale,
+            Arc::new(stale),
             &request_headers,
             true,
             Outcome::StaleIfError,
@@ -369,7 +367,7 @@ where
         let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
         return Ok(answer(
             &config,
-            &refreshed,
+            Arc::new(refreshed),
             &request_headers,
             true,
             Outcome::Revalidated,
