@@ -4,7 +4,8 @@
 //! ```text
 //! scripts/hit_instructions.sh          # builds this, runs each mode under callgrind, prints
 //!                                      # instructions per request and the difference
-//! cargo run --release --example hit_instructions -- memory 100000   # one mode, no valgrind
+//! cargo run --release --example hit_instructions -- memory 100000 1000  # one mode over 1,000
+//!                                      # ids (default 1), no valgrind
 //! ```
 //!
 //! Modes: `bare` (the handler alone), `memory` (the layer on `MemoryStore`, every request a
@@ -40,42 +41,44 @@ impl Store for DecodeEveryHit {
     }
 }
 
-/// Sends `/items/1` through `svc`, reads the body, and says whether it was a hit.
-async fn roundtrip<S, B>(svc: &mut S) -> bool
+/// Sends `/items/{id}` through `svc`, reads the body, and says whether it was a hit.
+async fn roundtrip<S, B>(svc: &mut S, id: u64) -> bool
 where
     S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let request = Request::get("/items/1").body(Empty::new()).unwrap();
+    let request = Request::get(format!("/items/{id}"))
+        .body(Empty::new())
+        .unwrap();
     let response = svc.ready().await.unwrap().call(request).await.unwrap();
     let hit = response.headers().get(X_CACHE) == Some(&HeaderValue::from_static("HIT"));
     response.into_body().collect().await.unwrap();
     hit
 }
 
-/// Primes the cache (the miss stores from a spawned task), then sends `n` requests that must
-/// all be hits.
-async fn run_cached<S, B>(mut svc: S, n: u64)
+/// Primes the cache with `ids` entries (a miss stores from a spawned task), then sends `n`
+/// requests cycling over them, which must all be hits.
+async fn run_cached<S, B>(mut svc: S, n: u64, ids: u64)
 where
     S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let mut primed = false;
-    for _ in 0..1000 {
-        if roundtrip(&mut svc).await {
-            primed = true;
-            break;
+    for id in 0..ids {
+        let mut primed = false;
+        for _ in 0..1000 {
+            if roundtrip(&mut svc, id).await {
+                primed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
+        assert!(primed, "entry {id} was never stored");
     }
-    assert!(primed, "the entry was never stored");
-    for _ in 0..n {
-        assert!(
-            roundtrip(&mut svc).await,
-            "every request after priming is a hit"
-        );
+    for i in 0..n {
+        let hit = roundtrip(&mut svc, i % ids).await;
+        assert!(hit, "every request after priming is a hit");
     }
 }
 
@@ -83,6 +86,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "memory".to_owned());
     let n: u64 = args.next().map_or(100_000, |n| n.parse().expect("a count"));
+    let ids: u64 = args
+        .next()
+        .map_or(1, |n| n.parse().expect("a number of ids"));
     let body = Bytes::from(vec![b'x'; 1024]);
     let handler = tower::service_fn(move |_req: Request<Empty<Bytes>>| {
         let body = body.clone();
@@ -102,19 +108,21 @@ fn main() {
         match mode.as_str() {
             "bare" => {
                 let mut svc = handler;
-                for _ in 0..n {
-                    let request = Request::get("/items/1").body(Empty::new()).unwrap();
+                for i in 0..n {
+                    let request = Request::get(format!("/items/{}", i % ids))
+                        .body(Empty::new())
+                        .unwrap();
                     let response = svc.ready().await.unwrap().call(request).await.unwrap();
                     response.into_body().collect().await.unwrap();
                 }
             }
             "memory" => {
                 let svc = CacheLayer::new(MemoryStore::new()).layer(handler);
-                run_cached(svc, n).await;
+                run_cached(svc, n, ids).await;
             }
             "decoding" => {
                 let svc = CacheLayer::new(DecodeEveryHit(MemoryStore::new())).layer(handler);
-                run_cached(svc, n).await;
+                run_cached(svc, n, ids).await;
             }
             other => panic!("unknown mode {other}: bare, memory or decoding"),
         }
