@@ -16,8 +16,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{Layer, Service, ServiceExt};
 use tower_redis_cache::__bench as internals;
-use tower_redis_cache::store::StoreFuture;
-use tower_redis_cache::{CacheLayer, MemoryStore, Store, X_CACHE};
+use tower_redis_cache::__bench::DecodeEveryHit;
+use tower_redis_cache::{CacheLayer, MemoryStore, X_CACHE};
 
 /// Headers of a typical JSON API response.
 fn response_headers() -> HeaderMap {
@@ -147,24 +147,6 @@ where
         .unwrap()
         .to_bytes()
         .len()
-}
-
-/// A MemoryStore behind the `Store` trait's required methods only: no memo slot, so every
-/// hit decodes the stored bytes.
-struct DecodeEveryHit(MemoryStore);
-
-impl Store for DecodeEveryHit {
-    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        self.0.get(key)
-    }
-
-    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.0.set(key, value, ttl)
-    }
-
-    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        self.0.delete(key)
-    }
 }
 
 /// Requests `/items/1` until it is a hit: the miss stores it from a spawned task once the

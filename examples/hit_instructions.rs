@@ -14,32 +14,14 @@
 //! to the end, as in `benches/cache.rs`'s `hit_path` group.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_redis_cache::store::StoreFuture;
-use tower_redis_cache::{CacheLayer, MemoryStore, Store, X_CACHE};
-
-/// A MemoryStore behind the `Store` trait's required methods only: no memo slot.
-struct DecodeEveryHit(MemoryStore);
-
-impl Store for DecodeEveryHit {
-    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        self.0.get(key)
-    }
-
-    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.0.set(key, value, ttl)
-    }
-
-    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        self.0.delete(key)
-    }
-}
+use tower_redis_cache::__bench::DecodeEveryHit;
+use tower_redis_cache::{CacheLayer, MemoryStore, X_CACHE};
 
 /// Sends `/items/{id}` through `svc`, reads the body, and says whether it was a hit.
 async fn roundtrip<S, B>(svc: &mut S, id: u64) -> bool

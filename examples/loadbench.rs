@@ -61,8 +61,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use redis::aio::MultiplexedConnection;
 use tower::ServiceExt;
-use tower_redis_cache::store::StoreFuture;
-use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, Store, X_CACHE};
+use tower_redis_cache::__bench::DecodeEveryHit;
+use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, X_CACHE};
 
 const BODY_LEN: usize = 1024;
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -195,23 +195,6 @@ async fn redis_get(Path(id): Path<String>, State(getter): State<Getter>) -> Resp
 
 /// `serve KIND REDIS_URL WORKERS IDS`: binds 127.0.0.1:0, primes, prints `READY port`, and
 /// serves until its stdin closes (so it never outlives the benchmark).
-/// A MemoryStore behind the `Store` trait's required methods only, so it offers no memo slot.
-struct DecodeEveryHit(MemoryStore);
-
-impl Store for DecodeEveryHit {
-    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<bytes::Bytes>> {
-        self.0.get(key)
-    }
-
-    fn set<'a>(&'a self, key: &'a str, value: bytes::Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
-        self.0.set(key, value, ttl)
-    }
-
-    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
-        self.0.delete(key)
-    }
-}
-
 fn serve(args: &[String]) {
     let [kind, url, workers, ids] = args else {
         panic!("usage: loadbench serve KIND REDIS_URL WORKERS IDS");

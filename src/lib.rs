@@ -53,8 +53,8 @@ pub struct ReadmeDoctests;
 pub struct ClientDocDoctests;
 
 /// NOT PUBLIC API. Thin wrappers over crate internals for the criterion benchmarks in
-/// `benches/`; hidden from the docs, exempt from semver, and may change or vanish in any
-/// release.
+/// `benches/` and the benchmark examples; hidden from the docs, exempt from semver, and may
+/// change or vanish in any release.
 #[doc(hidden)]
 pub mod __bench {
     use std::time::Duration;
@@ -104,6 +104,32 @@ pub mod __bench {
     /// The default rules of a layer, for [`classify_request`].
     #[derive(Debug, Default)]
     pub struct BenchRules(Rules);
+
+    /// A `MemoryStore` behind the `Store` trait's required methods only, so it offers no memo
+    /// slot and no read without waiting: every hit decodes the stored bytes, as on a store
+    /// that serialises values.
+    #[cfg(feature = "memory")]
+    pub struct DecodeEveryHit(pub crate::MemoryStore);
+
+    #[cfg(feature = "memory")]
+    impl crate::Store for DecodeEveryHit {
+        fn get<'a>(&'a self, key: &'a str) -> crate::store::StoreFuture<'a, Option<Bytes>> {
+            self.0.get(key)
+        }
+
+        fn set<'a>(
+            &'a self,
+            key: &'a str,
+            value: Bytes,
+            ttl: Duration,
+        ) -> crate::store::StoreFuture<'a, ()> {
+            self.0.set(key, value, ttl)
+        }
+
+        fn delete<'a>(&'a self, key: &'a str) -> crate::store::StoreFuture<'a, bool> {
+            self.0.delete(key)
+        }
+    }
 
     /// `rules::request::classify_request`; the action is opaque.
     pub fn classify_request(
