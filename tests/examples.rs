@@ -32,7 +32,7 @@ fn example_binary(name: &str) -> PathBuf {
         feature = "memory",
         feature = "axum"
     )) {
-        args.extend(["--features", "metrics", "--example", "observability"]);
+        args.extend(["--example", "observability"]);
     }
     common::example_binary(name, &args)
 }

@@ -435,7 +435,14 @@ pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet"]).args(build_args);
+        // The features this test was built with: `cargo test` has built the examples with
+        // them already, so the build below finds them fresh instead of compiling the crate
+        // (and its dependencies) again for another feature set.
+        let features = this_builds_features().join(",");
+        build
+            .args(["build", "--quiet", "--no-default-features", "--features"])
+            .arg(features)
+            .args(build_args);
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -450,4 +457,26 @@ pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(binary.exists(), "no example binary at {}", binary.display());
     binary
+}
+
+/// The crate features enabled in this build (`default` too: it is a feature of its own, and
+/// `--all-features` turns it on).
+fn this_builds_features() -> Vec<&'static str> {
+    [
+        ("default", cfg!(feature = "default")),
+        ("redis", cfg!(feature = "redis")),
+        ("memory", cfg!(feature = "memory")),
+        ("axum", cfg!(feature = "axum")),
+        ("client", cfg!(feature = "client")),
+        ("bb8", cfg!(feature = "bb8")),
+        ("connection-manager", cfg!(feature = "connection-manager")),
+        ("tls", cfg!(feature = "tls")),
+        ("sentinel", cfg!(feature = "sentinel")),
+        ("metrics", cfg!(feature = "metrics")),
+        ("cluster", cfg!(feature = "cluster")),
+        ("tiered", cfg!(feature = "tiered")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect()
 }
