@@ -439,6 +439,26 @@ pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
         // them already, so the build below finds them fresh instead of compiling the crate
         // (and its dependencies) again for another feature set.
         let features = this_builds_features().join(",");
+        // Nor the variables cargo sets for a running test: some build scripts (ring's) watch
+        // `CARGO_PKG_*` and `OUT_DIR`, and seeing them change would rebuild them and all that
+        // depends on them, here and again in the next plain `cargo` command.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            let set_by_cargo_test = name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "OUT_DIR",
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&name);
+            if set_by_cargo_test {
+                build.env_remove(name);
+            }
+        }
         build
             .args(["build", "--quiet", "--no-default-features", "--features"])
             .arg(features)
