@@ -463,8 +463,11 @@ pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
             .args(["build", "--quiet", "--no-default-features", "--features"])
             .arg(features)
             .args(build_args);
+        // `cargo test` built the examples with the `test` profile (`--release`: `release`).
         if profile_dir.ends_with("release") {
             build.arg("--release");
+        } else {
+            build.args(["--profile", "test"]);
         }
         let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
