@@ -296,7 +296,7 @@ impl Store for MemoryStore {
     }
 
     fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
-        let value = self.cache.get(key).map(|v| (v.bytes, Some(v.memo)));
+        let value = self.get_in_process(key).flatten();
         Box::pin(std::future::ready(Ok(value)))
     }
 

@@ -431,8 +431,8 @@ impl<S: Store> Store for TieredStore<S> {
 
     /// An L1 hit comes with L1's memo slot, so the layer serves it from the decoded form.
     fn get_memoized<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<(Bytes, Option<Memo>)>> {
-        if let Some((value, memo)) = self.shared.near.l1.peek_memoized(key) {
-            return Box::pin(std::future::ready(Ok(Some((value, Some(memo))))));
+        if let Some(l1_hit) = self.get_in_process(key) {
+            return Box::pin(std::future::ready(Ok(l1_hit)));
         }
         let get = self.get(key);
         Box::pin(async move { Ok(get.await?.map(|value| (value, None))) })
