@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
-use http::{Method, Uri};
+use http::Uri;
 
+use crate::flow::config::KnownHosts;
+use crate::flow::write::drop_url;
 use crate::key::{self, Keying};
 use crate::store::Store;
-use crate::{Error, ErrorKind, Result};
+use crate::Result;
 
 /// Drops a layer's stored responses; get one from
 /// [`CacheLayer::invalidator`](crate::CacheLayer::invalidator).
@@ -15,10 +17,11 @@ use crate::{Error, ErrorKind, Result};
 /// # async fn run() -> tower_redis_cache::Result<()> {
 /// use tower_redis_cache::{CacheLayer, MemoryStore};
 /// let layer = CacheLayer::new(MemoryStore::new()).tags(["products"]);
-/// let invalidator = layer.invalidator();
+/// let invalidator = layer.invalidator().hosts(["shop.example"]);
 /// // ... after a product changed:
 /// invalidator.invalidate_tag("products").await?;
 /// invalidator.invalidate(&"http://shop.example/products/42".parse().unwrap()).await?;
+/// invalidator.invalidate(&"/products/43".parse().unwrap()).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -26,15 +29,38 @@ pub struct Invalidator {
     store: Arc<dyn Store>,
     key_prefix: String,
     keying: Keying,
+    /// The hosts the layer stored responses for, in this process.
+    known_hosts: Arc<KnownHosts>,
+    /// Hosts given with [`hosts`](Self::hosts).
+    hosts: Vec<String>,
 }
 
 impl Invalidator {
-    pub(crate) fn new(store: Arc<dyn Store>, key_prefix: String, keying: Keying) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        key_prefix: String,
+        keying: Keying,
+        known_hosts: Arc<KnownHosts>,
+    ) -> Self {
         Self {
             store,
             key_prefix,
             keying,
+            known_hosts,
+            hosts: Vec::new(),
         }
+    }
+
+    /// Hosts (`host` or `host:port`, as clients name them) on which a relative URL given to
+    /// [`invalidate`](Self::invalidate) is dropped, besides those the layer has stored
+    /// responses for in this process. Give every host your app answers on when several
+    /// instances share the store: an instance only knows the hosts it served itself.
+    pub fn hosts<T: AsRef<str>>(mut self, hosts: impl IntoIterator<Item = T>) -> Self {
+        self.hosts = (hosts.into_iter())
+            .map(|h| h.as_ref().trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        self
     }
 
     /// Removes every response stored with `tag` (from the route's
@@ -46,27 +72,45 @@ impl Invalidator {
             .await
     }
 
-    /// Removes the stored GET response for `uri`; returns whether there was one. Give the
-    /// absolute URL (`http://host/path?query`, query as clients send it) when the layer keys
-    /// on the host (the default), a path otherwise. For a response with `Vary`, this removes
-    /// the marker that leads to its variants, so none of them is served again. Entries keyed
-    /// on cookies or a key function are not reached this way: tag them.
+    /// Removes every stored GET response for `uri` (query as clients send it); returns
+    /// whether there was one. That is every entry of the URL, whoever stored it: its `Vary`
+    /// variants, and the entries keyed on cookies
+    /// ([`key_on_cookies`](crate::CacheLayer::key_on_cookies)), a
+    /// [`key_fn`](crate::CacheLayer::key_fn) or forwarded host and scheme information.
     ///
-    /// Fails with [`ErrorKind::InvalidInput`] for a relative `uri` on a layer that keys on
-    /// the host.
+    /// When the layer keys on the host (the default), an absolute URL
+    /// (`http://host/path?query`) names one host's entries; a relative one (`/path?query`) is
+    /// dropped on every host the layer stored responses for in this process (up to 1,024),
+    /// on the hosts given with [`hosts`](Self::hosts), and for requests that named no host.
     pub async fn invalidate(&self, uri: &Uri) -> Result<bool> {
-        if self.keying.host && uri.authority().is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "cannot invalidate {uri}: the layer keys on the host, so give an absolute \
-                     URL (or turn key_host off)"
-                ),
-            ));
+        let prefix = &self.key_prefix;
+        if !self.keying.host || uri.authority().is_some() {
+            let url_key = (self.keying).url_key(prefix, uri, &http::HeaderMap::new());
+            return drop_url(&*self.store, prefix, &url_key).await;
         }
-        let no_headers = http::HeaderMap::new();
-        let key = (self.keying).key_with(&self.key_prefix, &Method::GET, uri, &no_headers, None);
-        self.store.delete(&key).await
+        let (mut hosts, overflowed) = self.known_hosts.snapshot();
+        if overflowed {
+            tracing::warn!(
+                %uri,
+                limit = KnownHosts::LIMIT,
+                "invalidating a relative URL on the hosts recorded so far; more hosts were \
+                 served than are recorded: name them with Invalidator::hosts"
+            );
+        }
+        hosts.extend(self.hosts.iter().cloned());
+        hosts.sort_unstable();
+        hosts.dedup();
+        let mut dropped = drop_url(
+            &*self.store,
+            prefix,
+            &self.keying.url_key_on(prefix, uri, None),
+        )
+        .await?;
+        for host in &hosts {
+            let url_key = self.keying.url_key_on(prefix, uri, Some(host));
+            dropped |= drop_url(&*self.store, prefix, &url_key).await?;
+        }
+        Ok(dropped)
     }
 }
 
@@ -74,6 +118,7 @@ impl std::fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Invalidator")
             .field("key_prefix", &self.key_prefix)
+            .field("hosts", &self.hosts)
             .finish_non_exhaustive()
     }
 }

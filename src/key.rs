@@ -5,6 +5,7 @@
 //! User input reaches the key only through the hash, so keys are bounded in length and cannot
 //! escape the prefix's namespace.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -21,6 +22,9 @@ pub(crate) struct KeyFields<'a> {
     pub(crate) query: Option<&'a str>,
     /// Anything else the route keys on (named cookies, a user key function's output).
     pub(crate) extra: Option<&'a str>,
+    /// The forwarded host and scheme the app may read (see [`forwarded_material`]), when the
+    /// request carries any.
+    pub(crate) forwarded: Option<&'a str>,
 }
 
 /// Writes one field as a tag byte, a 4-byte length and the bytes (or a lone absent tag), so
@@ -47,6 +51,11 @@ pub(crate) fn base_key(prefix: &str, fields: &KeyFields<'_>) -> String {
     field(&mut hasher, b'p', Some(fields.path.as_bytes()));
     field(&mut hasher, b'q', fields.query.map(str::as_bytes));
     field(&mut hasher, b'x', fields.extra.map(str::as_bytes));
+    // Only present when the request carries forwarded host or scheme information: the field
+    // is the last one and tagged, so keys without it are unchanged and still unambiguous.
+    if let Some(forwarded) = fields.forwarded {
+        field(&mut hasher, b'f', Some(forwarded.as_bytes()));
+    }
     with_hex(prefix, "", hasher.finalize().into())
 }
 
@@ -58,6 +67,9 @@ pub(crate) type KeyFn = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Se
 pub(crate) struct Keying {
     /// Key on the request's authority (URI authority, else `Host`).
     pub(crate) host: bool,
+    /// Key on the forwarded host and scheme (`Forwarded`, `X-Forwarded-Host`,
+    /// `X-Forwarded-Proto`) when the request carries them.
+    pub(crate) forwarded: bool,
     /// Sort the query's pairs by name and drop empty ones (opt-in: apps may read pairs in
     /// order).
     pub(crate) sort_query: bool,
@@ -72,6 +84,7 @@ impl Default for Keying {
     fn default() -> Self {
         Self {
             host: true,
+            forwarded: true,
             sort_query: false,
             ignore_params: Arc::from([]),
             key_cookies: Arc::from([]),
@@ -84,6 +97,7 @@ impl std::fmt::Debug for Keying {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keying")
             .field("host", &self.host)
+            .field("forwarded", &self.forwarded)
             .field("sort_query", &self.sort_query)
             .field("ignore_params", &self.ignore_params)
             .field("key_cookies", &self.key_cookies)
@@ -92,9 +106,16 @@ impl std::fmt::Debug for Keying {
     }
 }
 
-/// Why a request has no key: the user's key function declined it.
+/// Why a request has no key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NoKey;
+pub(crate) enum NoKey {
+    /// The user's key function declined it.
+    Declined,
+    /// The request names two different hosts (an absolute-form target and a `Host` header
+    /// that disagree, or several `Host` fields): the app may render for either, so no key can
+    /// say which page the response is.
+    AuthorityMismatch,
+}
 
 impl Keying {
     /// The key of the entry `method` would use for the request with `parts` (the URI to key
@@ -106,31 +127,60 @@ impl Keying {
         uri: &Uri,
         parts: &http::request::Parts,
     ) -> Result<String, NoKey> {
+        let authority = match self.host {
+            true => request_authority(uri, &parts.headers).ok_or(NoKey::AuthorityMismatch)?,
+            false => None,
+        };
         let extra = self.extra(parts)?;
-        Ok(self.key_with(prefix, method, uri, &parts.headers, extra.as_deref()))
+        let forwarded = match self.forwarded {
+            true => forwarded_material(&parts.headers),
+            false => None,
+        };
+        Ok(self.key_of(
+            prefix,
+            method,
+            uri,
+            authority.as_deref(),
+            extra.as_deref(),
+            forwarded.as_deref(),
+        ))
     }
 
-    /// The key for `uri` with already computed extra material.
-    pub(crate) fn key_with(
+    /// The URL's key: what a GET for `uri` without extra material, forwarded information or
+    /// `Vary` would be stored under. Every entry stored for the URL under another key (a
+    /// `Vary` variant, a key extended by cookies, a key function or forwarded information) is
+    /// recorded in the tag set [`url_tag_key`] of this key, so invalidating the URL reaches it.
+    pub(crate) fn url_key(&self, prefix: &str, uri: &Uri, headers: &HeaderMap) -> String {
+        let authority = self.host.then(|| authority(uri, headers)).flatten();
+        self.url_key_on(prefix, uri, authority.as_deref())
+    }
+
+    /// [`url_key`](Self::url_key) with the host given (lower-cased; `None`: no host). The
+    /// route's host keying decides whether it is used.
+    pub(crate) fn url_key_on(&self, prefix: &str, uri: &Uri, host: Option<&str>) -> String {
+        let host = host.filter(|_| self.host);
+        self.key_of(prefix, &Method::GET, uri, host, None, None)
+    }
+
+    fn key_of(
         &self,
         prefix: &str,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
+        authority: Option<&str>,
         extra: Option<&str>,
+        forwarded: Option<&str>,
     ) -> String {
-        // A request naming no host (a test's `oneshot`, HTTP/1.0) is keyed apart from every
-        // named host.
-        let authority = self.host.then(|| authority(uri, headers)).flatten();
         let query = uri.query().map(|q| self.query(q));
         base_key(
             prefix,
             &KeyFields {
                 method,
-                authority: authority.as_deref(),
+                authority,
                 path: uri.path(),
                 query: query.as_deref(),
                 extra,
+                forwarded,
             },
         )
     }
@@ -138,7 +188,7 @@ impl Keying {
     /// Key material beyond the URL: the named cookies' values, then the key function's.
     pub(crate) fn extra(&self, parts: &http::request::Parts) -> Result<Option<String>, NoKey> {
         let custom = match &self.key_fn {
-            Some(f) => Some(f(parts).ok_or(NoKey)?),
+            Some(f) => Some(f(parts).ok_or(NoKey::Declined)?),
             None => None,
         };
         if self.key_cookies.is_empty() {
@@ -158,7 +208,7 @@ impl Keying {
         Ok(Some(extra))
     }
 
-    fn query<'q>(&self, query: &'q str) -> std::borrow::Cow<'q, str> {
+    fn query<'q>(&self, query: &'q str) -> Cow<'q, str> {
         if !self.sort_query && self.ignore_params.is_empty() {
             return query.into();
         }
@@ -185,15 +235,41 @@ impl Keying {
 }
 
 /// The request's authority, lower-cased: the URI's (absolute-form targets, HTTP/2), else the
-/// `Host` header's.
-pub(crate) fn authority<'a>(
+/// `Host` header's. For naming a URL to invalidate; requests are keyed on
+/// [`request_authority`], which also refuses disagreeing hosts.
+pub(crate) fn authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<Cow<'a, str>> {
+    match uri.authority() {
+        Some(authority) => normalised_host(authority.as_str()),
+        None => normalised_host(headers.get(http::header::HOST)?.to_str().ok()?),
+    }
+}
+
+/// The authority a request is keyed on: `Some(None)` when it names none, `Some(Some(host))`
+/// when every place that names one (the target's authority, each `Host` field) names the same
+/// host (case-insensitively), `None` when they disagree. An app reading `Host` (as axum's
+/// `Host` extractor and most apps do) and one reading the URI must render for the same key:
+/// `GET http://victim.example/ HTTP/1.1` with `Host: attacker.example` must never store the
+/// attacker's page under victim.example's key.
+pub(crate) fn request_authority<'a>(
     uri: &'a Uri,
     headers: &'a HeaderMap,
-) -> Option<std::borrow::Cow<'a, str>> {
-    let raw = match uri.authority() {
-        Some(authority) => authority.as_str(),
-        None => headers.get(http::header::HOST)?.to_str().ok()?,
-    };
+) -> Option<Option<Cow<'a, str>>> {
+    let mut named = uri.authority().map(|a| a.as_str());
+    for host in headers.get_all(http::header::HOST) {
+        // A `Host` that is not text is as good as a second, different host.
+        let host = host.to_str().ok()?;
+        match named {
+            Some(first) if !first.trim().eq_ignore_ascii_case(host.trim()) => return None,
+            Some(_) => {}
+            None => named = Some(host),
+        }
+    }
+    Some(named.and_then(normalised_host))
+}
+
+/// A host trimmed and lower-cased (copied only when it has upper-case letters), or `None`
+/// when empty.
+fn normalised_host(raw: &str) -> Option<Cow<'_, str>> {
     let raw = raw.trim();
     if raw.is_empty() {
         return None;
@@ -203,6 +279,36 @@ pub(crate) fn authority<'a>(
         true => raw.to_ascii_lowercase().into(),
         false => raw.into(),
     })
+}
+
+/// Request header fields through which a proxy (or a client, if nothing in front of the app
+/// strips them) names the host and scheme the app should render for; axum-extra's `Host` and
+/// `Scheme` extractors read them before `Host` and the target's scheme.
+pub(crate) const FORWARDED_FIELDS: [HeaderName; 3] = [
+    http::header::FORWARDED,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+];
+
+/// The forwarded host and scheme information a request carries, as key material: every
+/// line of each [`FORWARDED_FIELDS`] field, each length-prefixed; `None` when the request
+/// carries none of them, so ordinary requests keep their plain key.
+///
+/// The target's own scheme (absolute-form and HTTP/2 targets carry one) is not keyed: every
+/// HTTP/2 request and every `oneshot` with an absolute URI would get a key apart from its
+/// HTTP/1.1 twin, and an app rendering from `uri.scheme()` can key it with a key function.
+pub(crate) fn forwarded_material(headers: &HeaderMap) -> Option<String> {
+    if !FORWARDED_FIELDS.iter().any(|n| headers.contains_key(n)) {
+        return None;
+    }
+    let mut material = String::new();
+    for (tag, name) in ['f', 'h', 'p'].into_iter().zip(&FORWARDED_FIELDS) {
+        for value in headers.get_all(name) {
+            let value = String::from_utf8_lossy(value.as_bytes().trim_ascii());
+            material.push_str(&format!("{tag}{}:{value};", value.len()));
+        }
+    }
+    Some(material)
 }
 
 /// The cookies a request carries, as `(name, value)` pairs from every `Cookie` field line.
@@ -228,6 +334,16 @@ fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// with the same prefix keeps its tags too.
 pub(crate) fn tag_key(prefix: &str, tag: &str) -> String {
     format!("{prefix}:__tag:{tag}")
+}
+
+/// The tag set recording every entry of the URL whose key is `url_key` (see
+/// [`Keying::url_key`]) that is not stored under `url_key` itself: `{prefix}:__tag:__url:{hex}`.
+pub(crate) fn url_tag_key(prefix: &str, url_key: &str) -> String {
+    let hex = url_key
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .unwrap_or(url_key);
+    tag_key(prefix, &format!("__url:{hex}"))
 }
 
 /// A stored variant of a response with `Vary`: the normalized header names and the variant's
@@ -350,9 +466,58 @@ mod tests {
         assert_eq!(authority(&uri, &host("  ")), None);
         let keying = Keying::default();
         assert_eq!(
-            keying.key_with("p", &Method::GET, &uri, &upper, None),
-            keying.key_with("p", &Method::GET, &uri, &lower, None),
+            keying.url_key("p", &uri, &upper),
+            keying.url_key("p", &uri, &lower)
         );
+    }
+
+    #[test]
+    fn a_request_naming_two_hosts_has_no_authority_to_key_on() {
+        let headers = |hosts: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for host in hosts {
+                headers.append(http::header::HOST, HeaderValue::from_static(host));
+            }
+            headers
+        };
+        let absolute: Uri = "http://Victim.example/tenant".parse().unwrap();
+        let origin: Uri = "/tenant".parse().unwrap();
+        let host =
+            |uri, hosts| request_authority(uri, &headers(hosts)).map(|a| a.map(Cow::into_owned));
+        assert_eq!(host(&absolute, &["attacker.example"]), None);
+        assert_eq!(
+            host(&absolute, &["victim.EXAMPLE "]),
+            Some(Some("victim.example".into()))
+        );
+        assert_eq!(host(&absolute, &[]), Some(Some("victim.example".into())));
+        assert_eq!(host(&origin, &["a.example", "b.example"]), None);
+        assert_eq!(
+            host(&origin, &["a.example", "A.example"]),
+            Some(Some("a.example".into()))
+        );
+        assert_eq!(host(&origin, &[]), Some(None));
+    }
+
+    #[test]
+    fn forwarded_host_and_scheme_are_key_material_only_when_present() {
+        assert_eq!(forwarded_material(&HeaderMap::new()), None);
+        let with = |name: &'static str, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            forwarded_material(&headers).expect("present")
+        };
+        let all = [
+            with("forwarded", "host=a.example"),
+            with("x-forwarded-host", "a.example"),
+            with("x-forwarded-proto", "https"),
+            with("x-forwarded-host", "b.example"),
+            with("x-forwarded-host", ""),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ impl CacheLayer {
                 tags: Arc::from([]),
                 pending_writes: Arc::default(),
                 observe: Arc::new(Observer::new(DEFAULT_ROUTE)),
+                hosts: Arc::default(),
             }),
         }
     }
@@ -128,9 +129,25 @@ impl CacheLayer {
     /// key (default true). Turn it off only for an app that renders the same page whatever
     /// host it is reached on; with it on, apps serving several tenants on several hosts never
     /// serve one tenant's page to another. A request that names no host is keyed apart from
-    /// every named host.
+    /// every named host, and one that names two different hosts (an absolute-form target and
+    /// a `Host` header that disagree, or two `Host` fields) bypasses the cache
+    /// (`Cache-Status: ...; detail=authority-mismatch`), since the app may render for either.
     pub fn key_host(mut self, enable: bool) -> Self {
         Arc::make_mut(&mut self.config).keying.host = enable;
+        self
+    }
+
+    /// Whether the forwarded host and scheme a request carries are part of its key (default
+    /// true): the `Forwarded`, `X-Forwarded-Host` and `X-Forwarded-Proto` fields. Apps read
+    /// them to render links and redirects (axum-extra's `Host` and `Scheme` extractors prefer
+    /// them to `Host` and the target's scheme), and any client can send them, so a request
+    /// carrying them gets its own entry instead of putting a page rendered for their values
+    /// under the plain key. Requests without them keep their plain key. Turn it off behind a
+    /// proxy that sets (or strips) these fields itself, or for an app that never reads them,
+    /// so all requests share one entry. The target's own scheme is not keyed (see
+    /// `docs/failure-modes.md` for what else is not).
+    pub fn key_forwarded(mut self, enable: bool) -> Self {
+        Arc::make_mut(&mut self.config).keying.forwarded = enable;
         self
     }
 
@@ -157,7 +174,8 @@ impl CacheLayer {
     /// Adds material of your own to each request's key (a tenant id, a user segment from a
     /// request extension, ...). The function sees the request's head; returning `None` makes
     /// the request bypass the cache (`Cache-Status: ...; detail=no-key`). Entries keyed on
-    /// it are dropped by tags, not by [`Invalidator::invalidate`] or writes to the URL.
+    /// it are dropped with their URL ([`Invalidator::invalidate`], writes to the URL) like
+    /// any other.
     pub fn key_fn<F>(mut self, f: F) -> Self
     where
         F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
@@ -183,8 +201,8 @@ impl CacheLayer {
     }
 
     /// Cookies whose values are part of the key (a `lang` or `currency` cookie): each value
-    /// gets its own entry, and the cookie does not make a request bypass. Entries keyed on
-    /// cookies are dropped by tags, not by [`Invalidator::invalidate`] or writes to the URL.
+    /// gets its own entry, and the cookie does not make a request bypass. A write to the URL
+    /// (or [`Invalidator::invalidate`]) drops the entries of every cookie value.
     pub fn key_on_cookies<T: Into<String>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
         let names: Vec<String> = names.into_iter().map(Into::into).collect();
         Arc::make_mut(&mut self.config).keying.key_cookies = names.clone().into();
@@ -262,6 +280,7 @@ impl CacheLayer {
             self.config.store.clone(),
             self.config.key_prefix.clone(),
             self.config.keying.clone(),
+            self.config.hosts.clone(),
         )
     }
 

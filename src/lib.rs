@@ -76,6 +76,7 @@ pub mod __bench {
                 path: uri.path(),
                 query: uri.query(),
                 extra: None,
+                forwarded: None,
             },
         )
     }

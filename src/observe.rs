@@ -77,9 +77,16 @@ pub(crate) enum Bypass {
     Authorization,
     Cookie,
     NoKey,
+    AuthorityMismatch,
 }
 
-const BYPASS: [&str; 4] = ["no-store", "authorization", "cookie", "no-key"];
+const BYPASS: [&str; 5] = [
+    "no-store",
+    "authorization",
+    "cookie",
+    "no-key",
+    "authority-mismatch",
+];
 
 /// Why a response the cache considered storing was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +202,7 @@ pub(crate) mod names {
 #[cfg(feature = "metrics")]
 struct Handles {
     served: [metrics::Counter; 8],
-    bypass: [metrics::Counter; 4],
+    bypass: [metrics::Counter; 5],
     not_stored: [metrics::Counter; 12],
     errors: [metrics::Counter; 8],
     get: metrics::Histogram,
@@ -231,7 +238,7 @@ impl Handles {
 pub(crate) struct Observer {
     route: String,
     served: [AtomicU64; 8],
-    bypass: [AtomicU64; 4],
+    bypass: [AtomicU64; 5],
     not_stored: [AtomicU64; 12],
     errors: [AtomicU64; 8],
     get: Timer,
@@ -339,7 +346,8 @@ impl Observer {
     pub(crate) fn snapshot(&self) -> CacheStats {
         let [hits, stale, stale_if_error, revalidated, misses, refreshes, bypassed, coalesced] =
             load(&self.served);
-        let [b_no_store, b_authorization, b_cookie, b_no_key] = load(&self.bypass);
+        let [b_no_store, b_authorization, b_cookie, b_no_key, b_authority_mismatch] =
+            load(&self.bypass);
         let [status, set_cookie, private, no_store, authorization, event_stream, vary_star, no_freshness, size, bad_length, incomplete, pending_writes_full] =
             load(&self.not_stored);
         CacheStats {
@@ -357,6 +365,7 @@ impl Observer {
                 authorization: b_authorization,
                 cookie: b_cookie,
                 no_key: b_no_key,
+                authority_mismatch: b_authority_mismatch,
             },
             not_stored: NotStoredCounts {
                 status,
@@ -448,6 +457,8 @@ pub struct BypassCounts {
     pub authorization: u64,
     pub cookie: u64,
     pub no_key: u64,
+    /// The request named two different hosts (target and `Host`, or two `Host` fields).
+    pub authority_mismatch: u64,
 }
 
 /// Why responses were not stored.
@@ -564,7 +575,13 @@ impl CacheStats {
         .map(|(n, v)| (n.to_owned(), v))
         .collect();
         let b = &self.bypass;
-        let bypass = [b.no_store, b.authorization, b.cookie, b.no_key];
+        let bypass = [
+            b.no_store,
+            b.authorization,
+            b.cookie,
+            b.no_key,
+            b.authority_mismatch,
+        ];
         for (name, value) in BYPASS.iter().zip(bypass) {
             out.push((format!("bypass.{}", name.replace('-', "_")), value));
         }

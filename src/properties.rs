@@ -146,6 +146,7 @@ proptest! {
                 path: &t.1,
                 query: t.2.as_deref(),
                 extra: t.3.as_deref(),
+                forwarded: None,
             })
         };
         prop_assert_eq!(a == b, key(&a) == key(&b), "{:?} vs {:?}", a, b);
@@ -161,6 +162,7 @@ fn keys_of_the_colon_collision_differ() {
         path,
         query,
         extra: None,
+        forwarded: None,
     };
     assert_ne!(
         base_key("p", &fields("/api/search:q=tag", Some("rust"))),
@@ -169,5 +171,19 @@ fn keys_of_the_colon_collision_differ() {
     assert_ne!(
         base_key("p", &fields("/x", Some(""))),
         base_key("p", &fields("/x", None))
+    );
+    // Material moved between the last two fields never gives the same key.
+    let extended = |extra, forwarded| KeyFields {
+        extra,
+        forwarded,
+        ..fields("/x", None)
+    };
+    assert_ne!(
+        base_key("p", &extended(Some("a"), None)),
+        base_key("p", &extended(None, Some("a")))
+    );
+    assert_ne!(
+        base_key("p", &extended(None, None)),
+        base_key("p", &extended(None, Some("")))
     );
 }

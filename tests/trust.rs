@@ -103,7 +103,7 @@ async fn tenants_on_different_hosts_never_get_each_others_pages() {
         assert_eq!(b.text(), "tenant b.example", "{}", backend.name);
         assert_eq!(b.x_cache(), Some("MISS"), "{}", backend.name);
         // Absolute-form targets name their host in the request line.
-        let a_abs = raw_get(addr, "http://a.example/", "a.example").await;
+        let a_abs = raw_get(addr, "http://A.example/", "a.example").await;
         assert!(a_abs.contains("tenant a.example"), "{a_abs}");
         assert!(
             a_abs.to_ascii_lowercase().contains("x-cache: hit"),
@@ -116,6 +116,91 @@ async fn tenants_on_different_hosts_never_get_each_others_pages() {
             "{c_abs}"
         );
     }
+}
+
+/// The reproduction: one anonymous request whose absolute-form target names the
+/// victim's host and whose `Host` names the attacker's. The app renders from `Host`; the
+/// response must never be stored under the victim's key.
+#[tokio::test]
+async fn a_target_and_host_that_disagree_never_poison_either_hosts_entry() {
+    for backend in backends().await {
+        let calls = Counter::default();
+        let layer = CacheLayer::with_shared_store(backend.store.clone());
+        let addr = serve(tenant_app(layer.clone(), calls.clone())).await;
+        for _ in 0..2 {
+            let attack = raw_get(addr, "http://victim.example/", "attacker.example").await;
+            let lower = attack.to_ascii_lowercase();
+            assert!(attack.contains("tenant attacker.example"), "{attack}");
+            assert!(lower.contains("x-cache: bypass"), "{attack}");
+            assert!(lower.contains("detail=authority-mismatch"), "{attack}");
+            layer.flush().await;
+        }
+        for host in ["victim.example", "attacker.example"] {
+            let reply = send(addr, Method::GET, "/", &[("host", host)]).await;
+            assert_eq!(reply.text(), format!("tenant {host}"), "{}", backend.name);
+            assert_eq!(reply.x_cache(), Some("MISS"), "{}", backend.name);
+        }
+        let absolute = raw_get(addr, "http://victim.example/", "victim.example").await;
+        assert!(absolute.contains("tenant victim.example"), "{absolute}");
+        assert_eq!(layer.stats().bypass.authority_mismatch, 2);
+    }
+}
+
+/// Renders links from the forwarded host and scheme, as an app using axum-extra's `Host` and
+/// `Scheme` extractors does.
+fn link_app(layer: CacheLayer, calls: Counter) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(move |headers: HeaderMap| {
+                calls.bump();
+                async move {
+                    let forwarded = header(&headers, "forwarded");
+                    let host = header(&headers, "x-forwarded-host");
+                    let proto = header(&headers, "x-forwarded-proto");
+                    format!("link to {proto}://{host} ({forwarded})")
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+#[tokio::test]
+async fn forwarded_host_and_scheme_are_keyed_unless_the_route_opts_out() {
+    for backend in backends().await {
+        let calls = Counter::default();
+        let layer = CacheLayer::with_shared_store(backend.store.clone());
+        let addr = serve(link_app(layer, calls.clone())).await;
+        let plain = get_until_hit(addr, "/", &[]).await;
+        assert_eq!(plain.text(), "link to -://- (-)");
+        let forged: [&[(&str, &str)]; 3] = [
+            &[("x-forwarded-host", "evil.example")],
+            &[("x-forwarded-proto", "gopher")],
+            &[("forwarded", "host=evil.example;proto=http")],
+        ];
+        for headers in forged {
+            let reply = send(addr, Method::GET, "/", headers).await;
+            assert_eq!(
+                reply.x_cache(),
+                Some("MISS"),
+                "{}: {headers:?}",
+                backend.name
+            );
+            get_until_hit(addr, "/", headers).await;
+            let plain = send(addr, Method::GET, "/", &[]).await;
+            assert_eq!(plain.text(), "link to -://- (-)", "{}", backend.name);
+            assert_eq!(plain.x_cache(), Some("HIT"), "{}", backend.name);
+        }
+        assert_eq!(calls.get(), 4);
+    }
+    // Behind a proxy that sets the fields itself, a route may share one entry.
+    let calls = Counter::default();
+    let layer = CacheLayer::new(MemoryStore::new()).key_forwarded(false);
+    let addr = serve(link_app(layer, calls.clone())).await;
+    get_until_hit(addr, "/", &[("x-forwarded-proto", "https")]).await;
+    let other = send(addr, Method::GET, "/", &[("x-forwarded-proto", "http")]).await;
+    assert_eq!(other.x_cache(), Some("HIT"));
+    assert_eq!(calls.get(), 1);
 }
 
 #[tokio::test]

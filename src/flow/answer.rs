@@ -68,6 +68,9 @@ impl Outcome {
             Outcome::Bypass(BypassReason::Authorization) => "fwd=bypass; detail=authorization",
             Outcome::Bypass(BypassReason::Cookie) => "fwd=bypass; detail=cookie",
             Outcome::Bypass(BypassReason::NoKey) => "fwd=bypass; detail=no-key",
+            Outcome::Bypass(BypassReason::AuthorityMismatch) => {
+                "fwd=bypass; detail=authority-mismatch"
+            }
             Outcome::Refresh => "fwd=request",
             _ => "fwd=uri-miss",
         }
@@ -112,6 +115,7 @@ impl Outcome {
                 BypassReason::Authorization => Bypass::Authorization,
                 BypassReason::Cookie => Bypass::Cookie,
                 BypassReason::NoKey => Bypass::NoKey,
+                BypassReason::AuthorityMismatch => Bypass::AuthorityMismatch,
             }),
         }
     }

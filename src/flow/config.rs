@@ -28,6 +28,45 @@ pub(crate) struct Config {
     pub(crate) pending_writes: Arc<WriteBudget>,
     /// The route's counters and metrics.
     pub(crate) observe: Arc<Observer>,
+    /// The hosts this layer stored responses for, for invalidating relative URLs.
+    pub(crate) hosts: Arc<KnownHosts>,
+}
+
+/// The hosts a layer has stored responses for (in this process), so that a relative URL can
+/// be invalidated on each of them. Bounded: past [`KnownHosts::LIMIT`] hosts, new ones are not
+/// recorded (and relative invalidation warns that it may miss some).
+#[derive(Debug, Default)]
+pub(crate) struct KnownHosts {
+    hosts: std::sync::RwLock<std::collections::HashSet<String>>,
+    overflowed: std::sync::atomic::AtomicBool,
+}
+
+impl KnownHosts {
+    /// How many hosts are recorded at most.
+    pub(crate) const LIMIT: usize = 1024;
+
+    /// Records `host` (lower-cased); a read lock when it is known already, as it nearly
+    /// always is.
+    pub(crate) fn record(&self, host: &str) {
+        let known = self.hosts.read().unwrap_or_else(|e| e.into_inner());
+        if known.contains(host) {
+            return;
+        }
+        drop(known);
+        let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
+        if hosts.len() >= Self::LIMIT {
+            self.overflowed.store(true, Ordering::Relaxed);
+            return;
+        }
+        hosts.insert(host.to_owned());
+    }
+
+    /// The recorded hosts, and whether some were not recorded (past the limit).
+    pub(crate) fn snapshot(&self) -> (Vec<String>, bool) {
+        let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
+        let overflowed = self.overflowed.load(Ordering::Relaxed);
+        (hosts.iter().cloned().collect(), overflowed)
+    }
 }
 
 /// Counts the background writes in flight, so a miss storm against a slow store cannot

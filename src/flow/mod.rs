@@ -8,4 +8,4 @@ pub(crate) mod config;
 mod join;
 mod lookup;
 pub(crate) mod service;
-mod write;
+pub(crate) mod write;

@@ -24,7 +24,7 @@ use super::body::CacheBody;
 use super::config::Config;
 use super::join::{coalesce, Coalesced};
 use super::lookup::{judge_entry, lookup, lookup_in_process};
-use super::write::{head_refreshed, plan_store, revalidated, Exchange};
+use super::write::{drop_url, head_refreshed, plan_store, revalidated, Exchange};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -185,8 +185,12 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
     };
     let (req, key) = request_key(config, &method, req);
-    let Ok(key) = key else {
-        return Begun::Flow(Step::Bypass(req, BypassReason::NoKey));
+    let key = match key {
+        Ok(key) => key,
+        Err(key::NoKey::Declined) => return Begun::Flow(Step::Bypass(req, BypassReason::NoKey)),
+        Err(key::NoKey::AuthorityMismatch) => {
+            return Begun::Flow(Step::Bypass(req, BypassReason::AuthorityMismatch))
+        }
     };
     let span = tracing::Span::current();
     if !span.is_disabled() {
@@ -260,11 +264,13 @@ where
         // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
         // response's headers when it is the same representation (RFC 9111 §4.3.5).
         let request_headers = req.headers().clone();
+        let url_key = url_key(&config, &req);
         let sent_at_ms = clock::now_ms();
         let response = inner.call(req).await?;
         if let Some(stale) = stored {
             let exchange = Exchange {
                 request_headers: &request_headers,
+                url_key: &url_key,
                 sent_at_ms,
                 authorized: plan.authorized,
             };
@@ -334,6 +340,7 @@ where
     // 4. Call the handler; conditionally when the stored copy has validators, so an
     // unchanged resource costs the handler a 304 instead of a body.
     let request_headers = req.headers().clone();
+    let url_key = url_key(&config, &req);
     let validating = match stored
         .as_ref()
         .and_then(|s| conditional::validation_headers(&s.headers))
@@ -346,6 +353,7 @@ where
     };
     let exchange = Exchange {
         request_headers: &request_headers,
+        url_key: &url_key,
         sent_at_ms: clock::now_ms(),
         authorized: plan.authorized,
     };
@@ -406,12 +414,29 @@ where
 
 /// The URI a request is keyed on: under axum's `nest`, the original one (nested routers see
 /// the path without their prefix, and two of them must never share keys).
-fn key_uri(parts: &http::request::Parts) -> &Uri {
+fn key_uri<'a>(uri: &'a Uri, extensions: &'a http::Extensions) -> &'a Uri {
     #[cfg(feature = "axum")]
-    if let Some(axum::extract::OriginalUri(uri)) = parts.extensions.get() {
+    if let Some(axum::extract::OriginalUri(uri)) = extensions.get() {
         return uri;
     }
-    &parts.uri
+    let _ = extensions;
+    uri
+}
+
+/// The key of the request's URL (see [`key::Keying::url_key`]), which every entry stored for
+/// it under another key is tagged with; the host is recorded for relative invalidations.
+fn url_key<B>(config: &Config, req: &Request<B>) -> String {
+    let uri = key_uri(req.uri(), req.extensions());
+    let host = match config.keying.host {
+        true => key::authority(uri, req.headers()),
+        false => None,
+    };
+    if let Some(host) = &host {
+        config.hosts.record(host);
+    }
+    config
+        .keying
+        .url_key_on(&config.key_prefix, uri, host.as_deref())
 }
 
 /// The key of the entry `method` would use for `req`.
@@ -422,9 +447,8 @@ fn request_key<B>(
 ) -> (Request<B>, Result<String, key::NoKey>) {
     // The key function sees the request's head; taking it apart and back is two moves.
     let (parts, body) = req.into_parts();
-    let key = config
-        .keying
-        .key(&config.key_prefix, method, key_uri(&parts), &parts);
+    let uri = key_uri(&parts.uri, &parts.extensions);
+    let key = config.keying.key(&config.key_prefix, method, uri, &parts);
     (Request::from_parts(parts, body), key)
 }
 
@@ -436,7 +460,9 @@ fn failed<B, E>(result: &Result<Response<B>, E>) -> bool {
 
 /// A write through an unsafe method: call the handler; if it succeeded, drop the stored GET
 /// responses of the URL and of same-origin `Location` / `Content-Location` targets before
-/// answering, so the client's next read sees its write (RFC 9111 §4.4).
+/// answering, so the client's next read sees its write (RFC 9111 §4.4). Every entry of each
+/// URL goes: its `Vary` variants and the entries keyed on cookies, a key function or
+/// forwarded information, whoever stored them.
 async fn invalidate_after_write<S, ReqBody, ResBody>(
     config: &Config,
     mut inner: S,
@@ -446,9 +472,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     let (parts, body) = req.into_parts();
-    let uri = key_uri(&parts).clone();
+    let uri = key_uri(&parts.uri, &parts.extensions).clone();
     let request_headers = parts.headers.clone();
-    let extra = config.keying.extra(&parts).ok().flatten();
     let response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status().is_success() || response.status().is_redirection() {
         let host = request_headers.get(header::HOST);
@@ -458,15 +483,9 @@ where
             targets.extend(value.and_then(|v| request::same_origin_target(v, &uri, host)));
         }
         for target in targets {
-            let key = config.keying.key_with(
-                &config.key_prefix,
-                &Method::GET,
-                &target,
-                &request_headers,
-                extra.as_deref(),
-            );
-            if let Err(e) = config.store.delete(&key).await {
-                config.observe.store_error("delete", &key, &e);
+            let url_key = (config.keying).url_key(&config.key_prefix, &target, &request_headers);
+            if let Err(e) = drop_url(&*config.store, &config.key_prefix, &url_key).await {
+                config.observe.store_error("delete", &url_key, &e);
             }
         }
     }
@@ -506,8 +525,10 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             }
         }
         let request_headers = req.headers().clone();
+        let url_key = url_key(&config, &req);
         let exchange = Exchange {
             request_headers: &request_headers,
+            url_key: &url_key,
             sent_at_ms: clock::now_ms(),
             authorized,
         };

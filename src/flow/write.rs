@@ -20,6 +20,7 @@ use crate::rules::freshness::{self, Unstorable};
 use crate::rules::tags::{self, TAG_HEADERS};
 use crate::rules::vary::{vary_names, Vary};
 use crate::store::Store;
+use crate::{ErrorKind, Result};
 
 use super::answer::X_CACHE;
 use super::body::Recorder;
@@ -28,6 +29,10 @@ use super::config::{Config, Lead, Shared, WriteBudget};
 /// The request side of a handler call, as storing its response needs it.
 pub(crate) struct Exchange<'a> {
     pub(crate) request_headers: &'a HeaderMap,
+    /// The key of the request's URL ([`Keying::url_key`](crate::key::Keying::url_key)): an
+    /// entry stored under any other key is tagged with the URL, so invalidating it reaches
+    /// the entry.
+    pub(crate) url_key: &'a str,
     /// When the request went to the handler (for the response's age, RFC 9111 §4.2.3).
     pub(crate) sent_at_ms: u64,
     /// The request carried credentials: only a response marked shareable may be stored.
@@ -242,13 +247,19 @@ impl PendingEntry {
             ttl
         };
         let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, cc, headers));
-        let tag_keys = config
+        let mut tag_keys: Vec<String> = config
             .tags
             .iter()
             .cloned()
             .chain(tags::response_tags(headers))
             .map(|tag| key::tag_key(&config.key_prefix, &tag))
             .collect();
+        // Invalidating the URL deletes its key and this tag set: an entry under any other
+        // key (a variant, a key extended by cookies, a key function or forwarded
+        // information) must be in the set, or it would outlive the invalidation.
+        if variant.is_some() || key != exchange.url_key {
+            tag_keys.push(key::url_tag_key(&config.key_prefix, exchange.url_key));
+        }
         Some(Self {
             store: config.store.clone(),
             key,
@@ -331,6 +342,23 @@ impl PendingEntry {
             // finds the entry as soon as the lock is gone.
         });
     }
+}
+
+/// Drops every stored GET response of the URL whose key is `url_key`: the entry under the key
+/// itself and every entry tagged with the URL (its `Vary` variants, entries keyed on cookies,
+/// a key function or forwarded information). Returns whether anything was removed. A store
+/// without tags has no such entries (it cannot store them), so its `Unsupported` is no error.
+pub(crate) async fn drop_url(store: &dyn Store, prefix: &str, url_key: &str) -> Result<bool> {
+    let deleted = store.delete(url_key).await?;
+    let tagged = match store
+        .invalidate_tag(&key::url_tag_key(prefix, url_key))
+        .await
+    {
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::Unsupported => 0,
+        Err(e) => return Err(e),
+    };
+    Ok(deleted || tagged > 0)
 }
 
 /// The response headers worth storing: hop-by-hop headers describe one connection, and

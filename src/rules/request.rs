@@ -38,6 +38,9 @@ pub(crate) enum BypassReason {
     Cookie,
     /// The route's key function declined the request.
     NoKey,
+    /// The request names two different hosts (its target's authority and `Host`, or two
+    /// `Host` fields), so no key says which page the app renders.
+    AuthorityMismatch,
 }
 
 /// How the cache treats a request, and what the request asks of a stored response.
