@@ -14,7 +14,7 @@ use md5::{Digest, Md5};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::coalesce::{self, Contention, Flights, Looked, Role};
+use crate::coalesce::{self, follow, Contention, Flights, Looked, Released, Role};
 use crate::observe::WarnLimiter;
 use crate::store::{RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
@@ -104,14 +104,9 @@ struct LockSettings {
     wait_timeout: Duration,
 }
 
-/// How a leader's computation ended, as its followers see it.
-#[derive(Clone)]
-enum Landing {
-    /// The value, as JSON (each follower decodes its own copy, so `T` need not be `Clone`).
-    Value(Bytes),
-    /// The computation failed; the leader's error message.
-    Failed(Arc<str>),
-}
+/// A leader's computed value as its followers get it: JSON, so that each follower decodes
+/// its own copy and `T` need not be `Clone`.
+type Landing = Bytes;
 
 impl RedisCache {
     /// Connects to `url` with [`RedisStore`]'s default settings and no key prefix.
@@ -498,31 +493,34 @@ impl RedisCache {
     {
         let key = self.full_key(key);
         let mut flight = loop {
-            match self.flights.join(&key, 0) {
-                Role::Leader(lead) => break lead,
-                Role::Follower(mut landing) => match landing.wait_for(Option::is_some).await {
-                    Ok(landed) => match landed.clone() {
-                        Some(Landing::Value(json)) => return Ok(decode(&key, &json)?),
-                        Some(Landing::Failed(message)) => {
-                            return Err(Error::new(
-                                ErrorKind::Compute,
-                                format!("computing the value of {key:?} failed: {message}"),
-                            )
-                            .into())
-                        }
-                        None => unreachable!("wait_for returned a value that is_some"),
-                    },
-                    // The leader's future was dropped before it landed: try again.
-                    Err(_) => continue,
-                },
+            let following = match self.flights.join(&key, 0) {
+                Role::Leader(lead) => break Some(lead),
+                Role::Follower(following) => following,
+            };
+            match follow(following, self.lock.wait_timeout).await {
+                Released::Done(json) => return Ok(decode(&key, &json)?),
+                Released::Failed { reason, .. } => {
+                    return Err(Error::new(
+                        ErrorKind::Compute,
+                        format!("computing the value of {key:?} failed: {reason}"),
+                    )
+                    .into())
+                }
+                // The leader's future was dropped before it finished: one follower leads now.
+                Released::Dropped => continue,
+                // The leader could not share its value, or is too slow: compute on our own.
+                Released::Uncacheable | Released::TimedOut => break None,
             }
+        };
+        let Some(mut flight) = flight.take() else {
+            return compute().await;
         };
 
         let mut lock = None;
         match self.get_raw(&key).await {
             Ok(Some(json)) => match decode::<T>(&key, &json) {
                 Ok(value) => {
-                    flight.share(Landing::Value(Bytes::from(json)));
+                    flight.share(Bytes::from(json));
                     return Ok(value);
                 }
                 Err(e) => warn(
@@ -535,7 +533,7 @@ impl RedisCache {
             Ok(None) if self.lock.enabled => match self.lock_or_wait(&key).await {
                 Contention::Found(json) => match decode::<T>(&key, &json) {
                     Ok(value) => {
-                        flight.share(Landing::Value(Bytes::from(json)));
+                        flight.share(Bytes::from(json));
                         return Ok(value);
                     }
                     Err(e) => warn(
@@ -566,7 +564,10 @@ impl RedisCache {
         let value = match compute().await {
             Ok(value) => value,
             Err(e) => {
-                flight.share(Landing::Failed(Arc::from(e.to_string())));
+                flight.release(Released::Failed {
+                    timed_out: false,
+                    reason: Arc::from(e.to_string()),
+                });
                 // Other instances waiting on the lock compute their own values now.
                 if let Some(lock) = lock {
                     lock.release().await;
@@ -578,7 +579,7 @@ impl RedisCache {
             Ok(json) => {
                 // Waiters go on at once; the flight stays registered until the value is
                 // stored, so that callers arriving meanwhile do not compute it again.
-                flight.share(Landing::Value(Bytes::from(json.clone())));
+                flight.share(Bytes::from(json.clone()));
                 if let Err(e) = self.set_raw(&key, &json, ttl).await {
                     warn(
                         &self.warnings.store,
@@ -588,13 +589,16 @@ impl RedisCache {
                     );
                 }
             }
-            // Dropping the flight unlanded makes the waiters compute their own values.
-            Err(e) => warn(
-                &self.warnings.store,
-                &key,
-                &e,
-                "could not cache a computed value",
-            ),
+            // The waiters compute their own values, at once.
+            Err(e) => {
+                flight.release(Released::Uncacheable);
+                warn(
+                    &self.warnings.store,
+                    &key,
+                    &e,
+                    "could not cache a computed value",
+                )
+            }
         }
         // Released (in the background) only now that the value is stored, so instances
         // waiting on the lock find the value rather than the lock free.

@@ -2,6 +2,11 @@
 //! in-flight keys) and across processes (a short lock in the store, polled by the others).
 //! Shared by the response layer and `RedisCache`; each decides who may reuse what, this module
 //! only runs the protocol.
+//!
+//! Like pingora-cache's lock, a flight ends with a named outcome ([`Released`]) that each
+//! follower acts on: take the value, go to the origin at once (the answer cannot be shared),
+//! fall back (the leader failed), take the flight over (the leader went away), or give up
+//! waiting (timed out).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,7 +43,7 @@ impl<T> Default for Flights<T> {
 #[derive(Debug)]
 struct Flight<T> {
     id: u64,
-    rx: watch::Receiver<Option<T>>,
+    rx: watch::Receiver<Option<Released<T>>>,
     /// The write clock once the value was in the store (`u64::MAX` until then).
     written_at: Arc<AtomicU64>,
 }
@@ -47,8 +52,29 @@ struct Flight<T> {
 pub(crate) enum Role<T: Clone + Send + Sync + 'static> {
     /// Compute; share the value through the [`Lead`].
     Leader(Lead<T>),
-    /// Another caller is computing: wait for its value.
-    Follower(watch::Receiver<Option<T>>),
+    /// Another caller is computing: wait for its outcome with [`follow`].
+    Follower(Following<T>),
+}
+
+/// A follower's side of a flight.
+pub(crate) type Following<T> = watch::Receiver<Option<Released<T>>>;
+
+/// How a flight ended for a follower: why it was released, and what it was handed.
+#[derive(Debug, Clone)]
+pub(crate) enum Released<T> {
+    /// The leader's value.
+    Done(T),
+    /// The leader's answer may not be shared (it cannot be stored): go to the origin at
+    /// once, without waiting on anyone.
+    Uncacheable,
+    /// The leader's call failed: an error, a server error, or a timeout (`timed_out`), with
+    /// a description for callers that report it.
+    Failed { timed_out: bool, reason: Arc<str> },
+    /// The leader went away before it finished (its caller was dropped): join again, so
+    /// that one follower takes the flight over while the others keep waiting.
+    Dropped,
+    /// The follower waited longer than its timeout.
+    TimedOut,
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
@@ -104,24 +130,26 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     }
 }
 
-/// Waits for the leader's value, at most `timeout`. `None` when the leader shared nothing
-/// (its result may not be shared, it failed, or it was abandoned) or was too slow.
-pub(crate) async fn follow<T: Clone>(
-    mut rx: watch::Receiver<Option<T>>,
-    timeout: Duration,
-) -> Option<T> {
-    let outcome = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
-    outcome.ok()?.ok()?.clone()
+/// Waits for the flight's outcome, at most `timeout` (clamped to 2^31 s).
+pub(crate) async fn follow<T: Clone>(mut rx: Following<T>, timeout: Duration) -> Released<T> {
+    let timeout = crate::settings::clamp(timeout);
+    match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+        Err(_) => Released::TimedOut,
+        // The lead is gone without a word (its task was dropped).
+        Ok(Err(_)) => Released::Dropped,
+        Ok(Ok(outcome)) => outcome.clone().unwrap_or(Released::Dropped),
+    }
 }
 
-/// The leader's duty: share the value with followers, then leave the flight (and release
-/// the cross-process lock) when dropped. Followers still waiting when a lead is dropped
-/// without sharing are woken with nothing.
+/// The leader's duty: end the flight with an outcome (its value, or why there is none), then
+/// leave it (and release the cross-process lock) when dropped. Followers still waiting when
+/// a lead is dropped without an outcome are told [`Released::Dropped`], and one of them takes
+/// the flight over.
 pub(crate) struct Lead<T: Clone + Send + Sync + 'static> {
     flights: Arc<Flights<T>>,
     key: String,
     id: u64,
-    tx: watch::Sender<Option<T>>,
+    tx: watch::Sender<Option<Released<T>>>,
     written_at: Arc<AtomicU64>,
     lock: Option<Lock>,
     /// How long the shared value stays joinable after the lead ends.
@@ -135,7 +163,19 @@ pub(crate) const MAX_LINGER: Duration = Duration::from_millis(100);
 impl<T: Clone + Send + Sync + 'static> Lead<T> {
     /// Hands the value to the followers.
     pub(crate) fn share(&mut self, value: T) {
-        self.tx.send_replace(Some(value));
+        self.tx.send_replace(Some(Released::Done(value)));
+    }
+
+    /// Ends the flight without a value: followers (and callers joining until the lead is
+    /// dropped) are released with `outcome` at once. A value already shared stays.
+    pub(crate) fn release(&mut self, outcome: Released<T>) {
+        self.tx.send_if_modified(|state| match state {
+            Some(Released::Done(_)) => false,
+            _ => {
+                *state = Some(outcome);
+                true
+            }
+        });
     }
 
     /// Records that the shared value is now in the store: from here on only callers whose
@@ -143,7 +183,7 @@ impl<T: Clone + Send + Sync + 'static> Lead<T> {
     /// (capped at [`MAX_LINGER`]) after the lead ends. A value never stored has no such
     /// race and does not linger.
     pub(crate) fn written(&mut self, linger: Duration) {
-        if self.tx.borrow().is_some() {
+        if matches!(*self.tx.borrow(), Some(Released::Done(_))) {
             let now = self.flights.writes.fetch_add(1, Ordering::AcqRel) + 1;
             self.written_at.store(now, Ordering::Release);
             self.linger = linger.min(MAX_LINGER);
@@ -159,8 +199,9 @@ impl<T: Clone + Send + Sync + 'static> Lead<T> {
 impl<T: Clone + Send + Sync + 'static> Drop for Lead<T> {
     fn drop(&mut self) {
         let (flights, key, id) = (self.flights.clone(), std::mem::take(&mut self.key), self.id);
+        let unended = self.tx.borrow().is_none();
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !self.linger.is_zero() => {
+            Ok(runtime) if !unended && !self.linger.is_zero() => {
                 let linger = self.linger;
                 runtime.spawn(async move {
                     tokio::time::sleep(linger).await;
@@ -168,6 +209,12 @@ impl<T: Clone + Send + Sync + 'static> Drop for Lead<T> {
                 });
             }
             _ => flights.leave(&key, id),
+        }
+        // Followers learn that the leader went away (rather than waiting for their timeout)
+        // only after it left the map: the first to join again leads a new flight, the others
+        // follow that one.
+        if unended {
+            self.tx.send_replace(Some(Released::Dropped));
         }
     }
 }

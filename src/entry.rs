@@ -7,6 +7,7 @@
 //! kind 0 (response): stored_at_ms u64 | ttl_ms u64 | status u16 | header_count u32
 //!                    | { name_len u16 | name | value_len u32 | value }* | body_len u64 | body
 //! kind 1 (variants): name_count u16 | { name_len u16 | name }*
+//! kind 2 (uncacheable): nothing more (a hit-for-miss mark: the last answer could not be stored)
 //! ```
 //!
 //! Decoding slices the input `Bytes`: header values and the body share the buffer the store
@@ -29,6 +30,7 @@ const MAGIC: &[u8; 3] = b"TRC";
 const VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_VARIANTS: u8 = 1;
+const KIND_UNCACHEABLE: u8 = 2;
 const PREAMBLE: usize = MAGIC.len() + 2;
 
 /// Headers that describe one connection or the framing of one message (RFC 9110 §7.6.1,
@@ -72,6 +74,9 @@ pub(crate) struct CachedResponse {
 pub(crate) enum StoredValue {
     Response(CachedResponse),
     Variants(Vec<HeaderName>),
+    /// A hit-for-miss mark: the last answer for this key could not be stored, so requests
+    /// go straight to the origin instead of waiting for one another.
+    Uncacheable,
 }
 
 /// Why a stored value could not be decoded.
@@ -138,6 +143,15 @@ impl CachedResponse {
         }
         buf.freeze()
     }
+}
+
+/// Encodes a hit-for-miss mark.
+pub(crate) fn encode_uncacheable() -> Bytes {
+    let mut buf = BytesMut::with_capacity(PREAMBLE);
+    buf.put_slice(MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(KIND_UNCACHEABLE);
+    buf.freeze()
 }
 
 /// Encodes a variants marker.
@@ -287,6 +301,7 @@ pub(crate) fn decode(buf: Bytes, targeted: &[HeaderName]) -> Result<StoredValue,
             }
             Ok(StoredValue::Variants(names))
         }
+        KIND_UNCACHEABLE if r.pos == r.buf.len() => Ok(StoredValue::Uncacheable),
         _ => Err(DecodeError("unknown entry kind")),
     }
 }
@@ -331,6 +346,13 @@ mod tests {
             HeaderName::from_static("accept-encoding"),
             HeaderName::from_static("x-a"),
         ];
+        assert!(matches!(
+            decode(encode_uncacheable(), &[]),
+            Ok(StoredValue::Uncacheable)
+        ));
+        let mut padded = encode_uncacheable().to_vec();
+        padded.push(0);
+        assert!(decode(Bytes::from(padded), &[]).is_err());
         let StoredValue::Variants(got) = decode(encode_variants(&names), &[]).unwrap() else {
             panic!("expected variants")
         };

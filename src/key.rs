@@ -346,6 +346,12 @@ pub(crate) fn url_tag_key(prefix: &str, url_key: &str) -> String {
     tag_key(prefix, &format!("__url:{hex}"))
 }
 
+/// The key of `key`'s fail-safe throttle: present while a failed handler call's stale copy
+/// stands in without calling the handler again.
+pub(crate) fn fail_safe_key(key: &str) -> String {
+    format!("{key}:fail-safe")
+}
+
 /// A stored variant of a response with `Vary`: the normalized header names and the variant's
 /// own key.
 pub(crate) type Variant = (Vec<HeaderName>, String);

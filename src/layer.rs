@@ -228,6 +228,61 @@ impl CacheLayer {
         self
     }
 
+    /// How long a key whose answer could not be stored (`private`, `no-store`, `Set-Cookie`,
+    /// `Vary: *`, a status or size that is not stored, a body that failed midway, a failed
+    /// or timed-out handler call without a stale copy) sends its requests straight to the
+    /// handler, without coalescing or the cross-instance lock (default 120 s, as Varnish's
+    /// hit-for-miss; `ZERO`: off). Such requests say `Cache-Status: ...; detail=hit-for-miss`.
+    /// The mark is stored under the key itself (so every instance sharing the store sees it,
+    /// and the store's bounds bound it); the first later answer that can be stored replaces
+    /// it, and caching resumes.
+    pub fn hit_for_miss(mut self, duration: Duration) -> Self {
+        self.rules_mut().hit_for_miss = clamp(duration);
+        self
+    }
+
+    /// After the handler failed (a 5xx, an error, a timeout) and a stale copy stood in for it
+    /// (within [`stale_if_error`](Self::stale_if_error)), how long that stale copy keeps
+    /// being served without calling the handler again (default 5 s; `ZERO`: every request
+    /// tries the handler). Per key, and across instances through the store, so a broken
+    /// origin sees about one call per key per throttle (FusionCache's fail-safe throttle).
+    /// Such answers say `X-Cache: STALE`, `Cache-Status: ...; detail=fail-safe`.
+    pub fn fail_safe_throttle(mut self, duration: Duration) -> Self {
+        self.rules_mut().fail_safe_throttle = clamp(duration);
+        self
+    }
+
+    /// When a stale copy may stand in for the handler (within
+    /// [`stale_if_error`](Self::stale_if_error)) and the handler takes longer than `timeout`,
+    /// serve the stale copy (`Cache-Status: ...; detail=soft-timeout`) and let the call go on
+    /// in the background, storing its answer when it arrives (default: off). Requests waiting
+    /// on another's call give up at the same time.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.rules_mut().soft_timeout = Some(clamp(timeout));
+        self
+    }
+
+    /// Past `timeout`, drop the handler's call and answer `504` (`Cache-Status: ...;
+    /// detail=timeout`), or the stale copy when one may stand in (default: off). Applies to
+    /// the handler calls the cache makes for its routes' lookups (misses, refreshes,
+    /// revalidations), not to requests it passes through. Requests that waited on the
+    /// timed-out call answer the same way rather than wait as long again.
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.rules_mut().hard_timeout = Some(clamp(timeout));
+        self
+    }
+
+    /// Refresh an entry in the background when a hit finds it past `fraction` of its
+    /// freshness lifetime (for example `0.8`: in its last fifth), so that a hot key never
+    /// expires in front of a request (default: off). One refresh per key at a time, and with
+    /// [`lock_across_instances`](Self::lock_across_instances) one across instances; the hit
+    /// itself is answered at once. A fraction outside `0.0 < fraction < 1.0` (or NaN) turns
+    /// it off.
+    pub fn refresh_ahead(mut self, fraction: f64) -> Self {
+        self.rules_mut().refresh_ahead = (fraction > 0.0 && fraction < 1.0).then_some(fraction);
+        self
+    }
+
     /// Shorten each entry's TTL by a random fraction of up to `fraction` (0.0 to 1.0,
     /// default 0), so entries written together do not expire together.
     pub fn ttl_jitter(mut self, fraction: f64) -> Self {
@@ -241,7 +296,8 @@ impl CacheLayer {
 
     /// Whether concurrent misses for one key in this process wait for a single handler
     /// call and share its response (default true). The waiters get `X-Cache: HIT`. A
-    /// response that may not be stored is never shared: each waiter then calls the handler.
+    /// response that may not be stored is never shared: the waiters are released as soon as
+    /// its head arrives and call the handler at once (see [`hit_for_miss`](Self::hit_for_miss)).
     pub fn coalesce(mut self, enable: bool) -> Self {
         self.rules_mut().coalesce = enable;
         self

@@ -57,9 +57,30 @@ pub(crate) enum Served {
     /// Served the response of another request's handler call (in-process or cross-instance
     /// coalescing).
     Coalesced,
+    /// Went to the handler at once, without coalescing: the key is marked uncacheable, or
+    /// the leader's answer turned out uncacheable.
+    HitForMiss,
+    /// A stale copy stood in for a failing handler that was not called (fail-safe throttle,
+    /// or the leader's call failed).
+    FailSafe,
+    /// A stale copy served at the soft timeout; the handler's call went on in the background.
+    SoftTimeout,
+    /// A `504` at the hard timeout (no stale copy could stand in).
+    Timeout,
 }
 
-const SERVED: [&str; 8] = [
+/// Things the layer did besides answering, counted in [`CacheStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A hit-for-miss mark written.
+    UncacheableMark = 0,
+    /// A refresh ahead of expiry started in the background.
+    RefreshAhead,
+    /// A fail-safe throttle written after a failure.
+    FailSafeThrottle,
+}
+
+const SERVED: [&str; 12] = [
     "hit",
     "stale",
     "stale_if_error",
@@ -68,6 +89,16 @@ const SERVED: [&str; 8] = [
     "refresh",
     "bypass",
     "coalesced",
+    "hit_for_miss",
+    "fail_safe",
+    "soft_timeout",
+    "timeout",
+];
+
+const EVENTS: [&str; 3] = [
+    "uncacheable_marks",
+    "refreshes_ahead",
+    "fail_safe_throttles",
 ];
 
 /// Why a request bypassed the cache.
@@ -188,6 +219,8 @@ pub(crate) mod names {
     pub(crate) const STORE_ERRORS: &str = "http_cache_store_errors_total";
     pub(crate) const STORE_GET: &str = "http_cache_store_get_duration_seconds";
     pub(crate) const STORE_SET: &str = "http_cache_store_set_duration_seconds";
+    /// Hit-for-miss marks, refreshes ahead and fail-safe throttles, by `event`.
+    pub(crate) const EVENTS: &str = "http_cache_events_total";
     /// Handler calls on misses, refreshes and revalidations.
     pub(crate) const HANDLER: &str = "http_cache_handler_duration_seconds";
     /// `RedisStore` back-offs entered (no route: a store may serve several layers).
@@ -201,7 +234,8 @@ pub(crate) mod names {
 /// the layer was built, but before its first request, still gets them).
 #[cfg(feature = "metrics")]
 struct Handles {
-    served: [metrics::Counter; 8],
+    served: [metrics::Counter; 12],
+    events: [metrics::Counter; 3],
     bypass: [metrics::Counter; 5],
     not_stored: [metrics::Counter; 12],
     errors: [metrics::Counter; 8],
@@ -224,6 +258,7 @@ impl Handles {
         let errors = ERROR_KINDS.map(|(_, n)| n);
         Self {
             served: labelled(names::REQUESTS, route, "outcome", SERVED),
+            events: labelled(names::EVENTS, route, "event", EVENTS),
             bypass: labelled(names::BYPASSES, route, "reason", BYPASS),
             not_stored: labelled(names::NOT_STORED, route, "reason", NOT_STORED),
             errors: labelled(names::STORE_ERRORS, route, "kind", errors),
@@ -237,7 +272,8 @@ impl Handles {
 /// The counters of one layer (one route), shared by its services.
 pub(crate) struct Observer {
     route: String,
-    served: [AtomicU64; 8],
+    served: [AtomicU64; 12],
+    events: [AtomicU64; 3],
     bypass: [AtomicU64; 5],
     not_stored: [AtomicU64; 12],
     errors: [AtomicU64; 8],
@@ -255,6 +291,7 @@ impl Observer {
         Self {
             route: route.into(),
             served: counters(),
+            events: counters(),
             bypass: counters(),
             not_stored: counters(),
             errors: counters(),
@@ -285,6 +322,12 @@ impl Observer {
         if !span.is_disabled() {
             span.record("outcome", SERVED[served as usize]);
         }
+    }
+
+    pub(crate) fn event(&self, event: Event) {
+        self.events[event as usize].fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.handles().events[event as usize].increment(1);
     }
 
     pub(crate) fn bypassed(&self, reason: Bypass) {
@@ -344,8 +387,9 @@ impl Observer {
     }
 
     pub(crate) fn snapshot(&self) -> CacheStats {
-        let [hits, stale, stale_if_error, revalidated, misses, refreshes, bypassed, coalesced] =
+        let [hits, stale, stale_if_error, revalidated, misses, refreshes, bypassed, coalesced, hit_for_miss, fail_safe, soft_timeouts, timeouts] =
             load(&self.served);
+        let [uncacheable_marks, refreshes_ahead, fail_safe_throttles] = load(&self.events);
         let [b_no_store, b_authorization, b_cookie, b_no_key, b_authority_mismatch] =
             load(&self.bypass);
         let [status, set_cookie, private, no_store, authorization, event_stream, vary_star, no_freshness, size, bad_length, incomplete, pending_writes_full] =
@@ -360,6 +404,13 @@ impl Observer {
             refreshes,
             bypassed,
             coalesced,
+            hit_for_miss,
+            fail_safe,
+            soft_timeouts,
+            timeouts,
+            uncacheable_marks,
+            refreshes_ahead,
+            fail_safe_throttles,
             bypass: BypassCounts {
                 no_store: b_no_store,
                 authorization: b_authorization,
@@ -410,8 +461,9 @@ impl ErrorCounters {
 /// exports, without an exporter.
 ///
 /// Every request the cache handled counts once in exactly one of `hits`, `stale`,
-/// `stale_if_error`, `revalidated`, `misses`, `refreshes`, `bypassed` and `coalesced`
-/// (requests the layer leaves alone, such as methods it does not cache, are not counted).
+/// `stale_if_error`, `revalidated`, `misses`, `refreshes`, `bypassed`, `coalesced`,
+/// `hit_for_miss`, `fail_safe`, `soft_timeouts` and `timeouts` (requests the layer leaves
+/// alone, such as methods it does not cache, are not counted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -434,6 +486,26 @@ pub struct CacheStats {
     pub bypassed: u64,
     /// Served the response of another request's handler call (coalescing).
     pub coalesced: u64,
+    /// Went to the handler at once, without waiting on another request: the key was marked
+    /// uncacheable (hit-for-miss), or the answer the request waited for turned out
+    /// uncacheable (`Cache-Status: ...; detail=hit-for-miss`).
+    pub hit_for_miss: u64,
+    /// A stale copy stood in for a failing handler without calling it: within the fail-safe
+    /// throttle after a failure, or because the call it waited for failed
+    /// (`Cache-Status: ...; detail=fail-safe`).
+    pub fail_safe: u64,
+    /// A stale copy answered at the soft timeout while the handler's call went on
+    /// (`detail=soft-timeout`).
+    pub soft_timeouts: u64,
+    /// Answered `504` at the hard timeout, with no stale copy to stand in (`detail=timeout`).
+    pub timeouts: u64,
+    /// Hit-for-miss marks written: answers that could not be stored, remembered so that
+    /// requests for the key go straight to the handler.
+    pub uncacheable_marks: u64,
+    /// Background refreshes started ahead of expiry (`refresh_ahead`).
+    pub refreshes_ahead: u64,
+    /// Fail-safe throttles written after a failed handler call with a stale copy.
+    pub fail_safe_throttles: u64,
     /// Bypasses by reason.
     pub bypass: BypassCounts,
     /// Responses the handler sent that were not stored, by reason.
@@ -570,6 +642,13 @@ impl CacheStats {
             ("refreshes", self.refreshes),
             ("bypassed", self.bypassed),
             ("coalesced", self.coalesced),
+            ("hit_for_miss", self.hit_for_miss),
+            ("fail_safe", self.fail_safe),
+            ("soft_timeouts", self.soft_timeouts),
+            ("timeouts", self.timeouts),
+            ("uncacheable_marks", self.uncacheable_marks),
+            ("refreshes_ahead", self.refreshes_ahead),
+            ("fail_safe_throttles", self.fail_safe_throttles),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_owned(), v))

@@ -39,6 +39,18 @@ pub(crate) struct Rules {
     pub(crate) x_cache: Option<HeaderName>,
     /// The cache's name in RFC 9211's `Cache-Status`; `None`: the field is not sent.
     pub(crate) cache_status: Option<Arc<str>>,
+    /// How long a key whose answer could not be stored sends requests straight to the
+    /// handler (hit-for-miss); zero: off.
+    pub(crate) hit_for_miss: Duration,
+    /// After a failure with a stale copy standing in, how long the stale copy is served
+    /// without calling the handler again; zero: off.
+    pub(crate) fail_safe_throttle: Duration,
+    /// With a stale copy that may stand in, serve it if the handler is slower than this.
+    pub(crate) soft_timeout: Option<Duration>,
+    /// Answer `504` (or a stale copy that may stand in) past this, dropping the call.
+    pub(crate) hard_timeout: Option<Duration>,
+    /// A hit past this fraction of its freshness lifetime refreshes it in the background.
+    pub(crate) refresh_ahead: Option<f64>,
 }
 
 /// The cache's name in `Cache-Status` unless the route sets another.
@@ -90,6 +102,11 @@ impl Default for Rules {
             heuristic_fraction: None,
             x_cache: Some(HeaderName::from_static("x-cache")),
             cache_status: Some(Arc::from(CACHE_NAME)),
+            hit_for_miss: Duration::from_secs(120),
+            fail_safe_throttle: Duration::from_secs(5),
+            soft_timeout: None,
+            hard_timeout: None,
+            refresh_ahead: None,
         }
     }
 }

@@ -47,16 +47,27 @@ pub(crate) enum Outcome {
     Revalidated,
     /// Another request's handler call produced the response (coalescing); says HIT.
     Coalesced,
+    /// The handler was called at once, without waiting on another request: the key is
+    /// marked uncacheable, or the answer waited for turned out uncacheable; says MISS.
+    HitForMiss,
+    /// A stale copy stood in for a failing handler that was not called; says STALE.
+    FailSafe,
+    /// A stale copy answered at the soft timeout; says STALE.
+    SoftTimeout,
+    /// The cache's own `504` at the hard timeout; says MISS.
+    Timeout,
 }
 
 impl Outcome {
     fn x_cache(self) -> HeaderValue {
         match self {
             Outcome::Hit | Outcome::Coalesced => HIT,
-            Outcome::Miss => MISS,
+            Outcome::Miss | Outcome::HitForMiss | Outcome::Timeout => MISS,
             Outcome::Bypass(_) => BYPASS,
             Outcome::Refresh => REFRESH,
-            Outcome::Stale | Outcome::StaleIfError => STALE,
+            Outcome::Stale | Outcome::StaleIfError | Outcome::FailSafe | Outcome::SoftTimeout => {
+                STALE
+            }
             Outcome::Revalidated => REVALIDATED,
         }
     }
@@ -72,6 +83,7 @@ impl Outcome {
                 "fwd=bypass; detail=authority-mismatch"
             }
             Outcome::Refresh => "fwd=request",
+            Outcome::HitForMiss => "fwd=uri-miss; detail=hit-for-miss",
             _ => "fwd=uri-miss",
         }
     }
@@ -82,6 +94,8 @@ impl Outcome {
         let (how, detail) = match self {
             Outcome::Stale => ("; hit; ttl=", "; detail=stale"),
             Outcome::StaleIfError => ("; fwd=stale; ttl=", "; detail=stale-if-error"),
+            Outcome::FailSafe => ("; hit; ttl=", "; detail=fail-safe"),
+            Outcome::SoftTimeout => ("; fwd=stale; ttl=", "; detail=soft-timeout"),
             Outcome::Revalidated => ("; fwd=stale; fwd-status=304; ttl=", ""),
             _ => ("; hit; ttl=", ""),
         };
@@ -110,6 +124,10 @@ impl Outcome {
             Outcome::StaleIfError => observe.served(Served::StaleIfError),
             Outcome::Revalidated => observe.served(Served::Revalidated),
             Outcome::Coalesced => observe.served(Served::Coalesced),
+            Outcome::HitForMiss => observe.served(Served::HitForMiss),
+            Outcome::FailSafe => observe.served(Served::FailSafe),
+            Outcome::SoftTimeout => observe.served(Served::SoftTimeout),
+            Outcome::Timeout => observe.served(Served::Timeout),
             Outcome::Bypass(reason) => observe.bypassed(match reason {
                 BypassReason::NoStore => Bypass::NoStore,
                 BypassReason::Authorization => Bypass::Authorization,
@@ -242,15 +260,27 @@ pub(crate) fn body_allowed(status: StatusCode) -> bool {
 
 /// `only-if-cached` with nothing usable stored (RFC 9111 §5.2.1.7).
 pub(crate) fn gateway_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
-    Outcome::Miss.observe(config);
+    own_504(config, Outcome::Miss, "fwd=miss; detail=only-if-cached")
+}
+
+/// The handler did not answer within the route's hard timeout, and no stale copy may stand
+/// in: the cache's own `504`.
+pub(crate) fn handler_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
+    own_504(config, Outcome::Timeout, "fwd=uri-miss; detail=timeout")
+}
+
+fn own_504<B>(config: &Config, outcome: Outcome, detail: &str) -> Response<CacheBody<B>> {
+    outcome.observe(config);
     let rules = &config.rules;
     let mut response = Response::new(CacheBody::replay(Bytes::new()));
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
     if let Some(name) = &rules.x_cache {
-        response.headers_mut().insert(name.clone(), MISS);
+        response
+            .headers_mut()
+            .insert(name.clone(), outcome.x_cache());
     }
     if let Some(cache) = &rules.cache_status {
-        let status = format!("{cache}; fwd=miss; detail=only-if-cached");
+        let status = format!("{cache}; {detail}");
         let status = HeaderValue::from_str(&status).expect("ASCII");
         response.headers_mut().insert(CACHE_STATUS, status);
     }

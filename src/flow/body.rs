@@ -29,21 +29,52 @@ pin_project! {
 }
 
 /// Copies a body's chunks as they stream by, up to a limit, and hands them over once the
-/// body has ended cleanly. Dropped without calling back if the body fails, carries trailers,
-/// outgrows the limit, is abandoned by the client, or ends at another length than its
-/// `Content-Length` announced: a truncated body is never stored. A recorder dropped without
-/// completing counts why in the layer's stats.
+/// body has ended cleanly. If the body fails, carries trailers, outgrows the limit, is
+/// abandoned by the client, or ends at another length than its `Content-Length` announced,
+/// nothing is handed over (a truncated body is never stored): the sink is told why instead,
+/// and the layer's stats count it.
 pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
     /// The length the response's `Content-Length` announced, if any.
     expected: Option<u64>,
-    /// Taken when the body completed and was handed over.
-    on_complete: Option<Box<dyn FnOnce(Vec<Bytes>) + Send>>,
+    /// Taken when the body completed and was handed over, or told why not.
+    sink: Option<Box<dyn RecordSink>>,
     /// Why the response is not stored if the recorder is dropped now.
-    dropped: NotStored,
+    dropped: Unrecorded,
     observe: Arc<Observer>,
+}
+
+/// Where a recorded body goes.
+pub(crate) trait RecordSink: Send {
+    /// The whole body, ended cleanly.
+    fn complete(self: Box<Self>, chunks: Vec<Bytes>);
+    /// The body could not be recorded, and why.
+    fn unrecorded(self: Box<Self>, why: Unrecorded);
+}
+
+/// Why a body was not recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unrecorded {
+    /// The client went away before the end (or the body was never read to its end).
+    Abandoned,
+    /// The body failed midway, or carried trailers.
+    Failed,
+    /// Over the size limit.
+    TooBig,
+    /// Another length than `Content-Length` announced.
+    BadLength,
+}
+
+impl Unrecorded {
+    fn not_stored(self) -> NotStored {
+        match self {
+            Unrecorded::Abandoned | Unrecorded::Failed => NotStored::Incomplete,
+            Unrecorded::TooBig => NotStored::Size,
+            Unrecorded::BadLength => NotStored::BadLength,
+        }
+    }
 }
 
 impl Recorder {
@@ -51,15 +82,15 @@ impl Recorder {
         limit: usize,
         expected: Option<u64>,
         observe: Arc<Observer>,
-        on_complete: Box<dyn FnOnce(Vec<Bytes>) + Send>,
+        sink: Box<dyn RecordSink>,
     ) -> Self {
         Self {
             chunks: Vec::new(),
             len: 0,
             limit,
             expected,
-            on_complete: Some(on_complete),
-            dropped: NotStored::Incomplete,
+            sink: Some(sink),
+            dropped: Unrecorded::Abandoned,
             observe,
         }
     }
@@ -68,7 +99,7 @@ impl Recorder {
     fn record(&mut self, chunk: &Bytes) -> bool {
         self.len = self.len.saturating_add(chunk.len());
         if self.len > self.limit {
-            self.dropped = NotStored::Size;
+            self.dropped = Unrecorded::TooBig;
             return false;
         }
         if !chunk.is_empty() {
@@ -85,19 +116,25 @@ impl Recorder {
                 received = self.len,
                 "body length contradicts Content-Length; response not stored"
             );
-            self.dropped = NotStored::BadLength;
+            self.dropped = Unrecorded::BadLength;
             return;
         }
-        if let Some(on_complete) = self.on_complete.take() {
-            on_complete(std::mem::take(&mut self.chunks));
+        if let Some(sink) = self.sink.take() {
+            sink.complete(std::mem::take(&mut self.chunks));
         }
+    }
+
+    /// Drops the recording because the body failed (or carried trailers).
+    fn fail(mut self) {
+        self.dropped = Unrecorded::Failed;
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        if self.on_complete.is_some() {
-            self.observe.not_stored(self.dropped);
+        if let Some(sink) = self.sink.take() {
+            self.observe.not_stored(self.dropped.not_stored());
+            sink.unrecorded(self.dropped);
         }
     }
 }
@@ -157,16 +194,23 @@ where
                         return Poll::Ready(None);
                     }
                     Some(Err(error)) => {
-                        *recorder = None;
+                        if let Some(recorder) = recorder.take() {
+                            recorder.fail();
+                        }
                         return Poll::Ready(Some(Err(error)));
                     }
                     Some(Ok(frame)) => frame.map_data(|mut d| d.copy_to_bytes(d.remaining())),
                 };
                 if let Some(rec) = recorder {
                     // Trailers cannot be replayed, so a body with trailers is not stored.
-                    let keep = frame.data_ref().is_some_and(|chunk| rec.record(chunk));
-                    if !keep {
-                        *recorder = None;
+                    match frame.data_ref() {
+                        Some(chunk) if rec.record(chunk) => {}
+                        Some(_) => *recorder = None,
+                        None => {
+                            if let Some(recorder) = recorder.take() {
+                                recorder.fail();
+                            }
+                        }
                     }
                 }
                 // hyper stops polling once a body reports its end, so the end may never be

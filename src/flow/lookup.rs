@@ -17,17 +17,49 @@ use crate::store::Memo;
 
 use super::config::Config;
 
+/// What a lookup found under a key.
+#[derive(Debug, Clone)]
+pub(crate) enum Found<E> {
+    /// A stored response (for the request's variant).
+    Entry(E),
+    /// A hit-for-miss mark: the last answer could not be stored, so the request goes to the
+    /// origin without coalescing or taking the cross-instance lock.
+    Uncacheable,
+    /// Nothing the request can use (absent, unreadable, another coding).
+    Nothing,
+}
+
+impl<E> Found<E> {
+    /// The entry, if one was found.
+    pub(crate) fn entry(self) -> Option<E> {
+        match self {
+            Found::Entry(entry) => Some(entry),
+            Found::Uncacheable | Found::Nothing => None,
+        }
+    }
+}
+
 /// The stored response for the request, following a `Vary` marker to the variant that
-/// matches the request's headers; `None` when absent, unreadable, unreachable, or in a
-/// content coding the request does not accept.
+/// matches the request's headers; [`Found::Nothing`] when absent, unreadable, unreachable, or
+/// in a content coding the request does not accept.
 pub(crate) async fn lookup(
     config: &Config,
     key: &str,
     request: &HeaderMap,
-) -> Option<Arc<CachedResponse>> {
-    let (response, _) = lookup_entry(config, key, request).await?;
-    // Even without `Vary`, a client that did not ask for gzip must never receive gzip.
-    conditional::accepts_encoding(request, &response.headers).then_some(response)
+) -> Found<Arc<CachedResponse>> {
+    match lookup_entry(config, key, request).await {
+        Found::Entry((response, _)) => accepted(request, response),
+        Found::Uncacheable => Found::Uncacheable,
+        Found::Nothing => Found::Nothing,
+    }
+}
+
+/// Even without `Vary`, a client that did not ask for gzip must never receive gzip.
+fn accepted(request: &HeaderMap, response: Arc<CachedResponse>) -> Found<Arc<CachedResponse>> {
+    match conditional::accepts_encoding(request, &response.headers) {
+        true => Found::Entry(response),
+        false => Found::Nothing,
+    }
 }
 
 /// [`lookup`] without waiting, on a store that keeps its values in this process:
@@ -36,19 +68,22 @@ pub(crate) fn lookup_in_process(
     config: &Config,
     key: &str,
     request: &HeaderMap,
-) -> Option<Option<Arc<CachedResponse>>> {
+) -> Option<Found<Arc<CachedResponse>>> {
     let response = match fetch_in_process(config, key)? {
         Some(Decoded::Response(response)) => response,
         Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
             match fetch_in_process(config, &variant_key)? {
                 Some(Decoded::Response(response)) => response,
-                Some(Decoded::Variants(_)) | None => return Some(None),
+                Some(Decoded::Variants(_) | Decoded::Uncacheable) | None => {
+                    return Some(Found::Nothing)
+                }
             }
         }
-        None => return Some(None),
+        Some(Decoded::Uncacheable) => return Some(Found::Uncacheable),
+        None => return Some(Found::Nothing),
     };
-    Some(conditional::accepts_encoding(request, &response.headers).then_some(response))
+    Some(accepted(request, response))
 }
 
 /// What a stored response is good for, for this request.
@@ -67,16 +102,20 @@ pub(crate) async fn lookup_entry(
     config: &Config,
     key: &str,
     request: &HeaderMap,
-) -> Option<(Arc<CachedResponse>, Option<key::Variant>)> {
-    match fetch(config, key).await? {
-        Decoded::Response(response) => Some((response, None)),
-        Decoded::Variants(names) => {
+) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
+    match fetch(config, key).await {
+        Some(Decoded::Response(response)) => Found::Entry((response, None)),
+        Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch(config, &variant_key).await? {
-                Decoded::Response(response) => Some((response, Some((names, variant_key)))),
-                Decoded::Variants(_) => None,
+            match fetch(config, &variant_key).await {
+                Some(Decoded::Response(response)) => {
+                    Found::Entry((response, Some((names, variant_key))))
+                }
+                Some(Decoded::Variants(_) | Decoded::Uncacheable) | None => Found::Nothing,
             }
         }
+        Some(Decoded::Uncacheable) => Found::Uncacheable,
+        None => Found::Nothing,
     }
 }
 
@@ -86,6 +125,7 @@ pub(crate) async fn lookup_entry(
 enum Decoded {
     Response(Arc<CachedResponse>),
     Variants(Vec<HeaderName>),
+    Uncacheable,
 }
 
 async fn fetch(config: &Config, key: &str) -> Option<Decoded> {
@@ -142,6 +182,7 @@ fn decode_memoized(
     {
         StoredValue::Response(response) => Decoded::Response(Arc::new(response)),
         StoredValue::Variants(names) => Decoded::Variants(names),
+        StoredValue::Uncacheable => Decoded::Uncacheable,
     };
     if let Some(memo) = memo {
         let _ = memo.set(Arc::new((targeted.clone(), value.clone())));
@@ -149,17 +190,29 @@ fn decode_memoized(
     Some(value)
 }
 
-/// A fresh stored response the request may be given (its variant, in a coding it accepts),
-/// with its variant's names and key: what a request waiting on another instance's lock polls
-/// for.
-pub(crate) async fn fresh_entry(
-    config: &Config,
-    key: &str,
-    headers: &HeaderMap,
-) -> Option<(CachedResponse, Option<key::Variant>)> {
-    let (response, variant) = lookup_entry(config, key, headers).await?;
-    let response = Arc::unwrap_or_clone(response);
-    let usable = response.staleness(clock::now_ms()).is_none()
-        && conditional::accepts_encoding(headers, &response.headers);
-    usable.then_some((response, variant))
+/// What a request waiting on another instance's lock finds when it polls the store: a fresh
+/// response it may be given (its variant, in a coding it accepts) with its variant's names
+/// and key, a hit-for-miss mark, or anything else (nothing, or a response it may not use, with
+/// the time that response was stored).
+pub(crate) async fn poll_entry(config: &Config, key: &str, headers: &HeaderMap) -> Polled {
+    match lookup_entry(config, key, headers).await {
+        Found::Entry((response, variant)) => {
+            let usable = response.staleness(clock::now_ms()).is_none()
+                && conditional::accepts_encoding(headers, &response.headers);
+            match usable {
+                true => Polled::Fresh(Arc::unwrap_or_clone(response), variant),
+                false => Polled::Other(Some(response.stored_at_ms)),
+            }
+        }
+        Found::Uncacheable => Polled::Uncacheable,
+        Found::Nothing => Polled::Other(None),
+    }
+}
+
+/// See [`poll_entry`].
+pub(crate) enum Polled {
+    Fresh(CachedResponse, Option<key::Variant>),
+    Uncacheable,
+    /// Nothing fresh: the stored time of the response found, if any.
+    Other(Option<u64>),
 }

@@ -19,12 +19,17 @@ use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
 use crate::rules::request::{self, BypassReason, RequestAction, RequestPlan};
 
-use super::answer::{answer, gateway_timeout, label_forwarded, Outcome};
+use crate::observe::Event;
+use crate::settings::clamp;
+
+use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded, Outcome};
 use super::body::CacheBody;
-use super::config::Config;
-use super::join::{coalesce, Coalesced};
-use super::lookup::{judge_entry, lookup, lookup_in_process};
-use super::write::{drop_url, head_refreshed, plan_store, revalidated, Exchange};
+use super::config::{Config, Lead};
+use super::join::{coalesce, throttled, Coalesced};
+use super::lookup::{judge_entry, lookup, lookup_in_process, Found};
+use super::write::{
+    drop_url, fail_safe, failed_without_stand_in, head_refreshed, plan_store, revalidated, Exchange,
+};
 
 /// The [`Service`] made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -120,8 +125,24 @@ where
             store_get_us = tracing::field::Empty,
         );
         let step = match span.in_scope(|| begin(&self.config, req)) {
-            Begun::Answered(response) => {
-                // The inner service stays ready for the next request.
+            Begun::Answered(response, refresh) => {
+                if let Some(ahead) = refresh {
+                    // The ready service refreshes the entry; a clone waits for the next
+                    // request (and its `poll_ready`).
+                    let clone = self.inner.clone();
+                    let inner = std::mem::replace(&mut self.inner, clone);
+                    let config = self.config.clone();
+                    refresh_in_background(
+                        config,
+                        ahead.key,
+                        inner,
+                        ahead.req,
+                        ahead.looked_up_at,
+                        ahead.authorized,
+                        true,
+                    );
+                }
+                // Otherwise the inner service stays ready for the next request.
                 let inner = Flow::Answered(std::future::ready(Ok(response)));
                 return ResponseFuture { inner };
             }
@@ -140,8 +161,9 @@ where
 
 /// What [`begin`] decided.
 enum Begun<ReqBody, ResBody> {
-    /// A fresh hit, answered.
-    Answered(Response<CacheBody<ResBody>>),
+    /// A fresh hit, answered; with the request when the entry is due to be refreshed ahead of
+    /// its expiry.
+    Answered(Response<CacheBody<ResBody>>, Option<RefreshAhead<ReqBody>>),
     /// The rest is [`respond`]'s.
     Flow(Step<ReqBody>),
 }
@@ -158,6 +180,15 @@ enum Step<B> {
     Lookup(Lookup<B>),
 }
 
+/// A fresh hit past the route's `refresh_ahead` fraction of its lifetime: its request
+/// refreshes the entry in the background.
+struct RefreshAhead<B> {
+    req: Request<B>,
+    key: String,
+    looked_up_at: u64,
+    authorized: bool,
+}
+
 struct Lookup<B> {
     req: Request<B>,
     plan: RequestPlan,
@@ -166,7 +197,7 @@ struct Lookup<B> {
     key: String,
     /// What a store in process memory held, and the flights' mark taken just before
     /// looking; `None` when the lookup needs I/O (or a refresh skips it).
-    found: Option<(u64, Option<Arc<CachedResponse>>)>,
+    found: Option<(u64, Found<Arc<CachedResponse>>)>,
 }
 
 /// Steps 1-3 where they need no waiting, so that a fresh hit in process memory is answered
@@ -203,17 +234,24 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
     }
     // 3. Serve it if fresh; anything else (stale, validation, absent) is respond's.
-    if let Some((_, Some(entry))) = &found {
+    if let Some((looked_up_at, Found::Entry(entry))) = &found {
         if judge_entry(config, &plan, entry) == Verdict::Fresh {
             let with_body = plan.action != RequestAction::HeadLookup;
             // The entry is shared with the store's memo slot: a clone of the `Arc`.
-            return Begun::Answered(answer(
+            let response = answer(
                 config,
                 Arc::clone(entry),
                 req.headers(),
                 with_body,
                 Outcome::Hit,
-            ));
+            );
+            let refresh = (with_body && refresh_due(config, entry)).then(|| RefreshAhead {
+                req,
+                key,
+                looked_up_at: *looked_up_at,
+                authorized: plan.authorized,
+            });
+            return Begun::Answered(response, refresh);
         }
     }
     Begun::Flow(Step::Lookup(Lookup {
@@ -234,7 +272,8 @@ async fn respond<S, ReqBody, ResBody>(
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
@@ -255,7 +294,7 @@ where
             Some((_, stored)) => stored,
             None => lookup(&config, &key, req.headers()).await,
         };
-        let stored = match stored {
+        let stored = match stored.entry() {
             Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
                 return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
             }
@@ -279,12 +318,14 @@ where
         return Ok(response.map(CacheBody::passthrough));
     }
     let mut req = req;
+    let mut label = label;
 
     // 2-3. Look up (unless the client asked for a refresh, or `begin` looked already) and
     // judge the stored copy for this request: serve it, serve it stale while refreshing, or
     // keep it to validate with the handler or to stand in for a failing handler.
     let mut stored = None;
-    let mut stale_if_error = false;
+    // The stored copy may stand in for a failing (or, past the soft timeout, slow) handler.
+    let mut stand_in = false;
     let mut lead = None;
     if label == Outcome::Miss {
         let (looked_up_at, found) = match found {
@@ -294,34 +335,83 @@ where
                 (looked_up_at, lookup(&config, &key, req.headers()).await)
             }
         };
-        if let Some(entry) = found {
-            match judge_entry(&config, &plan, &entry) {
+        match found {
+            Found::Entry(entry) => match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => {
-                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Hit))
+                    let response =
+                        answer(&config, entry.clone(), req.headers(), true, Outcome::Hit);
+                    if refresh_due(&config, &entry) {
+                        refresh_in_background(
+                            config,
+                            key,
+                            inner,
+                            req,
+                            looked_up_at,
+                            plan.authorized,
+                            true,
+                        );
+                    }
+                    return Ok(response);
                 }
                 Verdict::StaleAccepted => {
                     return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
                     let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
-                    refresh_in_background(config, key, inner, req, looked_up_at, plan.authorized);
+                    refresh_in_background(
+                        config,
+                        key,
+                        inner,
+                        req,
+                        looked_up_at,
+                        plan.authorized,
+                        false,
+                    );
                     return Ok(response);
                 }
                 Verdict::Validate { if_error } => {
-                    stale_if_error = if_error;
+                    stand_in = if_error;
                     stored = Some(Arc::unwrap_or_clone(entry));
                 }
                 Verdict::Unusable => {}
-            }
+            },
+            // The last answer for this key could not be stored: straight to the handler,
+            // without waiting on anyone (hit-for-miss).
+            Found::Uncacheable => label = Outcome::HitForMiss,
+            Found::Nothing => {}
         }
         if plan.directives.only_if_cached {
             return Ok(gateway_timeout(&config));
         }
-        // A cold or expired key: let one request call the handler and the others reuse its
-        // response.
-        // Requests with `Authorization` neither lead nor follow: their replies are their own.
-        if !plan.authorized {
-            match coalesce(&config, &plan, &key, req.headers(), looked_up_at).await {
+        // Fail-safe: a call for this key failed lately, and its stale copy stands in
+        // without the handler being called again until the throttle ends.
+        if stand_in && !config.rules.fail_safe_throttle.is_zero() && throttled(&config, &key).await
+        {
+            if let Some(stale) = stored.take() {
+                return Ok(answer(
+                    &config,
+                    Arc::new(stale),
+                    req.headers(),
+                    true,
+                    Outcome::FailSafe,
+                ));
+            }
+        }
+        // 4. A cold or expired key: let one request call the handler and the others reuse
+        // its response. Requests with `Authorization` neither lead nor follow: their replies
+        // are their own.
+        if label == Outcome::Miss && !plan.authorized {
+            let stand_in_copy = stored.as_ref().filter(|_| stand_in);
+            match coalesce(
+                &config,
+                &plan,
+                &key,
+                req.headers(),
+                looked_up_at,
+                stand_in_copy,
+            )
+            .await
+            {
                 Coalesced::Hit(hit) => {
                     return Ok(answer(
                         &config,
@@ -332,13 +422,45 @@ where
                     ))
                 }
                 Coalesced::Lead(l) => lead = Some(l),
+                Coalesced::Uncacheable => label = Outcome::HitForMiss,
+                Coalesced::LeaderFailed { timed_out } => {
+                    // The identical call just failed: the stale copy stands in, or after a
+                    // timeout the request is not sent to wait that long again.
+                    if let Some(stale) = stored.take_if(|_| stand_in) {
+                        return Ok(answer(
+                            &config,
+                            Arc::new(stale),
+                            req.headers(),
+                            true,
+                            Outcome::FailSafe,
+                        ));
+                    }
+                    if timed_out {
+                        return Ok(handler_timeout(&config));
+                    }
+                }
+                Coalesced::TimedOut => {
+                    if let Some(stale) =
+                        stored.take_if(|_| stand_in && config.rules.soft_timeout.is_some())
+                    {
+                        return Ok(answer(
+                            &config,
+                            Arc::new(stale),
+                            req.headers(),
+                            true,
+                            Outcome::SoftTimeout,
+                        ));
+                    }
+                }
                 Coalesced::Alone => {}
             }
         }
     }
 
-    // 4. Call the handler; conditionally when the stored copy has validators, so an
-    // unchanged resource costs the handler a 304 instead of a body.
+    // 5. Call the handler; conditionally when the stored copy has validators, so an
+    // unchanged resource costs the handler a 304 instead of a body. Past the soft timeout a
+    // stale copy that may stand in answers while the call goes on; past the hard timeout the
+    // call is dropped.
     let request_headers = req.headers().clone();
     let url_key = url_key(&config, &req);
     let validating = match stored
@@ -351,16 +473,60 @@ where
         }
         None => false,
     };
+    let sent_at_ms = clock::now_ms();
+    // A request that came through a hit-for-miss mark does not write it again.
+    let may_mark = label != Outcome::HitForMiss;
+    let called_at = std::time::Instant::now();
+    let result = match call_in_time(&config, inner.call(req), stored.is_some() && stand_in).await {
+        InTime::Answered(result) => result,
+        InTime::SoftTimeout(call) => {
+            // Only reached with a stand-in: `call_in_time` has no soft timeout without one.
+            let response = match stored.take() {
+                Some(stale) => answer(
+                    &config,
+                    Arc::new(stale),
+                    &request_headers,
+                    true,
+                    Outcome::SoftTimeout,
+                ),
+                None => handler_timeout(&config),
+            };
+            let pending = Pending {
+                key,
+                request_headers,
+                url_key,
+                sent_at_ms,
+                authorized: plan.authorized,
+                lead,
+            };
+            finish_in_background(config.clone(), call, pending, called_at);
+            return Ok(response);
+        }
+        InTime::HardTimeout => {
+            config.observe.handler(called_at.elapsed());
+            if let Some(stale) = stored.take_if(|_| stand_in) {
+                fail_safe(&config, &key, lead, true);
+                return Ok(answer(
+                    &config,
+                    Arc::new(stale),
+                    &request_headers,
+                    true,
+                    Outcome::StaleIfError,
+                ));
+            }
+            failed_without_stand_in(&config, key, lead, may_mark, true);
+            return Ok(handler_timeout(&config));
+        }
+    };
+    config.observe.handler(called_at.elapsed());
     let exchange = Exchange {
         request_headers: &request_headers,
         url_key: &url_key,
-        sent_at_ms: clock::now_ms(),
+        sent_at_ms,
         authorized: plan.authorized,
     };
-    let called_at = std::time::Instant::now();
-    let result = inner.call(req).await;
-    config.observe.handler(called_at.elapsed());
-    if let Some(stale) = stored.take_if(|_| stale_if_error && failed(&result)) {
+    if let Some(stale) = stored.take_if(|_| stand_in && failed(&result)) {
+        fail_safe(&config, &key, lead, false);
         return Ok(answer(
             &config,
             Arc::new(stale),
@@ -369,7 +535,13 @@ where
             Outcome::StaleIfError,
         ));
     }
-    let (mut parts, body) = result?.into_parts();
+    let (mut parts, body) = match result {
+        Ok(response) => response.into_parts(),
+        Err(e) => {
+            failed_without_stand_in(&config, key, lead, may_mark, false);
+            return Err(e);
+        }
+    };
     if let Some(stale) = stored.take_if(|_| validating && parts.status == StatusCode::NOT_MODIFIED)
     {
         let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
@@ -382,9 +554,10 @@ where
         ));
     }
 
-    // 5. Record the body while it streams to the client, if the response may be stored; it is
-    // written in the background once complete.
-    let recorder = plan_store(&config, key, &exchange, &parts, &body, lead);
+    // 6. Record the body while it streams to the client, if the response may be stored; it is
+    // written in the background once complete. An answer that may not be stored releases the
+    // waiters at once and is remembered (hit-for-miss).
+    let recorder = plan_store(&config, key, &exchange, &parts, &body, lead, may_mark);
     let label = if plan.authorized && recorder.is_none() {
         Outcome::Bypass(BypassReason::Authorization)
     } else {
@@ -395,6 +568,115 @@ where
         parts,
         CacheBody::recording(body, recorder),
     ))
+}
+
+/// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime.
+fn refresh_due(config: &Config, entry: &CachedResponse) -> bool {
+    config.rules.refresh_ahead.is_some_and(|fraction| {
+        entry.elapsed(clock::now_ms()).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
+    })
+}
+
+/// How the handler's call ended against the route's soft and hard timeouts.
+enum InTime<F: Future> {
+    Answered(F::Output),
+    /// Past the soft timeout, with a stale copy to stand in: the call, still running.
+    SoftTimeout(Pin<Box<F>>),
+    /// Past the hard timeout: the call was dropped.
+    HardTimeout,
+}
+
+/// Runs the handler's `call` against the route's timeouts: the soft one only when a stale
+/// copy may stand in. Without timeouts (the default) the call is awaited as it is.
+async fn call_in_time<F: Future>(config: &Config, call: F, stand_in: bool) -> InTime<F> {
+    let rules = &config.rules;
+    let soft = rules.soft_timeout.filter(|_| stand_in);
+    if soft.is_none() && rules.hard_timeout.is_none() {
+        return InTime::Answered(call.await);
+    }
+    let started = tokio::time::Instant::now();
+    let hard_at = rules.hard_timeout.map(|hard| started + clamp(hard));
+    let mut call = Box::pin(call);
+    if let Some(soft) = soft {
+        let soft_at = started + clamp(soft);
+        if hard_at.is_none_or(|hard_at| soft_at < hard_at) {
+            match tokio::time::timeout_at(soft_at, call.as_mut()).await {
+                Ok(result) => return InTime::Answered(result),
+                Err(_) => return InTime::SoftTimeout(call),
+            }
+        }
+    }
+    match hard_at {
+        Some(hard_at) => match tokio::time::timeout_at(hard_at, call.as_mut()).await {
+            Ok(result) => InTime::Answered(result),
+            Err(_) => InTime::HardTimeout,
+        },
+        None => InTime::Answered(call.await),
+    }
+}
+
+/// A handler call whose answer is stored when it arrives, after its request was answered.
+struct Pending {
+    key: String,
+    request_headers: http::HeaderMap,
+    url_key: String,
+    sent_at_ms: u64,
+    authorized: bool,
+    lead: Option<Lead>,
+}
+
+/// Lets a call that passed the soft timeout finish in the background (within the hard
+/// timeout, if any) and stores its answer; a failure keeps the stale copy standing in.
+fn finish_in_background<F, B, E>(
+    config: Arc<Config>,
+    call: Pin<Box<F>>,
+    pending: Pending,
+    called_at: std::time::Instant,
+) where
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body + Send + 'static,
+    E: Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    // Tracked until the answer is stored, so `CacheLayer::flush` waits for it.
+    let task = config.pending_writes.track();
+    let left = config
+        .rules
+        .hard_timeout
+        .map(|hard| clamp(hard).saturating_sub(called_at.elapsed()));
+    runtime.spawn(async move {
+        let _task = task;
+        let result = match left {
+            Some(left) => tokio::time::timeout(left, call).await.ok(),
+            None => Some(call.await),
+        };
+        config.observe.handler(called_at.elapsed());
+        let Pending {
+            key,
+            request_headers,
+            url_key,
+            sent_at_ms,
+            authorized,
+            lead,
+        } = pending;
+        match result {
+            Some(Ok(response)) if !response.status().is_server_error() => {
+                let exchange = Exchange {
+                    request_headers: &request_headers,
+                    url_key: &url_key,
+                    sent_at_ms,
+                    authorized,
+                };
+                let (parts, body) = response.into_parts();
+                let recorder = plan_store(&config, key, &exchange, &parts, &body, lead, true);
+                drain(CacheBody::recording(body, recorder)).await;
+            }
+            // The stale copy keeps standing in.
+            _ => fail_safe(&config, &key, lead, left.is_some()),
+        }
+    });
 }
 
 /// Calls the handler and labels its response as having bypassed the cache, and why.
@@ -492,9 +774,10 @@ where
     Ok(response.map(CacheBody::passthrough))
 }
 
-/// Calls the handler for a stale key in the background and stores its response, unless a
-/// refresh of the key is already running (here, or in another instance when cross-instance
-/// locking is on).
+/// Calls the handler for a stale key (or, `ahead`, a fresh one past the route's
+/// `refresh_ahead` fraction) in the background and stores its response, unless a refresh of
+/// the key is already running (here, or in another instance when cross-instance locking is
+/// on).
 fn refresh_in_background<S, ReqBody, ResBody>(
     config: Arc<Config>,
     key: String,
@@ -502,6 +785,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
     looked_up_at: u64,
     authorized: bool,
+    ahead: bool,
 ) where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send,
@@ -521,8 +805,16 @@ fn refresh_in_background<S, ReqBody, ResBody>(
         if config.rules.lock_across_instances {
             match Lock::try_acquire(&config.store, &key, config.rules.lock_ttl).await {
                 Ok(Some(lock)) => lead.hold(lock),
-                _ => return,
+                _ => {
+                    // Another instance refreshes it. Holding the flight a moment keeps this
+                    // instance's hits from asking for the lock on every request meanwhile.
+                    tokio::time::sleep(REFRESH_LOCK_BACKOFF).await;
+                    return;
+                }
             }
+        }
+        if ahead {
+            config.observe.event(Event::RefreshAhead);
         }
         let request_headers = req.headers().clone();
         let url_key = url_key(&config, &req);
@@ -536,10 +828,13 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             return;
         };
         let (parts, body) = response.into_parts();
-        let recorder = plan_store(&config, key, &exchange, &parts, &body, Some(lead));
+        let recorder = plan_store(&config, key, &exchange, &parts, &body, Some(lead), true);
         drain(CacheBody::recording(body, recorder)).await;
     });
 }
+
+/// How long an instance that found another instance refreshing a key leaves it alone.
+const REFRESH_LOCK_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Reads a body to its end (so its recorder sees it complete).
 async fn drain<B: Body>(body: B) {

@@ -23,7 +23,10 @@ use crate::store::Store;
 use crate::{ErrorKind, Result};
 
 use super::answer::X_CACHE;
-use super::body::Recorder;
+use crate::coalesce::Released;
+use crate::observe::Event;
+
+use super::body::{RecordSink, Recorder, Unrecorded};
 use super::config::{Config, Lead, Shared, WriteBudget};
 
 /// The request side of a handler call, as storing its response needs it.
@@ -40,7 +43,9 @@ pub(crate) struct Exchange<'a> {
 }
 
 /// A recorder that stores the response once its body has streamed through, if the response
-/// may be stored at all.
+/// may be stored at all. One that may not releases the waiters (`lead`) at once and, when
+/// `may_mark`, is remembered as uncacheable (hit-for-miss) so that requests for the key go
+/// straight to the handler for a while.
 pub(crate) fn plan_store<B: Body>(
     config: &Arc<Config>,
     key: String,
@@ -48,12 +53,20 @@ pub(crate) fn plan_store<B: Body>(
     parts: &http::response::Parts,
     body: &B,
     lead: Option<Lead>,
+    may_mark: bool,
 ) -> Option<Recorder> {
     let rules = &config.rules;
     // The response's directives, parsed once for every decision about storing it.
     let cc = CacheControl::for_cache(&parts.headers, &rules.targeted);
-    let not_stored = |reason| {
+    let mark_ttl = mark_ttl(config, may_mark);
+    let not_stored = |reason: NotStored, lead: Option<Lead>| {
         config.observe.not_stored(reason);
+        // A reply to credentials says nothing about the key's other requests.
+        let ttl = match reason {
+            NotStored::Authorization => Duration::ZERO,
+            _ => mark_ttl,
+        };
+        mark_uncacheable(Marking::of(config), key.clone(), ttl, lead);
         None
     };
     let ttl = match freshness::storable_ttl(
@@ -64,32 +77,163 @@ pub(crate) fn plan_store<B: Body>(
         exchange.authorized,
     ) {
         Ok(ttl) => ttl,
-        Err(reason) => return not_stored(not_stored_reason(reason)),
+        Err(reason) => return not_stored(not_stored_reason(reason), lead),
     };
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
-        return not_stored(NotStored::Size);
+        return not_stored(NotStored::Size, lead);
     }
     // A body must end at the length it announced, or it was cut short (or padded).
     let Ok(expected) = declared_length(&parts.headers) else {
-        return not_stored(NotStored::BadLength);
+        return not_stored(NotStored::BadLength, lead);
     };
-    let Some(pending) = PendingEntry::new(
+    if matches!(vary_names(&parts.headers), Vary::Any) {
+        return not_stored(NotStored::VaryStar, lead);
+    }
+    let mut pending = PendingEntry::new(
         config,
-        key,
+        key.clone(),
         exchange,
         (parts.status, &parts.headers, &cc),
         ttl,
         lead,
-    ) else {
-        return not_stored(NotStored::VaryStar);
-    };
+    )?;
+    pending.mark_ttl = mark_ttl;
     Some(Recorder::new(
         rules.max_body_bytes,
         expected,
         config.observe.clone(),
-        Box::new(move |chunks| pending.store(chunks)),
+        Box::new(pending),
     ))
+}
+
+/// How long a mark lasts for a request that `may_mark` (zero: no mark).
+fn mark_ttl(config: &Config, may_mark: bool) -> Duration {
+    match may_mark {
+        true => config.rules.hit_for_miss,
+        false => Duration::ZERO,
+    }
+}
+
+/// What writing a mark or a throttle needs from the layer.
+struct Marking {
+    store: Arc<dyn Store>,
+    observe: Arc<Observer>,
+    budget: Arc<WriteBudget>,
+}
+
+impl Marking {
+    fn of(config: &Config) -> Self {
+        Self {
+            store: config.store.clone(),
+            observe: config.observe.clone(),
+            budget: config.pending_writes.clone(),
+        }
+    }
+}
+
+/// The answer for `key` cannot be stored: release the waiters at once (their requests go to
+/// the handler without waiting any longer) and, for `ttl`, remember it (hit-for-miss), so
+/// that requests for the key skip coalescing and the cross-instance lock. The mark is written
+/// before the lead (and with it the cross-instance lock) is let go, so that other instances'
+/// pollers find the mark, not a free lock to take in turn. A later answer that can be stored
+/// replaces the mark.
+fn mark_uncacheable(marking: Marking, key: String, ttl: Duration, mut lead: Option<Lead>) {
+    if let Some(lead) = &mut lead {
+        lead.release(Released::Uncacheable);
+    }
+    write_then_release(
+        marking,
+        key,
+        entry::encode_uncacheable(),
+        ttl,
+        lead,
+        Event::UncacheableMark,
+    );
+}
+
+/// The handler's call failed (an error, or `timed_out`) and no stale copy may stand in: the
+/// waiters are released to try for themselves (or, after a timeout, to answer `504` rather
+/// than wait that long again), and the key is marked uncacheable when `may_mark`, so that
+/// later requests do not queue behind a failing origin.
+pub(crate) fn failed_without_stand_in(
+    config: &Config,
+    key: String,
+    mut lead: Option<Lead>,
+    may_mark: bool,
+    timed_out: bool,
+) {
+    if let Some(lead) = &mut lead {
+        lead.release(failure(timed_out));
+    }
+    let ttl = mark_ttl(config, may_mark);
+    write_then_release(
+        Marking::of(config),
+        key,
+        entry::encode_uncacheable(),
+        ttl,
+        lead,
+        Event::UncacheableMark,
+    );
+}
+
+/// The handler's call failed (an error, a server error, or `timed_out`) and the stale copy
+/// stands in: the waiters are released to serve theirs, and for the route's fail-safe
+/// throttle the stale copy is served without calling the handler again (FusionCache's
+/// fail-safe), in this instance and, through the store, in every instance sharing it.
+pub(crate) fn fail_safe(config: &Config, key: &str, mut lead: Option<Lead>, timed_out: bool) {
+    if let Some(lead) = &mut lead {
+        lead.release(failure(timed_out));
+    }
+    let ttl = config.rules.fail_safe_throttle;
+    let throttle = key::fail_safe_key(key);
+    write_then_release(
+        Marking::of(config),
+        throttle,
+        Bytes::from_static(b"1"),
+        ttl,
+        lead,
+        Event::FailSafeThrottle,
+    );
+}
+
+fn failure(timed_out: bool) -> Released<Arc<Shared>> {
+    let reason = match timed_out {
+        true => "the handler timed out",
+        false => "the handler failed",
+    };
+    Released::Failed {
+        timed_out,
+        reason: Arc::from(reason),
+    }
+}
+
+/// Writes `value` under `key` for `ttl` in the background, then lets `lead` (and the
+/// cross-instance lock it holds) go. Nothing is written for a zero `ttl`.
+fn write_then_release(
+    marking: Marking,
+    key: String,
+    value: Bytes,
+    ttl: Duration,
+    lead: Option<Lead>,
+    event: Event,
+) {
+    if ttl.is_zero() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    // Tracked, so that `CacheLayer::flush` waits for it.
+    let task = marking.budget.track();
+    runtime.spawn(async move {
+        let _task = task;
+        match marking.store.set(&key, value, ttl).await {
+            Ok(()) => marking.observe.event(event),
+            Err(e) => marking.observe.store_error("set", &key, &e),
+        }
+        drop(lead);
+    });
 }
 
 /// The stats' name for why the rules refused a response.
@@ -220,6 +364,32 @@ pub(crate) struct PendingEntry {
     /// The route's targeted fields, to decode the entry for waiters as lookups would.
     targeted: Vec<HeaderName>,
     observe: Arc<Observer>,
+    /// How long the key is marked uncacheable if the body cannot be recorded after all (a
+    /// failure midway, over the limit, a wrong length); zero: no mark.
+    mark_ttl: Duration,
+}
+
+impl RecordSink for PendingEntry {
+    fn complete(self: Box<Self>, chunks: Vec<Bytes>) {
+        self.store(chunks);
+    }
+
+    fn unrecorded(self: Box<Self>, why: Unrecorded) {
+        let this = *self;
+        match why {
+            // The client went away: nothing is known about the answer. Dropping the lead
+            // hands the flight to one waiter.
+            Unrecorded::Abandoned => {}
+            Unrecorded::Failed | Unrecorded::TooBig | Unrecorded::BadLength => {
+                let marking = Marking {
+                    store: this.store,
+                    observe: this.observe,
+                    budget: this.budget,
+                };
+                mark_uncacheable(marking, this.key, this.mark_ttl, this.lead);
+            }
+        }
+    }
 }
 
 impl PendingEntry {
@@ -277,6 +447,7 @@ impl PendingEntry {
             max_pending_writes: rules.max_pending_writes,
             targeted: rules.targeted.clone(),
             observe: config.observe.clone(),
+            mark_ttl: Duration::ZERO,
         })
     }
 

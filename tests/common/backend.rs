@@ -177,6 +177,18 @@ impl Backend {
         self.on_every_primary::<usize>(&["DBSIZE"]).iter().sum()
     }
 
+    /// How many keys hold something other than a hit-for-miss mark (the layer's note that a
+    /// key's last answer could not be stored): responses, `Vary` markers, tag sets, locks.
+    pub fn dbsize_without_marks(&self) -> usize {
+        let marks = self
+            .keys("*")
+            .iter()
+            .filter(|key| self.cmd::<String>(&["TYPE", key]) == "string")
+            .filter(|key| self.cmd::<Vec<u8>>(&["GET", key]) == HIT_FOR_MISS_MARK)
+            .count();
+        self.dbsize() - marks
+    }
+
     /// The keys matching `pattern` on every server (with `SCAN`, so a test that counts the
     /// code's `KEYS` calls is not disturbed).
     pub fn keys(&self, pattern: &str) -> Vec<String> {
@@ -257,6 +269,9 @@ fn command(args: &[&str]) -> redis::Cmd {
     }
     cmd
 }
+
+/// The stored form of a hit-for-miss mark (`entry.rs`: magic, version 1, kind 2).
+pub const HIT_FOR_MISS_MARK: &[u8] = b"TRC\x01\x02";
 
 /// One test body of a suite, for [`run_on_cluster`].
 pub struct Case {
