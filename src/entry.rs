@@ -378,4 +378,44 @@ mod tests {
         assert!(decode(Bytes::from_static(b"{\"json\": true}"), &[]).is_err());
         assert!(decode(Bytes::new(), &[]).is_err());
     }
+
+    /// Two instances share an entry; one's wall clock was an hour behind when it started and is
+    /// then set right. Within the re-check period both give the entry the same age and the same
+    /// freshness, computed from the stored time.
+    #[tokio::test(start_paused = true)]
+    async fn instances_agree_on_an_age_once_a_clock_is_set_right() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        use std::sync::Arc;
+
+        use crate::clock::tests::stepped;
+        use crate::clock::Clock;
+
+        let right = Clock::new(std::time::SystemTime::now);
+        let step = Arc::new(AtomicI64::new(-3_600_000));
+        let wrong = Clock::new(stepped(&step));
+        let stored = CachedResponse::encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &[],
+            right.now_ms(),
+            Duration::from_secs(60),
+        );
+        let StoredValue::Response(entry) = decode(stored, &[]).unwrap() else {
+            panic!("expected a response")
+        };
+        assert_eq!(entry.age(wrong.now_ms()), Duration::ZERO, "an hour behind");
+
+        step.store(0, Ordering::Relaxed);
+        // Half a second over, so the measurement error of either clock (microseconds) cannot
+        // move the whole seconds.
+        tokio::time::advance(Duration::from_millis(90_500)).await;
+        for clock in [right.now_ms(), wrong.now_ms()] {
+            assert_eq!(entry.age(clock), Duration::from_secs(90));
+            assert_eq!(
+                entry.staleness(clock).map(|d| d.as_secs()),
+                Some(30),
+                "stale for 30 s by either clock"
+            );
+        }
+    }
 }

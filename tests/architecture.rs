@@ -1,14 +1,27 @@
 //! The module layering of docs/ARCHITECTURE.md, checked on the source: every file may only
-//! import (`use crate::…`, `use super::…`, or an inline `crate::…` path) from files below it
-//! in the stack, so there are no import circles between files. Re-exports (`pub use`) are an
-//! interface, not a dependency, and are not counted.
+//! depend on files below it in the stack, so there are no import circles between files.
+//!
+//! A dependency is any crate-internal path in the code: `use` and `pub use` / `pub(crate) use`
+//! (a re-export ties its file to the target as much as an import does), inline paths
+//! (`crate::a::B`, `super::super::c`, `self::d`), relative paths through a module the file
+//! imported or declared (`use crate::flow; flow::config::Config`), at any depth of nested
+//! import groups. A path is followed to the file that defines its item: through
+//! re-exports (`crate::CacheLayer` is `layer.rs`, `crate::store::TieredStore` is
+//! `store/tiered.rs`) and through `super` out of inline modules (`mod tests`). Comments and
+//! string, char and raw-string literals are skipped by a small lexer, so they neither hide nor
+//! fake a path.
+//!
+//! Not handled (none occur in src/): `#[path]` attributes, glob re-exports (`pub use a::*`,
+//! whose names are taken for items of the re-exporting file), and paths built by macros.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The files from the top of the stack (what users build) to the bottom (what everything
-/// reads). A file may import only from files after it.
+/// reads). A file may depend only on files after it. `lib.rs` holds code (`__bench`) and the
+/// crate's re-exports, so it is the top: it may reach anything, and nothing may reach it.
 const STACK: &[&str] = &[
+    "lib.rs",
     "layer.rs",
     "invalidate.rs",
     "flow/service.rs",
@@ -40,15 +53,667 @@ const STACK: &[&str] = &[
     "error.rs",
 ];
 
-/// Files outside the stack: the crate root and module roots only declare and re-export;
-/// tests and benchmarks helpers may reach anywhere.
-const EXEMPT: &[&str] = &[
-    "lib.rs",
-    "flow/mod.rs",
-    "rules/mod.rs",
-    "rules/tests.rs",
-    "properties.rs",
+/// Module roots that only declare their submodules: checked to hold nothing but `mod`
+/// declarations (and comments and attributes), so they have no dependencies to rank.
+const DECLARE_ONLY: &[&str] = &["flow/mod.rs", "rules/mod.rs"];
+
+/// Test modules, which may reach anywhere.
+const TESTS: &[&str] = &["rules/tests.rs", "properties.rs"];
+
+/// Upward re-exports that are allowed, as (file, target). `store/mod.rs` is both the `Store`
+/// trait (which the stores implement, so it sits below them) and the public module
+/// `tower_redis_cache::store`, which must re-export the stores and their builders; splitting
+/// the trait into its own file would end the exception but reshape the documented layout.
+const ALLOWED_REEXPORTS: &[(&str, &str)] = &[
+    ("store/mod.rs", "store/memory.rs"),
+    ("store/mod.rs", "store/redis.rs"),
+    ("store/mod.rs", "store/tiered.rs"),
 ];
+
+// ---------------------------------------------------------------------------------------
+// Lexing
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Ident(String),
+    /// `::`
+    PathSep,
+    Punct(char),
+}
+
+/// The tokens of a Rust source that matter for paths: identifiers, `::` and punctuation.
+/// Comments, literals (strings, raw strings, byte strings, chars) and lifetimes are dropped.
+fn tokens(source: &str) -> Vec<Token> {
+    let chars: Vec<char> = source.chars().collect();
+    let at = |i: usize| chars.get(i).copied().unwrap_or('\0');
+    let ident_char = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '/' && at(i + 1) == '/' {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && at(i + 1) == '*' {
+            let mut depth = 0;
+            while i < chars.len() {
+                if chars[i] == '/' && at(i + 1) == '*' {
+                    depth += 1;
+                    i += 2;
+                } else if chars[i] == '*' && at(i + 1) == '/' {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if c == '"' {
+            i = skip_string(&chars, i + 1);
+        } else if (c == 'r' || (c == 'b' && at(i + 1) == 'r'))
+            && !ident_char(at(i.wrapping_sub(1)))
+            && {
+                let start = if c == 'b' { i + 2 } else { i + 1 };
+                let mut j = start;
+                while at(j) == '#' {
+                    j += 1;
+                }
+                at(j) == '"'
+            }
+        {
+            // A raw string: r"..", r#".."#, br"..".
+            let mut j = if c == 'b' { i + 2 } else { i + 1 };
+            let mut hashes = 0;
+            while at(j) == '#' {
+                hashes += 1;
+                j += 1;
+            }
+            j += 1;
+            loop {
+                if j >= chars.len() {
+                    break;
+                }
+                if chars[j] == '"' && (0..hashes).all(|k| at(j + 1 + k) == '#') {
+                    j += 1 + hashes;
+                    break;
+                }
+                j += 1;
+            }
+            i = j;
+        } else if (c == 'b' || c == 'c') && at(i + 1) == '"' && !ident_char(at(i.wrapping_sub(1))) {
+            i = skip_string(&chars, i + 2);
+        } else if c == 'b' && at(i + 1) == '\'' && !ident_char(at(i.wrapping_sub(1))) {
+            i = skip_char(&chars, i + 1).unwrap_or(i + 2);
+        } else if c == '\'' {
+            // A char literal, or a lifetime / label (dropped with its name).
+            match skip_char(&chars, i) {
+                Some(end) => i = end,
+                None => {
+                    i += 1;
+                    while ident_char(at(i)) {
+                        i += 1;
+                    }
+                }
+            }
+        } else if c == 'r' && at(i + 1) == '#' && ident_char(at(i + 2)) {
+            // A raw identifier: r#type.
+            let start = i + 2;
+            i = start;
+            while ident_char(at(i)) {
+                i += 1;
+            }
+            out.push(Token::Ident(chars[start..i].iter().collect()));
+        } else if ident_char(c) {
+            let start = i;
+            while ident_char(at(i)) {
+                i += 1;
+            }
+            out.push(Token::Ident(chars[start..i].iter().collect()));
+        } else if c == ':' && at(i + 1) == ':' {
+            out.push(Token::PathSep);
+            i += 2;
+        } else {
+            out.push(Token::Punct(c));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The index after a string whose contents start at `i`.
+fn skip_string(chars: &[char], mut i: usize) -> usize {
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => i += 2,
+            '"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    i
+}
+
+/// The index after a char literal whose quote is at `i`, or `None` if it is a lifetime.
+fn skip_char(chars: &[char], i: usize) -> Option<usize> {
+    let at = |j: usize| chars.get(j).copied().unwrap_or('\0');
+    if at(i + 1) == '\\' {
+        let mut j = i + 3;
+        while j < chars.len() && chars[j] != '\'' {
+            j += 1;
+        }
+        Some(j + 1)
+    } else if at(i + 2) == '\'' {
+        Some(i + 3)
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parsing
+
+/// One leaf of a `use` tree: the path as written and the name it binds (none for a glob).
+#[derive(Debug, Clone)]
+struct UseLeaf {
+    path: Vec<String>,
+    name: Option<String>,
+}
+
+/// Expands a `use` tree (the tokens between `use` and `;`), nested groups included.
+fn use_leaves(tokens: &[Token]) -> Vec<UseLeaf> {
+    fn tree(tokens: &[Token], i: &mut usize, prefix: &[String], out: &mut Vec<UseLeaf>) {
+        let mut path = prefix.to_vec();
+        loop {
+            match tokens.get(*i) {
+                Some(Token::PathSep) if path.len() == prefix.len() && path.is_empty() => {
+                    // `use ::name`: an external crate.
+                    path.push("::".to_owned());
+                    *i += 1;
+                }
+                Some(Token::Ident(name)) => {
+                    *i += 1;
+                    if name == "as" {
+                        if let Some(Token::Ident(alias)) = tokens.get(*i) {
+                            *i += 1;
+                            if let Some(last) = out.last_mut() {
+                                last.name = Some(alias.clone());
+                            }
+                        }
+                        return;
+                    }
+                    if name == "self" && path.len() == prefix.len() && !prefix.is_empty() {
+                        // `a::{self}` binds `a`.
+                        out.push(UseLeaf {
+                            name: prefix.last().cloned(),
+                            path: path.clone(),
+                        });
+                    } else {
+                        path.push(name.clone());
+                        if !matches!(tokens.get(*i), Some(Token::PathSep)) {
+                            out.push(UseLeaf {
+                                name: path.last().cloned(),
+                                path: path.clone(),
+                            });
+                        }
+                    }
+                }
+                Some(Token::PathSep) => *i += 1,
+                Some(Token::Punct('*')) => {
+                    *i += 1;
+                    out.push(UseLeaf {
+                        path: path.clone(),
+                        name: None,
+                    });
+                    return;
+                }
+                Some(Token::Punct('{')) => {
+                    *i += 1;
+                    loop {
+                        match tokens.get(*i) {
+                            None => return,
+                            Some(Token::Punct('}')) => {
+                                *i += 1;
+                                return;
+                            }
+                            Some(Token::Punct(',')) => *i += 1,
+                            _ => {
+                                let before = *i;
+                                tree(tokens, i, &path, out);
+                                if *i == before {
+                                    *i += 1; // not a path: step over it
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let before = i;
+        tree(tokens, &mut i, &[], &mut out);
+        if i == before {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Where a path was written: the module (file module plus inline modules) and whether it is
+/// part of a re-export.
+#[derive(Debug, Clone)]
+struct Written {
+    module: Vec<String>,
+    path: Vec<String>,
+    reexport: bool,
+}
+
+/// What one file says about paths.
+#[derive(Debug, Default)]
+struct FileFacts {
+    /// Every path written, in `use` statements and inline, relative to where it was written.
+    paths: Vec<Written>,
+    /// Names bound to crate modules or items by `use` or `mod` (file-wide), with the path
+    /// (relative to where it was written) and the module it was written in.
+    aliases: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    /// Inline modules (`mod tests { .. }`), as absolute module paths.
+    inline_modules: BTreeSet<Vec<String>>,
+    /// Items re-exported by `pub use`: (module, name) -> the path (relative to `module`).
+    reexports: BTreeMap<(Vec<String>, String), Vec<String>>,
+}
+
+fn module_of(file: &str) -> Vec<String> {
+    let stem = file.strip_suffix(".rs").unwrap_or(file);
+    let stem = stem
+        .strip_suffix("/mod")
+        .or_else(|| (stem == "lib").then_some(""))
+        .unwrap_or(stem);
+    stem.split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn facts(file: &str, source: &str) -> FileFacts {
+    let tokens = tokens(source);
+    let own = module_of(file);
+    let mut facts = FileFacts::default();
+    // Inline modules open at a brace depth; `}` back to that depth closes them.
+    let mut inline: Vec<(String, usize)> = Vec::new();
+    let mut depth = 0usize;
+    let module_here = |inline: &[(String, usize)]| {
+        let mut m = own.clone();
+        m.extend(inline.iter().map(|(n, _)| n.clone()));
+        m
+    };
+    let mut i = 0;
+    let ident = |i: usize| match tokens.get(i) {
+        Some(Token::Ident(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    while i < tokens.len() {
+        match &tokens[i] {
+            Token::Punct('{') => {
+                depth += 1;
+                i += 1;
+            }
+            Token::Punct('}') => {
+                depth = depth.saturating_sub(1);
+                while inline.last().is_some_and(|(_, d)| *d > depth) {
+                    inline.pop();
+                }
+                i += 1;
+            }
+            Token::Punct('#') => {
+                // An attribute: skip `#[ .. ]` / `#![ .. ]` whole.
+                let mut j = i + 1;
+                if tokens.get(j) == Some(&Token::Punct('!')) {
+                    j += 1;
+                }
+                if tokens.get(j) == Some(&Token::Punct('[')) {
+                    let mut level = 0;
+                    while j < tokens.len() {
+                        match tokens[j] {
+                            Token::Punct('[') => level += 1,
+                            Token::Punct(']') => {
+                                level -= 1;
+                                if level == 0 {
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                        j += 1;
+                    }
+                    i = j + 1;
+                } else {
+                    i += 1;
+                }
+            }
+            Token::Ident(word) if word == "mod" && ident(i + 1).is_some() => {
+                let name = ident(i + 1).unwrap().to_owned();
+                let here = module_here(&inline);
+                facts.aliases.insert(
+                    name.clone(),
+                    (vec!["self".to_owned(), name.clone()], here.clone()),
+                );
+                if tokens.get(i + 2) == Some(&Token::Punct('{')) {
+                    depth += 1;
+                    inline.push((name.clone(), depth));
+                    let mut m = here;
+                    m.push(name);
+                    facts.inline_modules.insert(m);
+                    i += 3;
+                } else {
+                    i += 2;
+                }
+            }
+            Token::Ident(word)
+                if word == "use"
+                    && matches!(
+                        tokens.get(i + 1),
+                        Some(Token::Ident(_) | Token::PathSep | Token::Punct('{'))
+                    ) =>
+            {
+                // `pub use`, `pub(crate) use`, `pub(in path) use`: a re-export.
+                let reexport = tokens[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|t| {
+                        **t != Token::Punct(';')
+                            && **t != Token::Punct('}')
+                            && **t != Token::Punct('{')
+                            && **t != Token::Punct(']')
+                    })
+                    .any(|t| *t == Token::Ident("pub".to_owned()));
+                let mut end = i + 1;
+                while end < tokens.len() && tokens[end] != Token::Punct(';') {
+                    end += 1;
+                }
+                let here = module_here(&inline);
+                for leaf in use_leaves(&tokens[i + 1..end]) {
+                    if let Some(name) = &leaf.name {
+                        if reexport {
+                            facts
+                                .reexports
+                                .insert((here.clone(), name.clone()), leaf.path.clone());
+                        }
+                        facts
+                            .aliases
+                            .insert(name.clone(), (leaf.path.clone(), here.clone()));
+                    }
+                    facts.paths.push(Written {
+                        module: here.clone(),
+                        path: leaf.path,
+                        reexport,
+                    });
+                }
+                i = end + 1;
+            }
+            Token::Ident(first) if i == 0 || tokens[i - 1] != Token::PathSep => {
+                // An inline path: `a::b::c` (candidates; resolved once aliases are known).
+                let mut path = vec![first.clone()];
+                let mut j = i + 1;
+                while tokens.get(j) == Some(&Token::PathSep) {
+                    match ident(j + 1) {
+                        Some(next) => {
+                            path.push(next.to_owned());
+                            j += 2;
+                        }
+                        None => break, // `::<T>` or `::{`
+                    }
+                }
+                if path.len() > 1 {
+                    facts.paths.push(Written {
+                        module: module_here(&inline),
+                        path,
+                        reexport: false,
+                    });
+                }
+                i = j.max(i + 1);
+            }
+            _ => i += 1,
+        }
+    }
+    facts
+}
+
+/// Whether a module root holds nothing but `mod` declarations (with visibility, attributes
+/// and comments).
+fn only_declares(source: &str) -> bool {
+    let tokens = tokens(source);
+    let mut i = 0;
+    while i < tokens.len() {
+        if tokens[i] == Token::Punct('#') {
+            let mut j = i + 1;
+            if tokens.get(j) == Some(&Token::Punct('!')) {
+                j += 1;
+            }
+            let mut level = 0;
+            while j < tokens.len() {
+                match tokens[j] {
+                    Token::Punct('[') => level += 1,
+                    Token::Punct(']') => {
+                        level -= 1;
+                        if level == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            i = j + 1;
+            continue;
+        }
+        if tokens[i] == Token::Ident("pub".to_owned()) {
+            i += 1;
+            if tokens.get(i) == Some(&Token::Punct('(')) {
+                while i < tokens.len() && tokens[i] != Token::Punct(')') {
+                    i += 1;
+                }
+                i += 1;
+            }
+        }
+        let declaration = tokens.get(i) == Some(&Token::Ident("mod".to_owned()))
+            && matches!(tokens.get(i + 1), Some(Token::Ident(_)))
+            && tokens.get(i + 2) == Some(&Token::Punct(';'));
+        if !declaration {
+            return false;
+        }
+        i += 3;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// Resolving
+
+struct Crate {
+    /// File (relative to src/, with `/`) -> what it says.
+    files: BTreeMap<String, FileFacts>,
+    /// Absolute module path -> the file that is that module.
+    modules: BTreeMap<Vec<String>, String>,
+}
+
+impl Crate {
+    /// The file an absolute module path lives in (inline modules live in their file).
+    fn file_of(&self, module: &[String]) -> Option<&String> {
+        (0..=module.len())
+            .rev()
+            .find_map(|n| self.modules.get(&module[..n]))
+    }
+
+    /// The absolute path of `path` written in `module` of `file`, or `None` if it leaves the
+    /// crate (std, dependencies, locals).
+    fn absolute(&self, file: &str, module: &[String], path: &[String]) -> Option<Vec<String>> {
+        self.absolute_within(file, module, path, 0)
+    }
+
+    fn absolute_within(
+        &self,
+        file: &str,
+        module: &[String],
+        path: &[String],
+        hops: usize,
+    ) -> Option<Vec<String>> {
+        let (first, rest) = path.split_first()?;
+        let mut base: Vec<String> = match first.as_str() {
+            "crate" => Vec::new(),
+            "self" => module.to_vec(),
+            "super" => {
+                let mut m = module.to_vec();
+                m.pop()?;
+                m
+            }
+            "::" => return None,
+            name => {
+                let mut child = module.to_vec();
+                child.push(name.to_owned());
+                if self.modules.contains_key(&child)
+                    || self.files[file].inline_modules.contains(&child)
+                {
+                    return Some(child.into_iter().chain(rest.iter().cloned()).collect());
+                }
+                // A name bound by `use`; one that leads back to itself (`use http;`, an
+                // external crate) gives up after a few hops.
+                let (alias_path, alias_module) = self.files[file].aliases.get(name)?;
+                if hops >= 8 {
+                    return None;
+                }
+                let mut full = self.absolute_within(file, alias_module, alias_path, hops + 1)?;
+                full.extend(rest.iter().cloned());
+                return Some(full);
+            }
+        };
+        let mut rest = rest;
+        while let Some((next, tail)) = rest.split_first() {
+            match next.as_str() {
+                "super" => {
+                    base.pop()?;
+                }
+                "self" => {}
+                _ => break,
+            }
+            rest = tail;
+        }
+        base.extend(rest.iter().cloned());
+        Some(base)
+    }
+
+    /// The file that defines the item (or is the module) at an absolute path, following
+    /// re-exports.
+    fn defining_file(&self, path: &[String], hops: usize) -> Option<String> {
+        let mut module: Vec<String> = Vec::new();
+        for (k, segment) in path.iter().enumerate() {
+            let mut candidate = module.clone();
+            candidate.push(segment.clone());
+            let file = self.file_of(&module)?;
+            if self.modules.contains_key(&candidate)
+                || self.files[file].inline_modules.contains(&candidate)
+            {
+                module = candidate;
+                continue;
+            }
+            if let Some(target) = self.files[file]
+                .reexports
+                .get(&(module.clone(), segment.clone()))
+            {
+                if hops < 8 {
+                    if let Some(mut full) = self.absolute(file, &module, target) {
+                        full.extend(path[k + 1..].iter().cloned());
+                        return self.defining_file(&full, hops + 1);
+                    }
+                }
+            }
+            return Some(file.clone());
+        }
+        self.file_of(&module).cloned()
+    }
+}
+
+/// Runs the check on a source tree; returns what is wrong, one line each.
+fn check(src: &Path) -> Vec<String> {
+    let mut paths = Vec::new();
+    rust_files(src, &mut paths);
+    let mut krate = Crate {
+        files: BTreeMap::new(),
+        modules: BTreeMap::new(),
+    };
+    let mut problems = Vec::new();
+    for path in &paths {
+        let name = path
+            .strip_prefix(src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if !(STACK.contains(&name.as_str())
+            || DECLARE_ONLY.contains(&name.as_str())
+            || TESTS.contains(&name.as_str()))
+        {
+            problems.push(format!(
+                "{name} is in none of STACK, DECLARE_ONLY, TESTS: place it in the layering"
+            ));
+        }
+        let source = std::fs::read_to_string(path).unwrap();
+        krate.modules.insert(module_of(&name), name.clone());
+        krate.files.insert(name.clone(), facts(&name, &source));
+    }
+    for name in DECLARE_ONLY {
+        let path = src.join(name);
+        if path.exists() && !only_declares(&std::fs::read_to_string(path).unwrap()) {
+            problems.push(format!(
+                "{name} should only declare modules; code there escapes the layering"
+            ));
+        }
+    }
+    let rank: BTreeMap<&str, usize> = STACK.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+    for (name, facts) in &krate.files {
+        let Some(&own) = rank.get(name.as_str()) else {
+            continue;
+        };
+        for written in &facts.paths {
+            let Some(absolute) = krate.absolute(name, &written.module, &written.path) else {
+                continue;
+            };
+            let Some(target) = krate.defining_file(&absolute, 0) else {
+                continue;
+            };
+            if target == *name {
+                continue;
+            }
+            let Some(&theirs) = rank.get(target.as_str()) else {
+                continue; // a declare-only module root, reached as a module (its items are
+                          // reached through the alias and checked there), or a test file
+            };
+            if theirs > own {
+                continue;
+            }
+            if written.reexport && ALLOWED_REEXPORTS.contains(&(name.as_str(), target.as_str())) {
+                continue;
+            }
+            problems.push(format!(
+                "{name} {} {} ({target})",
+                if written.reexport {
+                    "re-exports"
+                } else {
+                    "imports"
+                },
+                written.path.join("::")
+            ));
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    problems
+}
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -61,152 +726,231 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The file a module path (`["flow", "write", "Thing"]`) resolves to.
-fn resolve(segments: &[&str], files: &BTreeMap<String, usize>) -> Option<String> {
-    let first = *segments.first()?;
-    if let Some(second) = segments.get(1) {
-        let nested = format!("{first}/{second}.rs");
-        if files.contains_key(&nested) {
-            return Some(nested);
-        }
-    }
-    [format!("{first}.rs"), format!("{first}/mod.rs")]
-        .into_iter()
-        .find(|candidate| files.contains_key(candidate))
-}
-
-/// Every crate-internal path a file uses: `crate::a::b` and `super::b` (as `dir/b`), with
-/// comments, doc comments and re-export lines left out. Grouped imports
-/// (`use crate::{a, b::c}`) are expanded.
-fn imports(file: &str, source: &str) -> Vec<Vec<String>> {
-    let dir = file.rsplit_once('/').map(|(d, _)| d);
-    let mut code = String::new();
-    let mut in_pub_use = false;
-    for line in source.lines() {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with("//") {
-            continue;
-        }
-        if trimmed.starts_with("pub use") || trimmed.starts_with("pub(crate) use") {
-            in_pub_use = !trimmed.contains(';');
-            continue;
-        }
-        if in_pub_use {
-            in_pub_use = !trimmed.contains(';');
-            continue;
-        }
-        code.push_str(line.split("//").next().unwrap_or(""));
-        code.push('\n');
-    }
-    let mut found = Vec::new();
-    for (prefix, base) in [("crate::", None), ("super::", dir)] {
-        let mut rest = code.as_str();
-        while let Some(at) = rest.find(prefix) {
-            let before = rest[..at].chars().last();
-            rest = &rest[at + prefix.len()..];
-            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-                continue;
-            }
-            if prefix == "super::" && base.is_none() {
-                continue; // `super` of a top-level file's test module: the file itself
-            }
-            // `a::b::{c, d::e}` (or a bare `{c, d}`) expands to one path per member.
-            let end = rest
-                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
-                .unwrap_or(rest.len());
-            let path = &rest[..end];
-            let heads: Vec<String> = match rest[end..].strip_prefix('{') {
-                Some(group) if path.is_empty() || path.ends_with("::") => {
-                    let close = group.find('}').unwrap_or(group.len());
-                    group[..close]
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|member| format!("{path}{member}"))
-                        .collect()
-                }
-                _ => vec![path.to_owned()],
-            };
-            for head in heads {
-                let mut segments: Vec<String> =
-                    base.map(|b| vec![b.to_owned()]).unwrap_or_default();
-                segments.extend(
-                    head.split("::")
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty() && s != "self"),
-                );
-                found.push(segments);
-            }
-        }
-    }
-    found
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
 #[test]
 fn no_module_imports_from_a_module_above_it() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut paths = Vec::new();
-    rust_files(&src, &mut paths);
-    let names: Vec<String> = paths
-        .iter()
-        .map(|p| {
-            p.strip_prefix(&src)
-                .unwrap()
-                .to_string_lossy()
-                .replace('\\', "/")
-        })
-        .collect();
-    for name in &names {
-        assert!(
-            STACK.contains(&name.as_str()) || EXEMPT.contains(&name.as_str()),
-            "{name} is in neither STACK nor EXEMPT: place it in the layering"
-        );
+    let problems = check(&src());
+    assert!(
+        problems.is_empty(),
+        "dependencies pointing up the stack:\n{}",
+        problems.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The check, on planted violations
+
+/// A copy of src/ in a scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tower-redis-cache-architecture-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&src(), &dir);
+        Self(dir)
     }
-    let rank: BTreeMap<String, usize> = STACK
-        .iter()
-        .enumerate()
-        .map(|(i, f)| ((*f).to_owned(), i))
-        .chain(EXEMPT.iter().map(|f| ((*f).to_owned(), usize::MAX)))
-        .collect();
-    let mut violations = Vec::new();
-    for (path, name) in paths.iter().zip(&names) {
-        let Some(&own) = rank.get(name).filter(|r| **r != usize::MAX) else {
-            continue;
-        };
-        let source = std::fs::read_to_string(path).unwrap();
-        for segments in imports(name, &source) {
-            let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-            let Some(target) = resolve(&segments, &rank) else {
-                continue; // an item of the crate root (`crate::Result`), re-exported from below
-            };
-            if target == *name {
-                continue;
-            }
-            let theirs = rank[&target];
-            if theirs != usize::MAX && theirs <= own {
-                violations.push(format!("{name} imports {} ({target})", segments.join("::")));
-            }
+
+    /// Adds `line` to the top of `file` (after its module docs, which only `//!` lines are).
+    fn plant(&self, file: &str, line: &str) {
+        let path = self.0.join(file);
+        let source = std::fs::read_to_string(&path).unwrap();
+        let split = source
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .map(|l| l.len() + 1)
+            .sum::<usize>();
+        let planted = format!("{}{line}\n{}", &source[..split], &source[split..]);
+        std::fs::write(&path, planted).unwrap();
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
         }
     }
+}
+
+/// Plants `line` in a fresh copy of src/ and returns what the check finds.
+fn planted(tag: &str, file: &str, line: &str) -> Vec<String> {
+    let scratch = Scratch::new(tag);
+    scratch.plant(file, line);
+    check(&scratch.0)
+}
+
+#[track_caller]
+fn assert_caught(problems: &[String], expected: &str) {
     assert!(
-        violations.is_empty(),
-        "imports pointing up the stack:\n{}",
-        violations.join("\n")
+        problems.iter().any(|p| p.contains(expected)),
+        "expected a problem containing {expected:?}, got {problems:#?}"
     );
 }
 
 #[test]
-fn the_checker_sees_an_upward_import() {
-    let found = imports(
-        "rules/freshness.rs",
-        "use crate::flow::write::X;\nuse super::vary::{a, b};\n",
+fn an_unmodified_copy_passes() {
+    let scratch = Scratch::new("clean");
+    assert_eq!(check(&scratch.0), Vec::<String>::new());
+}
+
+#[test]
+fn a_planted_upward_import_fails() {
+    let found = planted("plain", "key.rs", "use crate::flow::config::Config;");
+    assert_caught(
+        &found,
+        "key.rs imports crate::flow::config::Config (flow/config.rs)",
     );
+}
+
+#[test]
+fn an_upward_import_in_a_nested_group_fails() {
+    let found = planted(
+        "nested",
+        "key.rs",
+        "use crate::{error::Error, flow::{answer::X_CACHE, config::{self, Config}}, settings::Rules};",
+    );
+    assert_caught(
+        &found,
+        "key.rs imports crate::flow::config::Config (flow/config.rs)",
+    );
+    assert_caught(
+        &found,
+        "key.rs imports crate::flow::config (flow/config.rs)",
+    );
+    assert_caught(
+        &found,
+        "key.rs imports crate::flow::answer::X_CACHE (flow/answer.rs)",
+    );
+}
+
+#[test]
+fn an_upward_import_through_super_super_fails() {
+    let found = planted(
+        "super-super",
+        "store/memory.rs",
+        "use super::super::flow::config::Config;",
+    );
+    assert_caught(
+        &found,
+        "store/memory.rs imports super::super::flow::config::Config",
+    );
+    // And inline, from a test module two levels down.
+    let found = planted(
+        "super-super-inline",
+        "rules/date.rs",
+        "mod inner { fn f() -> Option<super::super::super::flow::config::Config> { None } }",
+    );
+    assert_caught(
+        &found,
+        "rules/date.rs imports super::super::super::flow::config::Config",
+    );
+}
+
+#[test]
+fn an_upward_re_export_fails() {
+    let found = planted(
+        "pub-crate-use",
+        "key.rs",
+        "pub(crate) use crate::flow::config::Config;",
+    );
+    assert_caught(&found, "key.rs re-exports crate::flow::config::Config");
+    let found = planted("pub-use", "error.rs", "pub use crate::layer::CacheLayer;");
+    assert_caught(&found, "error.rs re-exports crate::layer::CacheLayer");
+}
+
+#[test]
+fn a_path_through_a_re_export_is_followed_to_its_file() {
+    // `crate::CacheLayer` is lib.rs's re-export of layer.rs.
+    let found = planted("root-reexport", "key.rs", "use crate::CacheLayer;");
+    assert_caught(&found, "key.rs imports crate::CacheLayer (layer.rs)");
+    // `crate::store::TieredStore` is store/mod.rs's re-export of store/tiered.rs.
+    let found = planted(
+        "module-reexport",
+        "store/redis.rs",
+        "type Above = crate::store::TieredStore<()>;",
+    );
+    assert_caught(
+        &found,
+        "store/redis.rs imports crate::store::TieredStore (store/tiered.rs)",
+    );
+}
+
+#[test]
+fn a_path_through_an_imported_module_fails() {
+    let found = planted(
+        "module-alias",
+        "key.rs",
+        "use crate::flow; type Above = flow::config::Config;",
+    );
+    assert_caught(
+        &found,
+        "key.rs imports flow::config::Config (flow/config.rs)",
+    );
+}
+
+#[test]
+fn lib_rs_is_the_top_and_module_roots_only_declare() {
+    let found = planted("lib", "key.rs", "use crate::__bench::base_key;");
+    assert_caught(&found, "key.rs imports crate::__bench::base_key (lib.rs)");
+    let found = planted(
+        "declare-only",
+        "rules/mod.rs",
+        "use crate::flow::config::Config;",
+    );
+    assert_caught(&found, "rules/mod.rs should only declare modules");
+}
+
+#[test]
+fn comments_and_strings_neither_hide_nor_fake_a_path() {
+    // A `//` inside a string does not end the line's code.
+    let found = planted(
+        "string-slashes",
+        "key.rs",
+        "const U: &str = \"http://x\"; use crate::flow::config::Config;",
+    );
+    assert_caught(&found, "key.rs imports crate::flow::config::Config");
+    // A path in a comment or a string is no dependency.
+    let scratch = Scratch::new("comment");
+    scratch.plant(
+        "key.rs",
+        "// use crate::flow::config::Config;\n/* crate::layer::CacheLayer */ const S: &str = \"crate::layer::CacheLayer\";",
+    );
+    assert_eq!(check(&scratch.0), Vec::<String>::new());
+}
+
+#[test]
+fn the_use_tree_parser_expands_nested_groups() {
+    let parsed = |s: &str| -> Vec<(String, Option<String>)> {
+        use_leaves(&tokens(s))
+            .into_iter()
+            .map(|l| (l.path.join("::"), l.name))
+            .collect()
+    };
     assert_eq!(
-        found,
+        parsed("crate::{a::{b, c::{self, d as e}}, f::*}"),
         vec![
-            vec!["flow", "write", "X"],
-            vec!["rules", "vary", "a"],
-            vec!["rules", "vary", "b"],
+            ("crate::a::b".to_owned(), Some("b".to_owned())),
+            ("crate::a::c".to_owned(), Some("c".to_owned())),
+            ("crate::a::c::d".to_owned(), Some("e".to_owned())),
+            ("crate::f".to_owned(), None),
         ]
     );
 }
