@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::coalesce::{self, Contention, Flights, Looked, Role};
 use crate::observe::WarnLimiter;
-use crate::store::{RedisStore, Store};
+use crate::store::{check_pattern, RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -314,7 +314,12 @@ impl RedisCache {
     /// bounded by the operation timeout. Keys present for the whole walk are removed; keys
     /// written during it may or may not be. Build patterns from [`RedisCache::key`] so that
     /// user input in them is literal.
+    ///
+    /// Fails with [`ErrorKind::InvalidInput`], before sending anything, for a pattern over
+    /// 1024 bytes: Redis matches it against every key it scans, and patterns with many `*`
+    /// cost servers without the CVE-2022-36021 fix exponential time.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64> {
+        check_pattern(pattern)?;
         let pattern = format!("{}{pattern}", escape_glob(&self.namespace));
         #[cfg(feature = "cluster")]
         if self.store.is_cluster() {

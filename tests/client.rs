@@ -237,7 +237,30 @@ mod patterns {
     backend_cases!(
         delete_pattern_removes_exactly_the_1k_matching_keys_among_100k,
         a_pattern_built_from_escaped_keys_stays_in_its_namespace,
+        an_over_long_pattern_is_refused_before_scanning,
     );
+
+    /// The longest pattern `delete_pattern` takes, as documented.
+    const MAX_PATTERN_BYTES: usize = 1024;
+
+    async fn an_over_long_pattern_is_refused_before_scanning(backend: &Backend) {
+        let cache = client(backend).await.with_prefix("app");
+        cache.set("k", &1, MINUTE).await.unwrap();
+        backend.reset_stats();
+
+        let e = cache
+            .delete_pattern(&"*".repeat(MAX_PATTERN_BYTES + 1))
+            .await
+            .unwrap_err();
+
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("1024"), "names the limit: {e}");
+        assert_eq!(backend.command_calls("scan"), 0);
+        assert!(cache.exists("k").await.unwrap());
+        // At the limit it is sent.
+        let at_limit = "*".repeat(MAX_PATTERN_BYTES);
+        assert_eq!(cache.delete_pattern(&at_limit).await.unwrap(), 1);
+    }
 
     async fn delete_pattern_removes_exactly_the_1k_matching_keys_among_100k(backend: &Backend) {
         let cache = client(backend).await;
