@@ -242,12 +242,13 @@ impl PendingEntry {
             ttl
         };
         let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, cc, headers));
+        let namespace = key::layer_namespace(&config.key_prefix);
         let tag_keys = config
             .tags
             .iter()
             .cloned()
             .chain(tags::response_tags(headers))
-            .map(|tag| key::tag_key(&config.key_prefix, &tag))
+            .map(|tag| key::tag_key(&namespace, &tag))
             .collect();
         Some(Self {
             store: config.store.clone(),
