@@ -15,16 +15,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::coalesce::{self, follow, Contention, Flights, Looked, Released, Role};
+use crate::key;
 use crate::observe::WarnLimiter;
-use crate::store::{RedisStore, Store};
+use crate::store::{check_pattern, RedisStore, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
 /// large delete never blocks Redis for long and each call fits in the operation timeout.
 const BATCH: usize = 1000;
-
-/// Where the tag sets live, inside the client's namespace: `{prefix}:__tag:{tag}`.
-const TAG_INFIX: &str = "__tag:";
 
 /// How long a cross-instance lock of [`RedisCache::get_or_insert_with`] lives if its holder
 /// never releases it (a crashed process), by default.
@@ -271,6 +269,10 @@ impl RedisCache {
     }
 
     /// Stores `value` as JSON under `key` for `ttl` (at least 1 ms), replacing any value.
+    ///
+    /// Fails with [`ErrorKind::InvalidInput`], writing nothing, when the JSON is over the
+    /// store's [`max_value_bytes`](crate::store::RedisStoreBuilder::max_value_bytes)
+    /// (default 8 MiB), as every write of this client does.
     pub async fn set<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -309,7 +311,12 @@ impl RedisCache {
     /// bounded by the operation timeout. Keys present for the whole walk are removed; keys
     /// written during it may or may not be. Build patterns from [`RedisCache::key`] so that
     /// user input in them is literal.
+    ///
+    /// Fails with [`ErrorKind::InvalidInput`], before sending anything, for a pattern over
+    /// 1024 bytes: Redis matches it against every key it scans, and patterns with many `*`
+    /// cost servers without the CVE-2022-36021 fix exponential time.
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64> {
+        check_pattern(pattern)?;
         let pattern = format!("{}{pattern}", escape_glob(&self.namespace));
         #[cfg(feature = "cluster")]
         if self.store.is_cluster() {
@@ -386,7 +393,9 @@ impl RedisCache {
     }
 
     /// Stores each `(key, value)` for `ttl` in one round trip (a pipeline). Every value is
-    /// serialized first, so a value that cannot be serialized means nothing is written.
+    /// serialized and checked against the store's size limit first, so a value that cannot be
+    /// serialized ([`ErrorKind::Codec`]) or is too large ([`ErrorKind::InvalidInput`]) means
+    /// nothing is written.
     pub async fn set_many<K: AsRef<str>, V: Serialize>(
         &self,
         entries: &[(K, V)],
@@ -395,18 +404,15 @@ impl RedisCache {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut pipe = ::redis::pipe();
-        for (key, value) in entries {
-            let key = self.full_key(key.as_ref());
-            let json = encode(&key, value)?;
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(json)
-                .arg("PX")
-                .arg(millis(ttl))
-                .ignore();
-        }
-        self.store.query_pipeline(&pipe).await
+        let entries = entries
+            .iter()
+            .map(|(key, value)| {
+                let key = self.full_key(key.as_ref());
+                let json = encode(&key, value)?;
+                Ok((key, json))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.store.write_many(&entries, ttl).await
     }
 
     /// Stores `value` under `key` for `ttl` and records the key under each of `tags`, so that
@@ -414,7 +420,8 @@ impl RedisCache {
     /// atomically (one script).
     ///
     /// Each tag is a sorted set of key names scored by their expiry: expired names are trimmed
-    /// on every write, and the set expires with its longest-lived member.
+    /// on every write, and the set expires with its longest-lived member. A value over the
+    /// store's size limit fails with [`ErrorKind::InvalidInput`], writing neither value nor tags.
     pub async fn set_tagged<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -427,9 +434,7 @@ impl RedisCache {
         let tag_keys: Vec<String> = tags.iter().map(|tag| self.tag_key(tag)).collect();
         // One script on one server; on a cluster, tag records then the value (see
         // `RedisStore::write_tagged`).
-        self.store
-            .write_tagged(&key, &json, millis(ttl), &tag_keys)
-            .await
+        self.store.write_tagged(&key, &json, ttl, &tag_keys).await
     }
 
     /// Removes every key stored with `tag` (see [`set_tagged`](Self::set_tagged)) and the tag
@@ -625,7 +630,7 @@ impl RedisCache {
     }
 
     fn tag_key(&self, tag: &str) -> String {
-        format!("{}{TAG_INFIX}{tag}", self.namespace)
+        key::tag_key(&self.namespace, tag)
     }
 
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -633,15 +638,7 @@ impl RedisCache {
     }
 
     async fn set_raw(&self, key: &str, json: &[u8], ttl: Duration) -> Result<()> {
-        self.store
-            .query(
-                ::redis::cmd("SET")
-                    .arg(key)
-                    .arg(json)
-                    .arg("PX")
-                    .arg(millis(ttl)),
-            )
-            .await
+        self.store.write(key, json, ttl).await
     }
 
     /// UNLINKs `keys` in batches; returns how many existed.
@@ -705,13 +702,6 @@ fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>> {
     })
 }
 
-/// A TTL in whole milliseconds, at least 1 (Redis rejects `PX 0`).
-fn millis(ttl: Duration) -> u64 {
-    // Clamped to 2^31 s like every duration the crate takes: Redis refuses larger PX values.
-    let ttl = crate::settings::clamp(ttl);
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
 /// `literal` with the glob metacharacters of `SCAN MATCH` escaped.
 fn escape_glob(literal: &str) -> String {
     let mut escaped = String::with_capacity(literal.len());
@@ -753,11 +743,5 @@ mod tests {
     #[test]
     fn escape_glob_escapes_metacharacters() {
         assert_eq!(escape_glob("a*b?[c]\\d:e"), "a\\*b\\?\\[c\\]\\\\d:e");
-    }
-
-    #[test]
-    fn millis_is_at_least_one() {
-        assert_eq!(millis(Duration::ZERO), 1);
-        assert_eq!(millis(Duration::from_secs(2)), 2000);
     }
 }

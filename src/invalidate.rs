@@ -68,7 +68,7 @@ impl Invalidator {
     /// header); returns how many entries were removed.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         self.store
-            .invalidate_tag(&key::tag_key(&self.key_prefix, tag))
+            .invalidate_tag(&key::tag_key(&key::layer_namespace(&self.key_prefix), tag))
             .await
     }
 

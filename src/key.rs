@@ -330,10 +330,17 @@ fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     cookies(headers).find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
-/// The store key of a tag's set: `{prefix}:__tag:{tag}`, where [`RedisCache`](crate::RedisCache)
-/// with the same prefix keeps its tags too.
-pub(crate) fn tag_key(prefix: &str, tag: &str) -> String {
-    format!("{prefix}:__tag:{tag}")
+/// The store key of a tag's set: `{namespace}__tag:{tag}`, the one format of the layer (whose
+/// namespace is `{key_prefix}:`, see [`layer_namespace`]) and of
+/// [`RedisCache`](crate::RedisCache) (`{prefix}:`, or nothing without a prefix), so that both
+/// reach the same tag sets under the same prefix.
+pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
+    format!("{namespace}__tag:{tag}")
+}
+
+/// What a layer's keys start with: `{key_prefix}:` (also when the prefix is empty).
+pub(crate) fn layer_namespace(key_prefix: &str) -> String {
+    format!("{key_prefix}:")
 }
 
 /// The tag set recording every entry of the URL whose key is `url_key` (see
@@ -343,7 +350,7 @@ pub(crate) fn url_tag_key(prefix: &str, url_key: &str) -> String {
         .strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix(':'))
         .unwrap_or(url_key);
-    tag_key(prefix, &format!("__url:{hex}"))
+    tag_key(&layer_namespace(prefix), &format!("__url:{hex}"))
 }
 
 /// The key of `key`'s fail-safe throttle: present while a failed handler call's stale copy

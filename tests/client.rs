@@ -57,6 +57,9 @@ mod values {
         get_many_uses_one_mget_and_set_many_one_pipeline,
         prefix_namespaces_keys_and_patterns,
         a_zero_ttl_still_stores_briefly_instead_of_failing,
+        writes_over_the_size_limit_fail_with_invalid_input_and_write_nothing,
+        writes_at_the_size_limit_succeed,
+        a_computed_value_over_the_size_limit_is_returned_but_not_stored,
     );
 
     async fn get_returns_what_set_stored_as_json_with_its_ttl(backend: &Backend) {
@@ -229,6 +232,89 @@ mod values {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cache.get::<u32>("brief").await.unwrap(), None);
     }
+
+    /// The store's write limit, small enough to test.
+    const LIMIT: usize = 64;
+
+    /// A client whose store refuses values over [`LIMIT`] bytes.
+    async fn limited_client(backend: &Backend) -> RedisCache {
+        let store = backend
+            .builder()
+            .operation_timeout(Duration::from_secs(5))
+            .connection_timeout(Duration::from_secs(2))
+            .max_value_bytes(LIMIT)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test {}: {e}", backend.name()));
+        RedisCache::from_store(&store).with_prefix("app")
+    }
+
+    /// A string whose JSON form (quoted) is `bytes` long.
+    fn json_of_len(bytes: usize) -> String {
+        "x".repeat(bytes - 2)
+    }
+
+    fn assert_refused(result: tower_redis_cache::Result<()>, what: &str) {
+        let e = result.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{what}: {e}");
+        assert!(e.to_string().contains(&LIMIT.to_string()), "{what}: {e}");
+    }
+
+    async fn writes_over_the_size_limit_fail_with_invalid_input_and_write_nothing(
+        backend: &Backend,
+    ) {
+        let cache = limited_client(backend).await;
+        let over = json_of_len(LIMIT + 1);
+
+        assert_refused(cache.set("k", &over, MINUTE).await, "set");
+        assert_refused(
+            cache
+                .set_many(&[("small", "ok".to_owned()), ("k", over.clone())], MINUTE)
+                .await,
+            "set_many",
+        );
+        assert_refused(
+            cache.set_tagged("k", &over, MINUTE, &["t"]).await,
+            "set_tagged",
+        );
+
+        // Not the value, not the small entry of set_many, not the tag set.
+        assert_eq!(backend.dbsize(), 0);
+    }
+
+    async fn writes_at_the_size_limit_succeed(backend: &Backend) {
+        let cache = limited_client(backend).await;
+        let at = json_of_len(LIMIT);
+
+        cache.set("set", &at, MINUTE).await.unwrap();
+        cache
+            .set_many(&[("many:1", at.clone()), ("many:2", at.clone())], MINUTE)
+            .await
+            .unwrap();
+        cache
+            .set_tagged("tagged", &at, MINUTE, &["t"])
+            .await
+            .unwrap();
+
+        for key in ["set", "many:1", "many:2", "tagged"] {
+            let raw: String = backend.cmd(&["GET", &format!("app:{key}")]);
+            assert_eq!(raw.len(), LIMIT, "{key}");
+        }
+        assert_eq!(cache.invalidate_tag("t").await.unwrap(), 1);
+    }
+
+    async fn a_computed_value_over_the_size_limit_is_returned_but_not_stored(backend: &Backend) {
+        let cache = limited_client(backend).await.lock_across_instances(false);
+        let over = json_of_len(LIMIT + 1);
+
+        let value: String = cache
+            .get_or_insert_with("k", MINUTE, || async { Ok::<_, Error>(over.clone()) })
+            .await
+            .unwrap();
+
+        assert_eq!(value, over);
+        assert_eq!(backend.dbsize(), 0);
+    }
 }
 
 mod patterns {
@@ -237,7 +323,30 @@ mod patterns {
     backend_cases!(
         delete_pattern_removes_exactly_the_1k_matching_keys_among_100k,
         a_pattern_built_from_escaped_keys_stays_in_its_namespace,
+        an_over_long_pattern_is_refused_before_scanning,
     );
+
+    /// The longest pattern `delete_pattern` takes, as documented.
+    const MAX_PATTERN_BYTES: usize = 1024;
+
+    async fn an_over_long_pattern_is_refused_before_scanning(backend: &Backend) {
+        let cache = client(backend).await.with_prefix("app");
+        cache.set("k", &1, MINUTE).await.unwrap();
+        backend.reset_stats();
+
+        let e = cache
+            .delete_pattern(&"*".repeat(MAX_PATTERN_BYTES + 1))
+            .await
+            .unwrap_err();
+
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("1024"), "names the limit: {e}");
+        assert_eq!(backend.command_calls("scan"), 0);
+        assert!(cache.exists("k").await.unwrap());
+        // At the limit it is sent.
+        let at_limit = "*".repeat(MAX_PATTERN_BYTES);
+        assert_eq!(cache.delete_pattern(&at_limit).await.unwrap(), 1);
+    }
 
     async fn delete_pattern_removes_exactly_the_1k_matching_keys_among_100k(backend: &Backend) {
         let cache = client(backend).await;

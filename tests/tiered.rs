@@ -12,7 +12,7 @@ use axum::Router;
 use bytes::Bytes;
 use common::{send, serve, Counter, RedisServer};
 use http::Method;
-use tower_redis_cache::{CacheLayer, RedisStore, Store, TieredStore};
+use tower_redis_cache::{CacheLayer, ErrorKind, MemoryStore, RedisStore, Store, TieredStore};
 
 const CHANNEL: &str = "trc:invalidations";
 
@@ -225,4 +225,120 @@ async fn the_layer_on_two_instances_sees_one_instances_invalidation() {
         "B missed {:?} after A's invalidation began",
         started.elapsed()
     );
+}
+
+/// The longest glob `TieredStore::invalidate_pattern` and `RedisCache::delete_pattern` take,
+/// as documented.
+const MAX_PATTERN_BYTES: usize = 1024;
+
+/// A two-tier store over an in-memory L2, without invalidations: L1's pattern matching alone.
+async fn local_instance() -> TieredStore<MemoryStore> {
+    TieredStore::builder(MemoryStore::new())
+        .l1_ttl(Duration::from_secs(60))
+        .build()
+        .await
+}
+
+/// Patterns reach every L1 key, and arrive from any instance on the channel: a pattern with
+/// many `*` against keys full of the starred letter made the old recursive matcher try every
+/// way to split each key (about C(key length, stars) tries per key: on one such key, 7
+/// stars took 1.1 s and 9 stars 21 s in a test build, each star some 4x more; this test
+/// did not finish in 60 s). The matcher is O(pattern x key): this takes about 15 ms.
+#[tokio::test]
+async fn a_hostile_pattern_on_a_full_l1_is_matched_in_linear_time() {
+    let store = local_instance().await;
+    let keys: Vec<String> = (0..5_000)
+        .map(|i| format!("{}:{i}", "a".repeat(40)))
+        .collect();
+    for key in &keys {
+        store
+            .set(key, Bytes::from_static(b"v"), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    // 15 stars between `a`s, then a `b` no key holds: no key matches, after trying hard.
+    let hostile = format!("{}b", "a*".repeat(15));
+
+    let started = Instant::now();
+    store.invalidate_pattern(&hostile).await.unwrap();
+    let took = started.elapsed();
+
+    println!("{hostile} against {} keys took {took:?}", keys.len());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    for key in &keys {
+        assert!(in_l1_of(&store, key).await, "{key} was dropped");
+    }
+    // The same shape that does match drops exactly its keys, as quickly.
+    let started = Instant::now();
+    store
+        .invalidate_pattern(&format!("{}:1?", "a*".repeat(15)))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for (i, key) in keys.iter().enumerate() {
+        let dropped = (10..20).contains(&i);
+        assert_eq!(!in_l1_of(&store, key).await, dropped, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn an_over_long_pattern_is_refused_with_invalid_input() {
+    let store = local_instance().await;
+    let ttl = Duration::from_secs(60);
+    store.set("k", Bytes::from_static(b"v"), ttl).await.unwrap();
+
+    let too_long = "*".repeat(MAX_PATTERN_BYTES + 1);
+    let refused = store.invalidate_pattern(&too_long).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+    assert!(
+        refused.to_string().contains("1024"),
+        "names the limit: {refused}"
+    );
+    assert!(
+        in_l1_of(&store, "k").await,
+        "a refused pattern drops nothing"
+    );
+
+    store
+        .invalidate_pattern(&"*".repeat(MAX_PATTERN_BYTES))
+        .await
+        .unwrap();
+    assert!(
+        !in_l1_of(&store, "k").await,
+        "a pattern at the limit is applied"
+    );
+}
+
+/// Another instance (or anything that can publish on the channel) sends a pattern over the
+/// limit: it is ignored (and logged), and the subscription keeps working.
+#[tokio::test]
+async fn an_over_long_pattern_from_the_channel_is_ignored() {
+    let redis = RedisServer::start();
+    let b = instance(&redis, Duration::from_secs(30)).await;
+    let v = Bytes::from_static(b"v");
+    b.set("k", v.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    b.set("k2", v, Duration::from_secs(60)).await.unwrap();
+    let received = b.invalidations_received();
+
+    // Would match every key.
+    let message = format!("p{}", "*".repeat(MAX_PATTERN_BYTES + 1));
+    let _: u64 = redis.cmd(&["PUBLISH", CHANNEL, &message]);
+    wait_until("B receives the pattern", BOUND, || async {
+        b.invalidations_received() > received
+    })
+    .await;
+    // Messages are applied in order: once this one is applied, the pattern was handled.
+    let _: u64 = redis.cmd(&["PUBLISH", CHANNEL, "kk2"]);
+    wait_until("B applies the next invalidation", BOUND, || async {
+        !in_l1(&b, "k2").await
+    })
+    .await;
+
+    assert!(in_l1(&b, "k").await, "the over-long pattern was applied");
+}
+
+async fn in_l1_of(store: &TieredStore<MemoryStore>, key: &str) -> bool {
+    store.l1().get(key).await.unwrap().is_some()
 }

@@ -417,12 +417,13 @@ impl PendingEntry {
             ttl
         };
         let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, cc, headers));
+        let namespace = key::layer_namespace(&config.key_prefix);
         let mut tag_keys: Vec<String> = config
             .tags
             .iter()
             .cloned()
             .chain(tags::response_tags(headers))
-            .map(|tag| key::tag_key(&config.key_prefix, &tag))
+            .map(|tag| key::tag_key(&namespace, &tag))
             .collect();
         // Invalidating the URL deletes its key and this tag set: an entry under any other
         // key (a variant, a key extended by cookies, a key function or forwarded

@@ -125,6 +125,28 @@ fn unsupported<'a, T: Send + 'a>(what: &str) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(Err(error)))
 }
 
+/// The longest glob pattern the crate matches or sends (`TieredStore::invalidate_pattern`,
+/// `RedisCache::delete_pattern`, patterns arriving on the invalidation channel). Real patterns
+/// are a key prefix and a few wildcards; the bound keeps one pattern's matching cost (pattern
+/// length x key length per key) small, whoever sent it.
+#[cfg(any(feature = "client", feature = "tiered"))]
+pub(crate) const MAX_PATTERN_BYTES: usize = 1024;
+
+/// Refuses a pattern longer than [`MAX_PATTERN_BYTES`] with [`ErrorKind::InvalidInput`].
+#[cfg(any(feature = "client", feature = "tiered"))]
+pub(crate) fn check_pattern(pattern: &str) -> crate::Result<()> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "pattern of {} bytes is over the limit of {MAX_PATTERN_BYTES} bytes",
+                pattern.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         (**self).get(key)

@@ -858,7 +858,47 @@ impl RedisStore {
         })
     }
 
-    /// Stores `value` under `key` for `millis` ms and records the key in each tag set.
+    /// Stores `value` under `key` for `ttl` (at least 1 ms: a zero TTL still stores, briefly).
+    /// The one plain write, of the [`Store`] and of `RedisCache`: a value over the size limit
+    /// is refused before anything is sent.
+    pub(crate) async fn write(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        self.check_size(value)?;
+        self.query(
+            ::redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(px(ttl)),
+        )
+        .await
+    }
+
+    /// Stores each `(key, value)` for `ttl` in one pipeline (on a cluster, concurrently). Every
+    /// value is checked against the size limit first: one over it means nothing is written.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
+    pub(crate) async fn write_many(
+        &self,
+        entries: &[(String, Vec<u8>)],
+        ttl: Duration,
+    ) -> Result<()> {
+        for (_, value) in entries {
+            self.check_size(value)?;
+        }
+        let millis = px(ttl);
+        let mut pipe = ::redis::pipe();
+        for (key, value) in entries {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(millis)
+                .ignore();
+        }
+        self.query_pipeline(&pipe).await
+    }
+
+    /// Stores `value` under `key` for `ttl` (at least 1 ms) and records the key in each tag
+    /// set; a value over the size limit is refused before anything is sent.
     /// On one server: one script, atomic. On a cluster, where the value and its tag sets live
     /// in different slots: first each tag record (concurrently, one script per tag set),
     /// then the value, so a tag invalidation never misses a value that was stored before it
@@ -867,9 +907,11 @@ impl RedisStore {
         &self,
         key: &str,
         value: &[u8],
-        millis: u64,
+        ttl: Duration,
         tag_keys: &[String],
     ) -> Result<()> {
+        self.check_size(value)?;
+        let millis = px(ttl);
         #[cfg(feature = "cluster")]
         if self.is_cluster() {
             let records = tag_keys.iter().map(|tag_key| {
@@ -1100,8 +1142,9 @@ fn parse_info(ping: Duration, info: &str) -> RedisHealth {
     health
 }
 
-/// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s.
-pub(crate) fn px(ttl: Duration) -> u64 {
+/// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s. The one
+/// conversion of every write (the store's, and `RedisCache`'s through [`RedisStore::write`]).
+fn px(ttl: Duration) -> u64 {
     let millis = crate::settings::clamp(ttl).as_millis();
     u64::try_from(millis).unwrap_or(u64::MAX).max(1)
 }
@@ -1190,18 +1233,7 @@ impl Store for RedisStore {
             // A zero TTL means "do not keep" (Redis rejects PX 0): the key holds nothing.
             return Box::pin(async move { self.delete(key).await.map(drop) });
         }
-        Box::pin(async move {
-            self.check_size(&value)?;
-            let millis = px(ttl);
-            self.query(
-                ::redis::cmd("SET")
-                    .arg(key)
-                    .arg(&value[..])
-                    .arg("PX")
-                    .arg(millis),
-            )
-            .await
-        })
+        Box::pin(async move { self.write(key, &value, ttl).await })
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, bool> {
@@ -1221,10 +1253,7 @@ impl Store for RedisStore {
         if tag_keys.is_empty() || ttl.is_zero() {
             return self.set(key, value, ttl);
         }
-        Box::pin(async move {
-            self.check_size(&value)?;
-            self.write_tagged(key, &value, px(ttl), tag_keys).await
-        })
+        Box::pin(async move { self.write_tagged(key, &value, ttl, tag_keys).await })
     }
 
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
@@ -1290,6 +1319,14 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn px_is_at_least_one_ms_and_at_most_the_clamp() {
+        assert_eq!(px(Duration::ZERO), 1);
+        assert_eq!(px(Duration::from_micros(10)), 1);
+        assert_eq!(px(Duration::from_secs(2)), 2000);
+        assert_eq!(px(Duration::MAX), (1u64 << 31) * 1000);
+    }
 
     fn health(policy: &str, keyspace: &str) -> RedisHealth {
         let info = format!(
