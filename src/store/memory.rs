@@ -16,9 +16,11 @@ use super::{Memo, Store, StoreFuture};
 ///
 /// Cloning is cheap and clones share the same entries. Entries are evicted when the bound is
 /// reached (TinyLFU admission, LRU eviction) and expire after their TTL. The bound counts
-/// each entry's key, value and tags plus an estimate of the bookkeeping around them, and a
-/// tag's record of an entry goes when the entry goes, so the process's memory follows the
-/// bound (see the repository's `docs/failure-modes.md` for the measured factor).
+/// each entry's key, value and tags plus estimates of the bookkeeping around them and of the
+/// decoded form the response layer keeps beside a value it served (see
+/// [`MemoryStoreBuilder::max_bytes`]), and a tag's record of an entry goes when the entry
+/// goes, so the process's memory follows the bound (see the repository's
+/// `docs/failure-modes.md` for the measured factor).
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Value>,
@@ -57,27 +59,50 @@ struct Value {
 }
 
 impl Value {
-    /// What the entry costs against the bound: its bytes, and an estimate of moka's node,
-    /// the key's and value's allocations and the tag index's records.
+    /// What the entry costs against the bound: its bytes, an estimate of moka's node, the
+    /// key's and value's allocations and the tag index's records, and an estimate of the
+    /// decoded form a reader may keep in its memo slot.
     fn weight(&self, key: &str) -> u64 {
         let tags = self.tags.as_deref().unwrap_or_default();
         let tag_bytes: usize = tags
             .iter()
             .map(|t| t.len() + key.len() + TAG_OVERHEAD)
             .sum();
-        (key.len() + self.bytes.len() + ENTRY_OVERHEAD + tag_bytes) as u64
+        (key.len() + self.bytes.len() + ENTRY_OVERHEAD + tag_bytes + decoded_estimate(&self.bytes))
+            as u64
     }
 }
 
 /// Bytes of bookkeeping per entry beyond its key and value (moka's node and timer wheel
 /// entry, the key's `String`, the value's `Bytes`, the memo slot, allocator rounding),
-/// measured with `examples/memory_bound.rs`. A reader's decoded form in the memo slot (the
-/// layer's header map; the body shares the value's bytes) comes on top of it.
+/// measured with `examples/memory_bound.rs`.
 const ENTRY_OVERHEAD: usize = 640;
 
 /// Bytes of bookkeeping per tag record (a hash map slot with the key's copy and the value's
 /// generation in it).
 const TAG_OVERHEAD: usize = 104;
+
+/// What the decoded form a reader keeps in a value's memo slot is counted as: moka weighs an
+/// entry when it is written, before anyone decodes it, and the store cannot look inside its
+/// values, so every value is charged an estimate from its size alone.
+///
+/// The layer's decoded response (measured with a counting allocator, live heap bytes after
+/// the first hit) costs about 1 KiB plus 150 to 300 bytes per header: its header map, whose
+/// values share the stored bytes, and the parsed directives. The body is shared, not copied,
+/// so the decoded form grows with the headers at the front of a value, never with its body.
+/// Hence a fixed part plus twice the value's first 4 KiB: 1 KiB to 9 KiB per value. Measured
+/// against it: 1 header and a 10-byte body, 1.0 KiB decoded (1.2 KiB counted); 8 headers and
+/// 1 KiB, 3.2 KiB (3.8 KiB); 16 headers and 1 KiB, 3.5 KiB (4.6 KiB); 8 headers and 64 KiB,
+/// 3.2 KiB (9 KiB). A value made mostly of many short headers (32 headers over a 200-byte
+/// body: 6.6 KiB decoded, 4.4 KiB counted) is under-counted.
+fn decoded_estimate(bytes: &[u8]) -> usize {
+    DECODED_FIXED + 2 * bytes.len().min(DECODED_SPAN)
+}
+
+/// See [`decoded_estimate`].
+const DECODED_FIXED: usize = 1024;
+/// See [`decoded_estimate`].
+const DECODED_SPAN: usize = 4096;
 
 fn lock(tags: &TagIndex) -> std::sync::MutexGuard<'_, TagSets> {
     tags.sets.lock().unwrap_or_else(|e| e.into_inner())
@@ -132,7 +157,15 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// At most this many bytes of keys and values (approximately: moka evicts asynchronously).
+    /// At most this many bytes (approximately: moka evicts asynchronously).
+    ///
+    /// Each entry counts its key and value, its tags, an estimate of the bookkeeping around
+    /// them, and an estimate of the decoded form the response layer keeps beside a value it
+    /// has served (about 1 KiB plus twice the value's first 4 KiB). That last part is counted
+    /// for every entry from the moment it is written, decoded or not: moka weighs an entry
+    /// only on writes, and an entry is decoded on its first in-process hit. The body is never
+    /// counted twice (the decoded form shares it); a value of many short headers may be
+    /// decoded into more than its estimate.
     pub fn max_bytes(mut self, n: u64) -> Self {
         self.max_bytes = Some(n.max(1));
         self
@@ -191,8 +224,8 @@ impl MemoryStore {
         self.cache.entry_count()
     }
 
-    /// The number of entries and their weighed size (keys, values, tags and bookkeeping, as
-    /// counted against the bound), after running moka's pending maintenance.
+    /// The number of entries and their weighed size (keys, values, tags, bookkeeping and
+    /// decoded forms, as counted against the bound), after running moka's pending maintenance.
     pub fn stats(&self) -> MemoryStoreStats {
         self.cache.run_pending_tasks();
         let stats = MemoryStoreStats {
@@ -300,8 +333,8 @@ impl MemoryStore {
 pub struct MemoryStoreStats {
     /// Entries held.
     pub entries: u64,
-    /// Their weight against the bound: keys, values, tags and an estimate of bookkeeping
-    /// (when the store is bounded by entries only, each entry weighs 1).
+    /// Their weight against the bound: keys, values, tags and estimates of bookkeeping and
+    /// of decoded forms (when the store is bounded by entries only, each entry weighs 1).
     pub weighted_bytes: u64,
 }
 
@@ -589,5 +622,32 @@ mod tests {
         assert_eq!(now(store.invalidate_tag("b")), 1);
         assert_eq!(now(store.get("k")), None);
         assert_eq!(store.tag_records(), 0, "v2 left c with it");
+    }
+
+    #[test]
+    fn the_byte_bound_counts_the_decoded_form_beside_each_value() {
+        let store = MemoryStore::builder().max_bytes(1024 * 1024).build();
+        now(store.set("k", Bytes::from(vec![0; 1000]), Duration::from_secs(60)));
+        let decoded = DECODED_FIXED + 2 * 1000;
+        assert_eq!(
+            store.stats().weighted_bytes,
+            (1 + 1000 + ENTRY_OVERHEAD + decoded) as u64
+        );
+        // The body is shared by the decoded form: past the first 4 KiB, a value counts once.
+        let large = MemoryStore::builder().max_bytes(1024 * 1024).build();
+        now(large.set("k", Bytes::from(vec![0; 100_000]), Duration::from_secs(60)));
+        let decoded = DECODED_FIXED + 2 * DECODED_SPAN;
+        assert_eq!(
+            large.stats().weighted_bytes,
+            (1 + 100_000 + ENTRY_OVERHEAD + decoded) as u64
+        );
+        // So a bound holds fewer small entries than their bytes and bookkeeping alone allow.
+        let bounded = MemoryStore::builder().max_bytes(64 * 1024).build();
+        for i in 0..100 {
+            let key = format!("k{i}");
+            now(bounded.set(&key, Bytes::from(vec![0; 1024]), Duration::from_secs(60)));
+        }
+        let per_entry = 1024 + ENTRY_OVERHEAD + DECODED_FIXED + 2 * 1024;
+        assert!(bounded.entry_count() <= (64 * 1024 / per_entry) as u64);
     }
 }
