@@ -86,15 +86,16 @@ const TAG_OVERHEAD: usize = 104;
 /// entry when it is written, before anyone decodes it, and the store cannot look inside its
 /// values, so every value is charged an estimate from its size alone.
 ///
-/// The layer's decoded response (measured with a counting allocator, live heap bytes after
-/// the first hit) costs about 1 KiB plus 150 to 300 bytes per header: its header map, whose
+/// The layer's decoded response (measured with `examples/decoded_size.rs`: live heap bytes
+/// after the first hit) costs about 1 KiB plus 150 to 300 bytes per header: its header map, whose
 /// values share the stored bytes, and the parsed directives. The body is shared, not copied,
 /// so the decoded form grows with the headers at the front of a value, never with its body.
 /// Hence a fixed part plus twice the value's first 4 KiB: 1 KiB to 9 KiB per value. Measured
 /// against it: 1 header and a 10-byte body, 1.0 KiB decoded (1.2 KiB counted); 8 headers and
 /// 1 KiB, 3.2 KiB (3.8 KiB); 16 headers and 1 KiB, 3.5 KiB (4.6 KiB); 8 headers and 64 KiB,
-/// 3.2 KiB (9 KiB). A value made mostly of many short headers (32 headers over a 200-byte
-/// body: 6.6 KiB decoded, 4.4 KiB counted) is under-counted.
+/// 3.2 KiB (9 KiB). A small body with few headers is over-counted (1 header and 1 KiB:
+/// 1.0 KiB decoded, 3.2 KiB counted), a value made mostly of many short headers under-counted
+/// (32 headers over a 200-byte body: 6.6 KiB decoded, 4.4 KiB counted).
 fn decoded_estimate(bytes: &[u8]) -> usize {
     DECODED_FIXED + 2 * bytes.len().min(DECODED_SPAN)
 }
