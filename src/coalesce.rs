@@ -190,6 +190,14 @@ impl<T: Clone + Send + Sync + 'static> Lead<T> {
         }
     }
 
+    /// Releases the cross-process lock now, if this lead holds it, and waits for the store's
+    /// answer (dropping the lead releases it in the background).
+    pub(crate) async fn release_lock(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            lock.release().await;
+        }
+    }
+
     /// Keeps the cross-process lock until this lead is dropped.
     pub(crate) fn hold(&mut self, lock: Lock) {
         self.lock = Some(lock);
@@ -313,7 +321,6 @@ impl Lock {
 
     /// Releases the lock now (if still ours) and waits for the store's answer, rather than
     /// in the background as dropping it does.
-    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) async fn release(mut self) {
         let (key, token) = (
             std::mem::take(&mut self.key),

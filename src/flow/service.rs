@@ -804,7 +804,20 @@ fn refresh_in_background<S, ReqBody, ResBody>(
         let _task = task;
         if config.rules.lock_across_instances {
             match Lock::try_acquire(&config.store, &key, config.rules.lock_ttl).await {
-                Ok(Some(lock)) => lead.hold(lock),
+                Ok(Some(lock)) => {
+                    lead.hold(lock);
+                    // Look once more: another instance may have refreshed it and let the
+                    // lock go just now.
+                    let found = lookup(&config, &key, req.headers()).await;
+                    if let Found::Entry(entry) = found {
+                        let plan =
+                            request::classify_request(&config.rules, req.method(), req.headers());
+                        let fresh = judge_entry(&config, &plan, &entry) == Verdict::Fresh;
+                        if fresh && !(ahead && refresh_due(&config, &entry)) {
+                            return;
+                        }
+                    }
+                }
                 _ => {
                     // Another instance refreshes it. Holding the flight a moment keeps this
                     // instance's hits from asking for the lock on every request meanwhile.

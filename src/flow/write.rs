@@ -232,7 +232,9 @@ fn write_then_release(
             Ok(()) => marking.observe.event(event),
             Err(e) => marking.observe.store_error("set", &key, &e),
         }
-        drop(lead);
+        if let Some(mut lead) = lead {
+            lead.release_lock().await;
+        }
     });
 }
 
@@ -509,9 +511,11 @@ impl PendingEntry {
             }
             if let Some(lead) = &mut self.lead {
                 lead.written(self.linger);
+                // After the write: another instance waiting on the lock finds the entry as
+                // soon as the lock is gone. Released here rather than when the lead drops,
+                // so that `CacheLayer::flush` covers it.
+                lead.release_lock().await;
             }
-            // `self.lead` drops here, after the write: another instance waiting on the lock
-            // finds the entry as soon as the lock is gone.
         });
     }
 }
