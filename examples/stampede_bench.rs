@@ -9,7 +9,13 @@
 //! whose handler takes 50 ms (a database query), once with the default layer (coalescing on)
 //! and once with `.coalesce(false)`; prints the handler calls and p50 / p99 / max latency.
 //! With `REDIS_URL` set it also runs two "instances" (separate pools) with
-//! `.lock_across_instances(true)`. Loopback only; bounded to a few seconds.
+//! `.lock_across_instances(true)`, and then answers that cannot be stored: 4 instances with
+//! the lock, a handler of 200 ms answering `private`, `no-store` or `500`, two bursts of 40
+//! requests (wall time of each burst, handler calls).
+//!
+//! Last, a hot key with a 1 s TTL under steady load (`HOT_SECS`, default 30 s, 16 clients in a
+//! loop) with and without `.refresh_ahead(0.8)`: handler calls, requests that waited for the
+//! handler (took at least half the handler's time), p99. Loopback only; bounded in time.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,14 +32,45 @@ use tower_redis_cache::{CacheLayer, MemoryStore, RedisStore, Store};
 const HANDLER_TIME: Duration = Duration::from_millis(50);
 
 async fn serve(layer: CacheLayer, calls: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    serve_answer(layer, calls, HANDLER_TIME, Answer::Storable).await
+}
+
+/// What the handler answers.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// A plain 200 the route stores for its TTL.
+    Storable,
+    /// 200 with `Cache-Control: private`.
+    Private,
+    /// 200 with `Cache-Control: no-store`.
+    NoStore,
+    /// 500.
+    Error,
+}
+
+async fn serve_answer(
+    layer: CacheLayer,
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+    answer: Answer,
+) -> std::net::SocketAddr {
+    use axum::response::IntoResponse;
     let app = Router::new()
         .route(
             "/hot",
             get(move || {
                 calls.fetch_add(1, Ordering::SeqCst);
-                async {
-                    tokio::time::sleep(HANDLER_TIME).await;
-                    "expensive result"
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let body = "expensive result";
+                    match answer {
+                        Answer::Storable => body.into_response(),
+                        Answer::Private => ([("cache-control", "private")], body).into_response(),
+                        Answer::NoStore => ([("cache-control", "no-store")], body).into_response(),
+                        Answer::Error => {
+                            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+                        }
+                    }
                 }
             }),
         )
@@ -148,6 +185,105 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             layer(store().await, "d").lock_across_instances(true),
         ];
         run("2 instances, .lock_across_instances(true)", two, n).await;
+
+        println!();
+        println!(
+            "answers that cannot be stored: 4 instances, lock on, handler 200 ms, 2 bursts of 40"
+        );
+        println!("| answer    | first burst | second burst | handler calls |");
+        println!("|-----------|-------------|--------------|---------------|");
+        for (name, answer) in [
+            ("storable", Answer::Storable),
+            ("private", Answer::Private),
+            ("no-store", Answer::NoStore),
+            ("500", Answer::Error),
+        ] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let mut addrs = Vec::new();
+            for _ in 0..4 {
+                let layer = layer(store().await, &format!("u-{name}")).lock_across_instances(true);
+                let delay = Duration::from_millis(200);
+                addrs.push(serve_answer(layer, calls.clone(), delay, answer).await);
+            }
+            let started = Instant::now();
+            burst(&addrs, 40).await;
+            let first = started.elapsed();
+            let started = Instant::now();
+            burst(&addrs, 40).await;
+            let second = started.elapsed();
+            let calls = calls.load(Ordering::SeqCst);
+            println!("| {name:<9} | {first:>11.0?} | {second:>12.0?} | {calls:>13} |");
+        }
     }
+    // refresh-ahead rows (absent from runs of older versions)
+    hot_key(&store, &layer).await;
     Ok(())
+}
+
+/// A hot key with a 1 s TTL under steady load, with and without refresh ahead.
+async fn hot_key<F, Fut>(store: &F, layer: &impl Fn(Arc<dyn Store>, &str) -> CacheLayer)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Store>>,
+{
+    let secs: u64 = std::env::var("HOT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!();
+    println!("a hot key, TTL 1 s, handler {HANDLER_TIME:?}, 16 clients in a loop for {secs} s");
+    println!(
+        "| setup                   | requests | handler calls | waited |      p99 |      max |"
+    );
+    println!(
+        "|-------------------------|----------|---------------|--------|----------|----------|"
+    );
+    for (name, ahead) in [("TTL only", None), (".refresh_ahead(0.8)", Some(0.8))] {
+        let mut route = layer(store().await, &format!("hot-{name}")).ttl(Duration::from_secs(1));
+        if let Some(fraction) = ahead {
+            route = route.refresh_ahead(fraction);
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let addr = serve(route, calls.clone()).await;
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let uri: hyper::Uri = format!("http://{addr}/hot").parse().unwrap();
+        // Warm: the first request fills the entry.
+        client
+            .get(uri.clone())
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(secs);
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                let (client, uri) = (client.clone(), uri.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < until {
+                        let started = Instant::now();
+                        let response = client.get(uri.clone()).await.expect("request");
+                        response.into_body().collect().await.expect("body");
+                        latencies.push(started.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for c in clients {
+            latencies.extend(c.await.unwrap());
+        }
+        latencies.sort();
+        let waited = latencies.iter().filter(|l| **l >= HANDLER_TIME / 2).count();
+        println!(
+            "| {name:<23} | {:>8} | {:>13} | {waited:>6} | {:>8.1?} | {:>8.1?} |",
+            latencies.len(),
+            calls.load(Ordering::SeqCst) - 1,
+            percentile(&latencies, 0.99),
+            latencies[latencies.len() - 1],
+        );
+    }
 }

@@ -95,6 +95,7 @@ const SERVED: [&str; 12] = [
     "timeout",
 ];
 
+#[cfg(feature = "metrics")]
 const EVENTS: [&str; 3] = [
     "uncacheable_marks",
     "refreshes_ahead",

@@ -109,6 +109,9 @@ fn with_cache_control(cache_control: &'static str) -> impl Fn(usize) -> Response
     move |n| ([("cache-control", cache_control)], format!("reply #{n}")).into_response()
 }
 
+/// A handler's answer for its call number.
+type AnswerFn = Arc<dyn Fn(usize) -> Response + Send + Sync>;
+
 /// The issue's table as a test: 4 instances sharing one Redis with the cross-instance lock,
 /// a slow handler, 10 concurrent requests per instance, twice. A storable answer costs one
 /// call; an answer that cannot be stored releases everyone at its head (first burst within
@@ -116,7 +119,7 @@ fn with_cache_control(cache_control: &'static str) -> impl Fn(usize) -> Response
 /// handler (within 1.75 x).
 async fn uncacheable_bursts_over_four_instances_do_not_queue(backend: &Backend) {
     const HANDLER: Duration = Duration::from_millis(400);
-    let answers: [(&str, Arc<dyn Fn(usize) -> Response + Send + Sync>); 4] = [
+    let answers: [(&str, AnswerFn); 4] = [
         ("storable", Arc::new(with_cache_control("max-age=60"))),
         ("private", Arc::new(with_cache_control("private"))),
         ("no-store", Arc::new(with_cache_control("no-store"))),
@@ -425,7 +428,7 @@ async fn in_process_waiters_of_an_uncacheable_answer_are_released_at_its_head() 
         HANDLER,
         with_cache_control("private"),
     );
-    let (got, took) = burst(&[app.clone()], 40, "/r").await;
+    let (got, took) = burst(std::slice::from_ref(&app), 40, "/r").await;
     assert_eq!(calls.get(), 40);
     assert_eq!(
         took,
@@ -512,7 +515,7 @@ async fn the_stale_copy_answers_at_the_soft_timeout_and_the_call_refreshes_it() 
     layer.flush().await;
     tokio::time::advance(Duration::from_secs(11)).await;
     let started = Instant::now();
-    let (got, _) = burst(&[slow_after_first.clone()], 5, "/r").await;
+    let (got, _) = burst(std::slice::from_ref(&slow_after_first), 5, "/r").await;
     assert_eq!(started.elapsed(), Duration::from_millis(100));
     assert!(
         got.iter()

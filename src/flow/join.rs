@@ -38,7 +38,7 @@ pub(crate) enum Coalesced {
 /// What a request waiting on another instance's lock may act on.
 enum Seen {
     /// A fresh response it may be given.
-    Fresh(CachedResponse, Option<key::Variant>),
+    Fresh(Box<CachedResponse>, Option<key::Variant>),
     /// A hit-for-miss mark: the other instance's answer could not be stored.
     Uncacheable,
     /// A fail-safe throttle: the other instance's call failed and its stale copy stands in.
@@ -122,6 +122,7 @@ pub(crate) async fn coalesce(
     let (ttl, wait) = (rules.lock_ttl, wait);
     match coalesce::lock_or_wait(&config.store, key, ttl, wait, look).await {
         Contention::Found(Seen::Fresh(response, variant)) => {
+            let response = *response;
             // Another instance stored it: give it to this process's waiters too.
             let linger = response.ttl;
             lead.share(Arc::new(Shared {

@@ -200,7 +200,7 @@ pub(crate) async fn poll_entry(config: &Config, key: &str, headers: &HeaderMap) 
             let usable = response.staleness(clock::now_ms()).is_none()
                 && conditional::accepts_encoding(headers, &response.headers);
             match usable {
-                true => Polled::Fresh(Arc::unwrap_or_clone(response), variant),
+                true => Polled::Fresh(Box::new(Arc::unwrap_or_clone(response)), variant),
                 false => Polled::Other(Some(response.stored_at_ms)),
             }
         }
@@ -211,7 +211,8 @@ pub(crate) async fn poll_entry(config: &Config, key: &str, headers: &HeaderMap) 
 
 /// See [`poll_entry`].
 pub(crate) enum Polled {
-    Fresh(CachedResponse, Option<key::Variant>),
+    // Boxed: polling is the slow path, and the other variants are a few bytes.
+    Fresh(Box<CachedResponse>, Option<key::Variant>),
     Uncacheable,
     /// Nothing fresh: the stored time of the response found, if any.
     Other(Option<u64>),

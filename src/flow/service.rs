@@ -204,7 +204,7 @@ struct Lookup<B> {
 /// without a future of its own: may this request use the cache, under which key, and (on a
 /// store that keeps its values in this process) is there a fresh response for it?
 fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqBody, ResBody> {
-    // 1. May this request use the cache at all, and under which key?
+    // 1. May this request use the cache at all?
     let plan = request::classify_request(&config.rules, req.method(), req.headers());
     let (label, method) = match plan.action {
         RequestAction::Pass => return Begun::Flow(Step::Pass(req)),
@@ -215,6 +215,7 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
         RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
     };
+    // 2. Under which key?
     let (req, key) = request_key(config, &method, req);
     let key = match key {
         Ok(key) => key,
@@ -227,13 +228,13 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
     if !span.is_disabled() {
         span.record("key", key.as_str());
     }
-    // 2. Look up, if the store can answer now (a refresh does not look).
+    // 3. Look up, if the store can answer now (a refresh does not look), and serve it if
+    // fresh; anything else (stale, validation, absent) is respond's.
     let mut found = None;
     if label != Outcome::Refresh {
         let looked_up_at = config.flights.mark();
         found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
     }
-    // 3. Serve it if fresh; anything else (stale, validation, absent) is respond's.
     if let Some((looked_up_at, Found::Entry(entry))) = &found {
         if judge_entry(config, &plan, entry) == Verdict::Fresh {
             let with_body = plan.action != RequestAction::HeadLookup;
@@ -320,7 +321,7 @@ where
     let mut req = req;
     let mut label = label;
 
-    // 2-3. Look up (unless the client asked for a refresh, or `begin` looked already) and
+    // 3. Look up (unless the client asked for a refresh, or `begin` looked already) and
     // judge the stored copy for this request: serve it, serve it stale while refreshing, or
     // keep it to validate with the handler or to stand in for a failing handler.
     let mut stored = None;
