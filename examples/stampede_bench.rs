@@ -224,7 +224,189 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // refresh-ahead rows (absent from runs of older versions)
     hot_key(&store, &layer).await;
+    if redis_url.is_some() {
+        failing_origin(&store, &layer).await;
+    }
+    slow_origin(&store, &layer).await;
     Ok(())
+}
+
+/// 16 clients in a loop on `addrs` for `secs`; every latency, sorted, and the statuses seen.
+async fn load(addrs: &[std::net::SocketAddr], secs: f64) -> (Vec<Duration>, Vec<u16>) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let uri: hyper::Uri = format!("http://{}/hot", addrs[i % addrs.len()])
+                .parse()
+                .unwrap();
+            tokio::spawn(async move {
+                let (mut latencies, mut statuses) = (Vec::new(), Vec::new());
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    let response = client.get(uri.clone()).await.expect("request");
+                    statuses.push(response.status().as_u16());
+                    response.into_body().collect().await.expect("body");
+                    latencies.push(started.elapsed());
+                }
+                (latencies, statuses)
+            })
+        })
+        .collect();
+    let (mut latencies, mut statuses) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (l, s) = c.await.unwrap();
+        latencies.extend(l);
+        statuses.extend(s);
+    }
+    latencies.sort();
+    statuses.sort_unstable();
+    statuses.dedup();
+    (latencies, statuses)
+}
+
+/// An origin that fails after the first call, behind 4 instances with the lock, a stale copy
+/// and the default fail-safe throttle (5 s): 12 s of load after expiry.
+async fn failing_origin<F, Fut>(store: &F, layer: &impl Fn(Arc<dyn Store>, &str) -> CacheLayer)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Store>>,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut addrs = Vec::new();
+    let mut layers = Vec::new();
+    for _ in 0..4 {
+        let route = layer(store().await, "failing")
+            .ttl(Duration::from_secs(1))
+            .stale_if_error(Duration::from_secs(60))
+            .lock_across_instances(true);
+        layers.push(route.clone());
+        addrs.push(serve_failing(route, calls.clone()).await);
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{}/hot", addrs[0]).parse().unwrap();
+    client
+        .get(uri)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    for route in &layers {
+        route.flush().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (latencies, statuses) = load(&addrs, 12.0).await;
+    let served_stale: u64 = layers
+        .iter()
+        .map(|l| {
+            let s = l.stats();
+            s.stale_if_error + s.fail_safe
+        })
+        .sum();
+    println!();
+    println!("a failing origin (500 after the first call), 4 instances, lock on, stale-if-error, fail-safe throttle 5 s, 12 s of load after expiry");
+    println!(
+        "| requests | served stale | statuses | origin calls after expiry |      p99 |      max |"
+    );
+    println!(
+        "|----------|--------------|----------|---------------------------|----------|----------|"
+    );
+    println!(
+        "| {:>8} | {served_stale:>12} | {statuses:?} | {:>25} | {:>8.1?} | {:>8.1?} |",
+        latencies.len(),
+        calls.load(Ordering::SeqCst) - 1,
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1],
+    );
+}
+
+async fn serve_failing(layer: CacheLayer, calls: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    use axum::response::IntoResponse;
+    let app = Router::new()
+        .route(
+            "/hot",
+            get(move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match n {
+                        0 => "expensive result".into_response(),
+                        _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// An origin that slows to 1 s after the first call, with a stale copy and
+/// `.soft_timeout(100 ms)`: 5 s of load after expiry.
+async fn slow_origin<F, Fut>(store: &F, layer: &impl Fn(Arc<dyn Store>, &str) -> CacheLayer)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Store>>,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let route = layer(store().await, "slow")
+        .ttl(Duration::from_secs(5))
+        .stale_if_error(Duration::from_secs(60))
+        .soft_timeout(Duration::from_millis(100));
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/hot",
+            get(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n > 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    "expensive result"
+                }
+            }),
+        )
+        .layer(route.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}/hot").parse().unwrap();
+    client
+        .get(uri)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    route.flush().await;
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    let (latencies, _) = load(&[addr], 5.0).await;
+    let stats = route.stats();
+    let over = latencies
+        .iter()
+        .filter(|l| **l > Duration::from_millis(150))
+        .count();
+    println!();
+    println!(
+        "an origin that slows to 1 s, stale copy, .soft_timeout(100 ms), 5 s of load after expiry"
+    );
+    println!("| requests | answered at the soft timeout | took > 150 ms | origin calls after expiry |      p99 |      max |");
+    println!("|----------|------------------------------|---------------|---------------------------|----------|----------|");
+    println!(
+        "| {:>8} | {:>28} | {over:>13} | {:>25} | {:>8.1?} | {:>8.1?} |",
+        latencies.len(),
+        stats.soft_timeouts,
+        calls.load(Ordering::SeqCst) - 1,
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1],
+    );
 }
 
 /// A hot key with a 1 s TTL under steady load, with and without refresh ahead.
