@@ -44,29 +44,92 @@ impl WarnLimiter {
     }
 }
 
-/// How a request the cache handled was answered; one per labelled response.
+/// How a request the cache handled was answered; one per labelled response. The layer labels
+/// its answers from it (`X-Cache`, `Cache-Status`), and counts them by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Served {
-    Hit = 0,
+    /// A fresh stored response (`HIT`).
+    Hit,
+    /// A stale copy the client accepted or that is being refreshed in the background.
     Stale,
+    /// A stale copy served because the handler failed.
     StaleIfError,
+    /// The handler confirmed the stored copy with a 304.
     Revalidated,
     Miss,
+    /// The client forced a handler call (`no-cache`).
     Refresh,
-    Bypass,
+    /// The cache stood aside, and why.
+    Bypass(Bypass),
     /// Served the response of another request's handler call (in-process or cross-instance
-    /// coalescing).
+    /// coalescing); says HIT.
     Coalesced,
     /// Went to the handler at once, without coalescing: the key is marked uncacheable, or
-    /// the leader's answer turned out uncacheable.
+    /// the leader's answer turned out uncacheable; says MISS.
     HitForMiss,
     /// A stale copy stood in for a failing handler that was not called (fail-safe throttle,
-    /// or the leader's call failed).
+    /// or the leader's call failed); says STALE.
     FailSafe,
     /// A stale copy served at the soft timeout; the handler's call went on in the background.
     SoftTimeout,
-    /// A `504` at the hard timeout (no stale copy could stand in).
+    /// The cache's own `504` at the hard timeout (no stale copy could stand in); says MISS.
     Timeout,
+}
+
+impl Served {
+    const COUNT: usize = 12;
+
+    /// One of each kind, in the order of the counters (every bypass counts as one kind).
+    const KINDS: [Served; Self::COUNT] = [
+        Served::Hit,
+        Served::Stale,
+        Served::StaleIfError,
+        Served::Revalidated,
+        Served::Miss,
+        Served::Refresh,
+        Served::Bypass(Bypass::NoStore),
+        Served::Coalesced,
+        Served::HitForMiss,
+        Served::FailSafe,
+        Served::SoftTimeout,
+        Served::Timeout,
+    ];
+
+    /// This kind's counter.
+    fn index(self) -> usize {
+        match self {
+            Served::Hit => 0,
+            Served::Stale => 1,
+            Served::StaleIfError => 2,
+            Served::Revalidated => 3,
+            Served::Miss => 4,
+            Served::Refresh => 5,
+            Served::Bypass(_) => 6,
+            Served::Coalesced => 7,
+            Served::HitForMiss => 8,
+            Served::FailSafe => 9,
+            Served::SoftTimeout => 10,
+            Served::Timeout => 11,
+        }
+    }
+
+    /// The kind's name in metrics (`outcome` label) and traces.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Stale => "stale",
+            Served::StaleIfError => "stale_if_error",
+            Served::Revalidated => "revalidated",
+            Served::Miss => "miss",
+            Served::Refresh => "refresh",
+            Served::Bypass(_) => "bypass",
+            Served::Coalesced => "coalesced",
+            Served::HitForMiss => "hit_for_miss",
+            Served::FailSafe => "fail_safe",
+            Served::SoftTimeout => "soft_timeout",
+            Served::Timeout => "timeout",
+        }
+    }
 }
 
 /// Things the layer did besides answering, counted in [`CacheStats`].
@@ -80,21 +143,6 @@ pub(crate) enum Event {
     FailSafeThrottle,
 }
 
-const SERVED: [&str; 12] = [
-    "hit",
-    "stale",
-    "stale_if_error",
-    "revalidated",
-    "miss",
-    "refresh",
-    "bypass",
-    "coalesced",
-    "hit_for_miss",
-    "fail_safe",
-    "soft_timeout",
-    "timeout",
-];
-
 #[cfg(feature = "metrics")]
 const EVENTS: [&str; 3] = [
     "uncacheable_marks",
@@ -102,23 +150,44 @@ const EVENTS: [&str; 3] = [
     "fail_safe_throttles",
 ];
 
-/// Why a request bypassed the cache.
+/// Why a request bypassed the cache, for `Cache-Status`'s `detail` and the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Bypass {
+    /// The client sent `Cache-Control: no-store`.
     NoStore = 0,
+    /// The request carries credentials (`Authorization` / `Proxy-Authorization`) and the
+    /// response was not marked shareable.
     Authorization,
+    /// The request carries a cookie the route does not ignore or key on.
     Cookie,
+    /// The route's key function declined the request.
     NoKey,
+    /// The request names two different hosts (its target's authority and `Host`, or two
+    /// `Host` fields), so no key says which page the app renders.
     AuthorityMismatch,
 }
 
-const BYPASS: [&str; 5] = [
-    "no-store",
-    "authorization",
-    "cookie",
-    "no-key",
-    "authority-mismatch",
-];
+impl Bypass {
+    /// Every reason, in the order of the counters.
+    pub(crate) const ALL: [Bypass; 5] = [
+        Bypass::NoStore,
+        Bypass::Authorization,
+        Bypass::Cookie,
+        Bypass::NoKey,
+        Bypass::AuthorityMismatch,
+    ];
+
+    /// The reason's name in `Cache-Status` (`detail=`) and metrics (`reason` label).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Bypass::NoStore => "no-store",
+            Bypass::Authorization => "authorization",
+            Bypass::Cookie => "cookie",
+            Bypass::NoKey => "no-key",
+            Bypass::AuthorityMismatch => "authority-mismatch",
+        }
+    }
+}
 
 /// Why a response the cache considered storing was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,20 +213,41 @@ pub(crate) enum NotStored {
     PendingWritesFull,
 }
 
-const NOT_STORED: [&str; 12] = [
-    "status",
-    "set-cookie",
-    "private",
-    "no-store",
-    "authorization",
-    "event-stream",
-    "vary-star",
-    "no-freshness",
-    "size",
-    "bad-length",
-    "incomplete",
-    "pending-writes-full",
-];
+impl NotStored {
+    /// Every reason, in the order of the counters.
+    pub(crate) const ALL: [NotStored; 12] = [
+        NotStored::Status,
+        NotStored::SetCookie,
+        NotStored::Private,
+        NotStored::NoStore,
+        NotStored::Authorization,
+        NotStored::EventStream,
+        NotStored::VaryStar,
+        NotStored::NoFreshness,
+        NotStored::Size,
+        NotStored::BadLength,
+        NotStored::Incomplete,
+        NotStored::PendingWritesFull,
+    ];
+
+    /// The reason's name in metrics (`reason` label) and logs.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            NotStored::Status => "status",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::Private => "private",
+            NotStored::NoStore => "no-store",
+            NotStored::Authorization => "authorization",
+            NotStored::EventStream => "event-stream",
+            NotStored::VaryStar => "vary-star",
+            NotStored::NoFreshness => "no-freshness",
+            NotStored::Size => "size",
+            NotStored::BadLength => "bad-length",
+            NotStored::Incomplete => "incomplete",
+            NotStored::PendingWritesFull => "pending-writes-full",
+        }
+    }
+}
 
 const ERROR_KINDS: [(ErrorKind, &str); 8] = [
     (ErrorKind::InvalidUrl, "invalid_url"),
@@ -235,7 +325,7 @@ pub(crate) mod names {
 /// the layer was built, but before its first request, still gets them).
 #[cfg(feature = "metrics")]
 struct Handles {
-    served: [metrics::Counter; 12],
+    served: [metrics::Counter; Served::COUNT],
     events: [metrics::Counter; 3],
     bypass: [metrics::Counter; 5],
     not_stored: [metrics::Counter; 12],
@@ -258,10 +348,25 @@ impl Handles {
         }
         let errors = ERROR_KINDS.map(|(_, n)| n);
         Self {
-            served: labelled(names::REQUESTS, route, "outcome", SERVED),
+            served: labelled(
+                names::REQUESTS,
+                route,
+                "outcome",
+                Served::KINDS.map(Served::as_str),
+            ),
             events: labelled(names::EVENTS, route, "event", EVENTS),
-            bypass: labelled(names::BYPASSES, route, "reason", BYPASS),
-            not_stored: labelled(names::NOT_STORED, route, "reason", NOT_STORED),
+            bypass: labelled(
+                names::BYPASSES,
+                route,
+                "reason",
+                Bypass::ALL.map(Bypass::as_str),
+            ),
+            not_stored: labelled(
+                names::NOT_STORED,
+                route,
+                "reason",
+                NotStored::ALL.map(NotStored::as_str),
+            ),
             errors: labelled(names::STORE_ERRORS, route, "kind", errors),
             get: metrics::histogram!(names::STORE_GET, "route" => route.to_owned()),
             set: metrics::histogram!(names::STORE_SET, "route" => route.to_owned()),
@@ -273,7 +378,7 @@ impl Handles {
 /// The counters of one layer (one route), shared by its services.
 pub(crate) struct Observer {
     route: String,
-    served: [AtomicU64; 12],
+    served: [AtomicU64; Served::COUNT],
     events: [AtomicU64; 3],
     bypass: [AtomicU64; 5],
     not_stored: [AtomicU64; 12],
@@ -315,13 +420,19 @@ impl Observer {
         &self.route
     }
 
+    /// Counts an answer (and, for a bypass, its reason).
     pub(crate) fn served(&self, served: Served) {
-        self.served[served as usize].fetch_add(1, Ordering::Relaxed);
+        if let Served::Bypass(reason) = served {
+            self.bypass[reason as usize].fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            self.handles().bypass[reason as usize].increment(1);
+        }
+        self.served[served.index()].fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        self.handles().served[served as usize].increment(1);
+        self.handles().served[served.index()].increment(1);
         let span = tracing::Span::current();
         if !span.is_disabled() {
-            span.record("outcome", SERVED[served as usize]);
+            span.record("outcome", served.as_str());
         }
     }
 
@@ -331,18 +442,11 @@ impl Observer {
         self.handles().events[event as usize].increment(1);
     }
 
-    pub(crate) fn bypassed(&self, reason: Bypass) {
-        self.bypass[reason as usize].fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        self.handles().bypass[reason as usize].increment(1);
-        self.served(Served::Bypass);
-    }
-
     pub(crate) fn not_stored(&self, reason: NotStored) {
         self.not_stored[reason as usize].fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.handles().not_stored[reason as usize].increment(1);
-        tracing::debug!(reason = NOT_STORED[reason as usize], "response not stored");
+        tracing::debug!(reason = reason.as_str(), "response not stored");
     }
 
     /// Counts a failed store operation and warns, at most once per [`WARN_INTERVAL`] per
@@ -662,7 +766,7 @@ impl CacheStats {
             b.no_key,
             b.authority_mismatch,
         ];
-        for (name, value) in BYPASS.iter().zip(bypass) {
+        for (name, value) in Bypass::ALL.map(Bypass::as_str).iter().zip(bypass) {
             out.push((format!("bypass.{}", name.replace('-', "_")), value));
         }
         let n = &self.not_stored;
@@ -680,7 +784,7 @@ impl CacheStats {
             n.incomplete,
             n.pending_writes_full,
         ];
-        for (name, value) in NOT_STORED.iter().zip(not_stored) {
+        for (name, value) in NotStored::ALL.map(NotStored::as_str).iter().zip(not_stored) {
             out.push((format!("not_stored.{}", name.replace('-', "_")), value));
         }
         let e = &self.store_errors;
@@ -712,6 +816,23 @@ impl CacheStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn served_kinds_are_listed_in_counter_order_with_distinct_names() {
+        for (i, kind) in Served::KINDS.iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind:?}");
+        }
+        let mut names = Served::KINDS.map(Served::as_str).to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Served::COUNT);
+        for (i, reason) in Bypass::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+        for (i, reason) in NotStored::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_limiter_lets_one_line_per_interval_and_counts_the_rest() {

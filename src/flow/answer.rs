@@ -12,7 +12,6 @@ use crate::entry::CachedResponse;
 use crate::observe::{Bypass, Served};
 use crate::rules::conditional;
 use crate::rules::range::{self, RangeAnswer};
-use crate::rules::request::BypassReason;
 use crate::rules::tags::TAG_HEADERS;
 use crate::settings::{Rules, MAX_DELTA_SECS};
 
@@ -32,58 +31,29 @@ pub(crate) const REVALIDATED: HeaderValue = HeaderValue::from_static("REVALIDATE
 /// RFC 9211's `Cache-Status`, sent alongside `X-Cache` unless the route turns it off.
 pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// How the cache answered, for `X-Cache` and `Cache-Status` (RFC 9211).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    Hit,
-    Miss,
-    Bypass(BypassReason),
-    Refresh,
-    /// A stale copy the client accepted or that is being refreshed in the background.
-    Stale,
-    /// A stale copy served because the handler failed.
-    StaleIfError,
-    /// The handler confirmed the stored copy with a 304.
-    Revalidated,
-    /// Another request's handler call produced the response (coalescing); says HIT.
-    Coalesced,
-    /// The handler was called at once, without waiting on another request: the key is
-    /// marked uncacheable, or the answer waited for turned out uncacheable; says MISS.
-    HitForMiss,
-    /// A stale copy stood in for a failing handler that was not called; says STALE.
-    FailSafe,
-    /// A stale copy answered at the soft timeout; says STALE.
-    SoftTimeout,
-    /// The cache's own `504` at the hard timeout; says MISS.
-    Timeout,
-}
-
-impl Outcome {
+/// How the cache answered, as `X-Cache` and `Cache-Status` (RFC 9211) say it.
+impl Served {
     fn x_cache(self) -> HeaderValue {
         match self {
-            Outcome::Hit | Outcome::Coalesced => HIT,
-            Outcome::Miss | Outcome::HitForMiss | Outcome::Timeout => MISS,
-            Outcome::Bypass(_) => BYPASS,
-            Outcome::Refresh => REFRESH,
-            Outcome::Stale | Outcome::StaleIfError | Outcome::FailSafe | Outcome::SoftTimeout => {
-                STALE
-            }
-            Outcome::Revalidated => REVALIDATED,
+            Served::Hit | Served::Coalesced => HIT,
+            Served::Miss | Served::HitForMiss | Served::Timeout => MISS,
+            Served::Bypass(_) => BYPASS,
+            Served::Refresh => REFRESH,
+            Served::Stale | Served::StaleIfError | Served::FailSafe | Served::SoftTimeout => STALE,
+            Served::Revalidated => REVALIDATED,
         }
     }
 
     /// `Cache-Status` of a response that came from the handler, after the cache's name.
     fn forwarded_status(self) -> &'static str {
         match self {
-            Outcome::Bypass(BypassReason::NoStore) => "fwd=bypass; detail=no-store",
-            Outcome::Bypass(BypassReason::Authorization) => "fwd=bypass; detail=authorization",
-            Outcome::Bypass(BypassReason::Cookie) => "fwd=bypass; detail=cookie",
-            Outcome::Bypass(BypassReason::NoKey) => "fwd=bypass; detail=no-key",
-            Outcome::Bypass(BypassReason::AuthorityMismatch) => {
-                "fwd=bypass; detail=authority-mismatch"
-            }
-            Outcome::Refresh => "fwd=request",
-            Outcome::HitForMiss => "fwd=uri-miss; detail=hit-for-miss",
+            Served::Bypass(Bypass::NoStore) => "fwd=bypass; detail=no-store",
+            Served::Bypass(Bypass::Authorization) => "fwd=bypass; detail=authorization",
+            Served::Bypass(Bypass::Cookie) => "fwd=bypass; detail=cookie",
+            Served::Bypass(Bypass::NoKey) => "fwd=bypass; detail=no-key",
+            Served::Bypass(Bypass::AuthorityMismatch) => "fwd=bypass; detail=authority-mismatch",
+            Served::Refresh => "fwd=request",
+            Served::HitForMiss => "fwd=uri-miss; detail=hit-for-miss",
             _ => "fwd=uri-miss",
         }
     }
@@ -92,11 +62,11 @@ impl Outcome {
     /// freshness left (negative when stale).
     fn stored_status(self, name: &str, ttl_left: i64) -> HeaderValue {
         let (how, detail) = match self {
-            Outcome::Stale => ("; hit; ttl=", "; detail=stale"),
-            Outcome::StaleIfError => ("; fwd=stale; ttl=", "; detail=stale-if-error"),
-            Outcome::FailSafe => ("; hit; ttl=", "; detail=fail-safe"),
-            Outcome::SoftTimeout => ("; fwd=stale; ttl=", "; detail=soft-timeout"),
-            Outcome::Revalidated => ("; fwd=stale; fwd-status=304; ttl=", ""),
+            Served::Stale => ("; hit; ttl=", "; detail=stale"),
+            Served::StaleIfError => ("; fwd=stale; ttl=", "; detail=stale-if-error"),
+            Served::FailSafe => ("; hit; ttl=", "; detail=fail-safe"),
+            Served::SoftTimeout => ("; fwd=stale; ttl=", "; detail=soft-timeout"),
+            Served::Revalidated => ("; fwd=stale; fwd-status=304; ttl=", ""),
             _ => ("; hit; ttl=", ""),
         };
         // Built in one buffer of the right size: this runs on every hit, and `format!` would
@@ -115,27 +85,7 @@ impl Outcome {
 
     /// Counts the answer in the layer's stats and metrics.
     fn observe(self, config: &Config) {
-        let observe = &config.observe;
-        match self {
-            Outcome::Hit => observe.served(Served::Hit),
-            Outcome::Miss => observe.served(Served::Miss),
-            Outcome::Refresh => observe.served(Served::Refresh),
-            Outcome::Stale => observe.served(Served::Stale),
-            Outcome::StaleIfError => observe.served(Served::StaleIfError),
-            Outcome::Revalidated => observe.served(Served::Revalidated),
-            Outcome::Coalesced => observe.served(Served::Coalesced),
-            Outcome::HitForMiss => observe.served(Served::HitForMiss),
-            Outcome::FailSafe => observe.served(Served::FailSafe),
-            Outcome::SoftTimeout => observe.served(Served::SoftTimeout),
-            Outcome::Timeout => observe.served(Served::Timeout),
-            Outcome::Bypass(reason) => observe.bypassed(match reason {
-                BypassReason::NoStore => Bypass::NoStore,
-                BypassReason::Authorization => Bypass::Authorization,
-                BypassReason::Cookie => Bypass::Cookie,
-                BypassReason::NoKey => Bypass::NoKey,
-                BypassReason::AuthorityMismatch => Bypass::AuthorityMismatch,
-            }),
-        }
+        config.observe.served(self);
     }
 }
 
@@ -147,7 +97,7 @@ pub(crate) fn answer<B>(
     hit: Arc<CachedResponse>,
     request: &HeaderMap,
     with_body: bool,
-    outcome: Outcome,
+    outcome: Served,
 ) -> Response<CacheBody<B>> {
     outcome.observe(config);
     let rules = &config.rules;
@@ -260,16 +210,16 @@ pub(crate) fn body_allowed(status: StatusCode) -> bool {
 
 /// `only-if-cached` with nothing usable stored (RFC 9111 §5.2.1.7).
 pub(crate) fn gateway_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
-    own_504(config, Outcome::Miss, "fwd=miss; detail=only-if-cached")
+    own_504(config, Served::Miss, "fwd=miss; detail=only-if-cached")
 }
 
 /// The handler did not answer within the route's hard timeout, and no stale copy may stand
 /// in: the cache's own `504`.
 pub(crate) fn handler_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
-    own_504(config, Outcome::Timeout, "fwd=uri-miss; detail=timeout")
+    own_504(config, Served::Timeout, "fwd=uri-miss; detail=timeout")
 }
 
-fn own_504<B>(config: &Config, outcome: Outcome, detail: &str) -> Response<CacheBody<B>> {
+fn own_504<B>(config: &Config, outcome: Served, detail: &str) -> Response<CacheBody<B>> {
     outcome.observe(config);
     let rules = &config.rules;
     let mut response = Response::new(CacheBody::replay(Bytes::new()));
@@ -289,7 +239,7 @@ fn own_504<B>(config: &Config, outcome: Outcome, detail: &str) -> Response<Cache
 
 /// Marks a response that came from the handler. Tag headers are for this cache alone and
 /// never reach clients.
-pub(crate) fn label_forwarded(config: &Config, headers: &mut HeaderMap, outcome: Outcome) {
+pub(crate) fn label_forwarded(config: &Config, headers: &mut HeaderMap, outcome: Served) {
     outcome.observe(config);
     let rules = &config.rules;
     for name in &TAG_HEADERS {

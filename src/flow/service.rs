@@ -17,12 +17,12 @@ use crate::entry::CachedResponse;
 use crate::key;
 use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
-use crate::rules::request::{self, BypassReason, RequestAction, RequestPlan};
+use crate::rules::request::{self, RequestAction, RequestPlan};
 
-use crate::observe::Event;
+use crate::observe::{Bypass, Event, Served};
 use crate::settings::clamp;
 
-use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded, Outcome};
+use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded};
 use super::body::CacheBody;
 use super::config::{Config, Lead};
 use super::join::{coalesce, throttled, Coalesced};
@@ -175,7 +175,7 @@ enum Step<B> {
     /// A write: the handler, then the URL's stored responses dropped.
     Invalidate(Request<B>),
     /// The handler, labelled with why the cache stood aside.
-    Bypass(Request<B>, BypassReason),
+    Bypass(Request<B>, Bypass),
     /// A request for the stored response under `key`.
     Lookup(Lookup<B>),
 }
@@ -193,7 +193,7 @@ struct Lookup<B> {
     req: Request<B>,
     plan: RequestPlan,
     /// What the answer says if it comes from the handler.
-    label: Outcome,
+    label: Served,
     key: String,
     /// What a store in process memory held, and the flights' mark taken just before
     /// looking; `None` when the lookup needs I/O (or a refresh skips it).
@@ -211,17 +211,17 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         RequestAction::Invalidate => return Begun::Flow(Step::Invalidate(req)),
         RequestAction::Bypass(reason) => return Begun::Flow(Step::Bypass(req, reason)),
         // A HEAD is answered from the GET entry.
-        RequestAction::HeadLookup => (Outcome::Hit, Method::GET),
-        RequestAction::Refresh => (Outcome::Refresh, req.method().clone()),
-        RequestAction::Lookup => (Outcome::Miss, req.method().clone()),
+        RequestAction::HeadLookup => (Served::Hit, Method::GET),
+        RequestAction::Refresh => (Served::Refresh, req.method().clone()),
+        RequestAction::Lookup => (Served::Miss, req.method().clone()),
     };
     // 2. Under which key?
     let (req, key) = request_key(config, &method, req);
     let key = match key {
         Ok(key) => key,
-        Err(key::NoKey::Declined) => return Begun::Flow(Step::Bypass(req, BypassReason::NoKey)),
+        Err(key::NoKey::Declined) => return Begun::Flow(Step::Bypass(req, Bypass::NoKey)),
         Err(key::NoKey::AuthorityMismatch) => {
-            return Begun::Flow(Step::Bypass(req, BypassReason::AuthorityMismatch))
+            return Begun::Flow(Step::Bypass(req, Bypass::AuthorityMismatch))
         }
     };
     let span = tracing::Span::current();
@@ -231,7 +231,7 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
     // 3. Look up, if the store can answer now (a refresh does not look), and serve it if
     // fresh; anything else (stale, validation, absent) is respond's.
     let mut found = None;
-    if label != Outcome::Refresh {
+    if label != Served::Refresh {
         let looked_up_at = config.flights.mark();
         found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
     }
@@ -244,7 +244,7 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
                 Arc::clone(entry),
                 req.headers(),
                 with_body,
-                Outcome::Hit,
+                Served::Hit,
             );
             let refresh = (with_body && refresh_due(config, entry)).then(|| RefreshAhead {
                 req,
@@ -297,7 +297,7 @@ where
         };
         let stored = match stored.entry() {
             Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
+                return Ok(answer(&config, hit, req.headers(), false, Served::Hit));
             }
             other => other.map(Arc::unwrap_or_clone),
         };
@@ -328,7 +328,7 @@ where
     // The stored copy may stand in for a failing (or, past the soft timeout, slow) handler.
     let mut stand_in = false;
     let mut lead = None;
-    if label == Outcome::Miss {
+    if label == Served::Miss {
         let (looked_up_at, found) = match found {
             Some(found) => found,
             None => {
@@ -339,8 +339,7 @@ where
         match found {
             Found::Entry(entry) => match judge_entry(&config, &plan, &entry) {
                 Verdict::Fresh => {
-                    let response =
-                        answer(&config, entry.clone(), req.headers(), true, Outcome::Hit);
+                    let response = answer(&config, entry.clone(), req.headers(), true, Served::Hit);
                     if refresh_due(&config, &entry) {
                         refresh_in_background(
                             config,
@@ -355,10 +354,10 @@ where
                     return Ok(response);
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
+                    return Ok(answer(&config, entry, req.headers(), true, Served::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
+                    let response = answer(&config, entry, req.headers(), true, Served::Stale);
                     refresh_in_background(
                         config,
                         key,
@@ -378,7 +377,7 @@ where
             },
             // The last answer for this key could not be stored: straight to the handler,
             // without waiting on anyone (hit-for-miss).
-            Found::Uncacheable => label = Outcome::HitForMiss,
+            Found::Uncacheable => label = Served::HitForMiss,
             Found::Nothing => {}
         }
         if plan.directives.only_if_cached {
@@ -394,14 +393,14 @@ where
                     Arc::new(stale),
                     req.headers(),
                     true,
-                    Outcome::FailSafe,
+                    Served::FailSafe,
                 ));
             }
         }
         // 4. A cold or expired key: let one request call the handler and the others reuse
         // its response. Requests with `Authorization` neither lead nor follow: their replies
         // are their own.
-        if label == Outcome::Miss && !plan.authorized {
+        if label == Served::Miss && !plan.authorized {
             let stand_in_copy = stored.as_ref().filter(|_| stand_in);
             match coalesce(
                 &config,
@@ -419,11 +418,11 @@ where
                         Arc::new(hit),
                         req.headers(),
                         true,
-                        Outcome::Coalesced,
+                        Served::Coalesced,
                     ))
                 }
                 Coalesced::Lead(l) => lead = Some(l),
-                Coalesced::Uncacheable => label = Outcome::HitForMiss,
+                Coalesced::Uncacheable => label = Served::HitForMiss,
                 Coalesced::LeaderFailed { timed_out } => {
                     // The identical call just failed: the stale copy stands in, or after a
                     // timeout the request is not sent to wait that long again.
@@ -433,7 +432,7 @@ where
                             Arc::new(stale),
                             req.headers(),
                             true,
-                            Outcome::FailSafe,
+                            Served::FailSafe,
                         ));
                     }
                     if timed_out {
@@ -449,7 +448,7 @@ where
                             Arc::new(stale),
                             req.headers(),
                             true,
-                            Outcome::SoftTimeout,
+                            Served::SoftTimeout,
                         ));
                     }
                 }
@@ -476,7 +475,7 @@ where
     };
     let sent_at_ms = clock::now_ms();
     // A request that came through a hit-for-miss mark does not write it again.
-    let may_mark = label != Outcome::HitForMiss;
+    let may_mark = label != Served::HitForMiss;
     let called_at = std::time::Instant::now();
     let result = match call_in_time(&config, inner.call(req), stored.is_some() && stand_in).await {
         InTime::Answered(result) => result,
@@ -488,7 +487,7 @@ where
                     Arc::new(stale),
                     &request_headers,
                     true,
-                    Outcome::SoftTimeout,
+                    Served::SoftTimeout,
                 ),
                 None => handler_timeout(&config),
             };
@@ -512,7 +511,7 @@ where
                     Arc::new(stale),
                     &request_headers,
                     true,
-                    Outcome::StaleIfError,
+                    Served::StaleIfError,
                 ));
             }
             failed_without_stand_in(&config, key, lead, may_mark, true);
@@ -533,7 +532,7 @@ where
             Arc::new(stale),
             &request_headers,
             true,
-            Outcome::StaleIfError,
+            Served::StaleIfError,
         ));
     }
     let (mut parts, body) = match result {
@@ -551,7 +550,7 @@ where
             Arc::new(refreshed),
             &request_headers,
             true,
-            Outcome::Revalidated,
+            Served::Revalidated,
         ));
     }
 
@@ -560,7 +559,7 @@ where
     // waiters at once and is remembered (hit-for-miss).
     let recorder = plan_store(&config, key, &exchange, &parts, &body, lead, may_mark);
     let label = if plan.authorized && recorder.is_none() {
-        Outcome::Bypass(BypassReason::Authorization)
+        Served::Bypass(Bypass::Authorization)
     } else {
         label
     };
@@ -685,13 +684,13 @@ async fn bypass<S, ReqBody, ResBody>(
     config: &Config,
     mut inner: S,
     req: Request<ReqBody>,
-    reason: BypassReason,
+    reason: Bypass,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-    label_forwarded(config, response.headers_mut(), Outcome::Bypass(reason));
+    label_forwarded(config, response.headers_mut(), Served::Bypass(reason));
     Ok(response)
 }
 

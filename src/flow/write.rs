@@ -14,9 +14,9 @@ use crate::clock;
 
 use crate::entry::{self, CachedResponse, StoredValue};
 use crate::key;
-use crate::observe::{NotStored, Observer};
+use crate::observe::{Event, NotStored, Observer};
 use crate::rules::conditional;
-use crate::rules::freshness::{self, Unstorable};
+use crate::rules::freshness;
 use crate::rules::tags::{self, TAG_HEADERS};
 use crate::rules::vary::{vary_names, Vary};
 use crate::store::Store;
@@ -24,7 +24,6 @@ use crate::{ErrorKind, Result};
 
 use super::answer::X_CACHE;
 use crate::coalesce::Released;
-use crate::observe::Event;
 
 use super::body::{RecordSink, Recorder, Unrecorded};
 use super::config::{Config, Lead, Shared, WriteBudget};
@@ -77,7 +76,7 @@ pub(crate) fn plan_store<B: Body>(
         exchange.authorized,
     ) {
         Ok(ttl) => ttl,
-        Err(reason) => return not_stored(not_stored_reason(reason), lead),
+        Err(reason) => return not_stored(reason, lead),
     };
     // A body announcing more than the limit is not recorded at all.
     if body.size_hint().lower() > rules.max_body_bytes as u64 {
@@ -236,20 +235,6 @@ fn write_then_release(
             lead.release_lock().await;
         }
     });
-}
-
-/// The stats' name for why the rules refused a response.
-fn not_stored_reason(reason: Unstorable) -> NotStored {
-    match reason {
-        Unstorable::Status => NotStored::Status,
-        Unstorable::SetCookie => NotStored::SetCookie,
-        Unstorable::Private => NotStored::Private,
-        Unstorable::NoStore => NotStored::NoStore,
-        Unstorable::Authorization => NotStored::Authorization,
-        Unstorable::EventStream => NotStored::EventStream,
-        Unstorable::VaryStar => NotStored::VaryStar,
-        Unstorable::NoFreshness => NotStored::NoFreshness,
-    }
 }
 
 /// The body length `Content-Length` announces: `Ok(None)` without one, `Err` when its

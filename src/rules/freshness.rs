@@ -13,23 +13,7 @@ use crate::settings::{clamp, Rules, MAX_DELTA_SECS};
 use super::date::http_date;
 use super::request::RequestPlan;
 use super::vary::{vary_names, Vary};
-
-/// Why a response may not be stored, as [`storable_ttl`] decided it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unstorable {
-    /// Not a final status the cache replays, or (relying on the route's TTL) not in the
-    /// route's status set.
-    Status,
-    SetCookie,
-    Private,
-    NoStore,
-    /// A response to a request with credentials, not marked shareable.
-    Authorization,
-    EventStream,
-    VaryStar,
-    /// No lifetime (explicit, heuristic or the route's) and no validator to revalidate with.
-    NoFreshness,
-}
+use crate::observe::NotStored;
 
 /// How long a response may be stored, or why it must not be.
 ///
@@ -47,21 +31,21 @@ pub(crate) fn storable_ttl(
     headers: &HeaderMap,
     cc: &CacheControl,
     authorized: bool,
-) -> Result<Duration, Unstorable> {
+) -> Result<Duration, NotStored> {
     if !storable_status(status) {
-        return Err(Unstorable::Status);
+        return Err(NotStored::Status);
     }
     if headers.contains_key(SET_COOKIE) {
-        return Err(Unstorable::SetCookie);
+        return Err(NotStored::SetCookie);
     }
     if cc.private {
-        return Err(Unstorable::Private);
+        return Err(NotStored::Private);
     }
     if cc.no_store {
-        return Err(Unstorable::NoStore);
+        return Err(NotStored::NoStore);
     }
     if authorized && !cc.shareable_when_authorized() {
-        return Err(Unstorable::Authorization);
+        return Err(NotStored::Authorization);
     }
     // An event stream is a live feed, not a document: never replay it, and never make
     // concurrent subscribers wait for it to end.
@@ -75,10 +59,10 @@ pub(crate) fn storable_ttl(
                 .starts_with("text/event-stream")
         });
     if event_stream {
-        return Err(Unstorable::EventStream);
+        return Err(NotStored::EventStream);
     }
     if matches!(vary_names(headers), Vary::Any) {
-        return Err(Unstorable::VaryStar);
+        return Err(NotStored::VaryStar);
     }
     let explicit = rules
         .honor_origin_ttl
@@ -90,7 +74,7 @@ pub(crate) fn storable_ttl(
         None => {
             let heuristic = heuristic_ttl(rules, status, headers, cc);
             if heuristic.is_none() && !rules.statuses.contains(status) {
-                return Err(Unstorable::Status);
+                return Err(NotStored::Status);
             }
             heuristic.unwrap_or(rules.ttl)
         }
@@ -108,7 +92,7 @@ pub(crate) fn storable_ttl(
         } else if has_validator {
             Ok(Duration::ZERO)
         } else {
-            Err(Unstorable::NoFreshness)
+            Err(NotStored::NoFreshness)
         };
     }
     Ok(ttl)

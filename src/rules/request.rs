@@ -5,6 +5,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use crate::cache_control::{split_list, CacheControl};
 use crate::key;
+pub(crate) use crate::observe::Bypass;
 use crate::settings::{CookieRule, Rules};
 
 /// What to do with a request.
@@ -19,28 +20,11 @@ pub(crate) enum RequestAction {
     /// A HEAD request: answer from a fresh GET entry if there is one, else pass.
     HeadLookup,
     /// Call the handler, store nothing, say `X-Cache: BYPASS` (and why).
-    Bypass(BypassReason),
+    Bypass(Bypass),
     /// Call the handler without looking up, then store (`X-Cache: REFRESH`).
     Refresh,
     /// Look up; on a miss call the handler and store.
     Lookup,
-}
-
-/// Why a request bypassed the cache, for `Cache-Status`'s `detail`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BypassReason {
-    /// The client sent `Cache-Control: no-store`.
-    NoStore,
-    /// The request carries credentials (`Authorization` / `Proxy-Authorization`) and the
-    /// response was not marked shareable.
-    Authorization,
-    /// The request carries a cookie the route does not ignore or key on.
-    Cookie,
-    /// The route's key function declined the request.
-    NoKey,
-    /// The request names two different hosts (its target's authority and `Host`, or two
-    /// `Host` fields), so no key says which page the app renders.
-    AuthorityMismatch,
 }
 
 /// How the cache treats a request, and what the request asks of a stored response.
@@ -95,12 +79,12 @@ pub(crate) fn classify_request(rules: &Rules, method: &Method, headers: &HeaderM
         // Several ranges need a multipart body; the handler builds it (RFC 9110 §14.6).
         RequestAction::Pass
     } else if cc.no_store {
-        RequestAction::Bypass(BypassReason::NoStore)
+        RequestAction::Bypass(Bypass::NoStore)
     } else if personal_cookie {
-        RequestAction::Bypass(BypassReason::Cookie)
+        RequestAction::Bypass(Bypass::Cookie)
     } else if wants_fresh {
         if authorized {
-            RequestAction::Bypass(BypassReason::Authorization)
+            RequestAction::Bypass(Bypass::Authorization)
         } else {
             RequestAction::Refresh
         }

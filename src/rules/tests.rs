@@ -90,7 +90,7 @@ fn request_classification_table() {
         (
             Method::GET,
             &[("authorization", "Bearer x"), ("cache-control", "no-cache")],
-            Bypass(BypassReason::Authorization),
+            Bypass(crate::observe::Bypass::Authorization),
             true,
         ),
         (
@@ -108,13 +108,13 @@ fn request_classification_table() {
         (
             Method::GET,
             &[("Cache-Control", "NO-STORE")],
-            Bypass(BypassReason::NoStore),
+            Bypass(crate::observe::Bypass::NoStore),
             false,
         ),
         (
             Method::GET,
             &[("cookie", "session=abc")],
-            Bypass(BypassReason::Cookie),
+            Bypass(crate::observe::Bypass::Cookie),
             false,
         ),
         (Method::HEAD, &[("cookie", "session=abc")], Pass, false),
