@@ -105,9 +105,12 @@ impl CacheLayer {
         self
     }
 
-    /// Whether a client's `Cache-Control: no-cache` (or `Pragma: no-cache`) forces a call to
-    /// the handler (default true). Turn it off on routes where any client forcing handler
-    /// calls is a load risk; nginx and Varnish ignore it by default for that reason.
+    /// Whether a client may force a call to the handler (default true): with `Cache-Control:
+    /// no-cache` (or `Pragma: no-cache` without `Cache-Control`), or with `max-age` /
+    /// `min-fresh` directives that reject the stored response. Off, the route drops those
+    /// request directives and serves what it has. Turn it off on routes where any client
+    /// forcing handler calls is a load risk; nginx and Varnish ignore them by default for
+    /// that reason.
     pub fn honor_request_no_cache(mut self, honor: bool) -> Self {
         self.rules_mut().honor_request_no_cache = honor;
         self

@@ -1,5 +1,6 @@
-//! The behaviour table of DESIGN.md, row by row, through real HTTP (axum/hyper) against a
-//! private redis-server and, with feature `cluster`, a private Redis Cluster.
+//! The layer's behaviour (README's builder table and docs/http-caching.md), row by row, through
+//! real HTTP (axum/hyper) against a private redis-server and, with feature `cluster`, a private
+//! Redis Cluster.
 
 mod common;
 
