@@ -2,7 +2,8 @@
 //! parsing and request classification, and one full hit through `CacheService` on a
 //! `MemoryStore` (next to the same handler without the layer).
 //!
-//! Run with `cargo bench --bench cache`; filter with `cargo bench --bench cache -- hit_path`.
+//! Run with `cargo bench --features bench-internals --bench cache`; filter with
+//! `cargo bench --features bench-internals --bench cache -- hit_path`.
 //! The HTTP-level load benchmark is `examples/loadbench.rs` (`scripts/loadbench.sh`).
 
 use std::convert::Infallible;

@@ -4,7 +4,7 @@
 //! ```text
 //! scripts/hit_instructions.sh          # builds this, runs each mode under callgrind, prints
 //!                                      # instructions per request and the difference
-//! cargo run --release --example hit_instructions -- memory 100000 1000  # one mode over 1,000
+//! cargo run --release --features bench-internals --example hit_instructions -- memory 100000 1000  # one mode over 1,000
 //!                                      # ids (default 1), no valgrind
 //! ```
 //!

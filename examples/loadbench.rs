@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! scripts/loadbench.sh                       # installs wrk if missing, then runs this
-//! cargo run --release --example loadbench    # the same, wrk already installed
-//! cargo run --release --example loadbench -- --pools   # plus the connection-setup comparison
+//! cargo run --release --features bench-internals --example loadbench    # the same, wrk already installed
+//! cargo run --release --features bench-internals --example loadbench -- --pools   # plus the connection-setup comparison
 //! ```
 //!
 //! One run starts its own `redis-server` on a free loopback port (never a shared one), then

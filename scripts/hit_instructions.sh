@@ -17,7 +17,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
     $sudo apt-get install -y -qq valgrind >/dev/null
 fi
 
-cargo build --release --quiet --example hit_instructions
+cargo build --release --quiet --features bench-internals --example hit_instructions
 bin=target/release/examples/hit_instructions
 modes=("$@")
 [ ${#modes[@]} -gt 0 ] || modes=(bare memory decoding)

@@ -17,4 +17,4 @@ if ! need wrk || ! need redis-server; then
     $sudo apt-get install -y -qq wrk redis-server >/dev/null
 fi
 
-exec cargo run --release --quiet --features bb8,tiered,cluster --example loadbench -- "$@"
+exec cargo run --release --quiet --features bb8,tiered,cluster,bench-internals --example loadbench -- "$@"

@@ -53,8 +53,9 @@ pub struct ReadmeDoctests;
 pub struct ClientDocDoctests;
 
 /// NOT PUBLIC API. Thin wrappers over crate internals for the criterion benchmarks in
-/// `benches/` and the benchmark examples; hidden from the docs, exempt from semver, and may
-/// change or vanish in any release.
+/// `benches/` and the benchmark examples, behind the non-default feature `bench-internals`;
+/// hidden from the docs, exempt from semver, and may change or vanish in any release.
+#[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod __bench {
     use std::time::Duration;

@@ -80,6 +80,7 @@ impl Served {
     const COUNT: usize = 12;
 
     /// One of each kind, in the order of the counters (every bypass counts as one kind).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     const KINDS: [Served; Self::COUNT] = [
         Served::Hit,
         Served::Stale,
