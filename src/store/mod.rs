@@ -29,7 +29,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
 pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
 #[cfg(feature = "tiered")]
-pub use tiered::{TieredStore, TieredStoreBuilder};
+pub use tiered::{TieredBusStats, TieredStore, TieredStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
