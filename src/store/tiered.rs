@@ -559,8 +559,10 @@ impl Journal {
             .arg("+")
             .arg("COUNT")
             .arg(count);
-        let (anchor, entries): (Vec<(String, Value)>, Vec<(String, HashMap<String, Vec<u8>>)>) =
-            self.store.query_pipeline(&pipe).await?;
+        let (anchor, entries): (
+            Vec<(String, Value)>,
+            Vec<(String, HashMap<String, Vec<u8>>)>,
+        ) = self.store.query_pipeline(&pipe).await?;
         if anchor.is_empty() {
             return Ok(None);
         }
@@ -694,8 +696,7 @@ impl Near {
 
     /// Whether no change of `key` was applied since `since` (a value of `changes`).
     fn unchanged(&self, key: &str, since: u64) -> bool {
-        self.guard(key).load(Ordering::SeqCst) <= since
-            && self.wide.load(Ordering::SeqCst) <= since
+        self.guard(key).load(Ordering::SeqCst) <= since && self.wide.load(Ordering::SeqCst) <= since
     }
 
     /// Drops the copies `notice` names. MemoryStore's operations never fail, and complete
