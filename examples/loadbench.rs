@@ -504,7 +504,7 @@ fn run(options: Options) {
     }
     let results = medians(rounds);
     print_table(&results);
-    print_ratios(&results, set_rtt);
+    print_ratios(&results, set_rtt, &options);
 
     // Under load, p50 is mostly queueing (50 connections over the server's throughput), so
     // the miss path's own latency is also measured one request at a time.
@@ -778,7 +778,7 @@ fn ratio_summary(results: &[Measured]) -> String {
     .join(", ")
 }
 
-fn print_ratios(results: &[Measured], set_rtt_us: f64) {
+fn print_ratios(results: &[Measured], set_rtt_us: f64, options: &Options) {
     let find = |row: &str| results.iter().find(|m| m.row == row);
     println!();
     if let (Some(bare), Some(memory)) = (find("bare"), find("memory")) {

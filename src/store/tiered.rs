@@ -231,7 +231,7 @@ impl Queue {
 /// Where the subscriber subscribes.
 enum Subscription {
     /// One server (standalone, or what the app's client names).
-    Server(Client),
+    Server(Box<Client>),
     /// A cluster: any node, the given ones first, then the primaries the cluster names.
     #[cfg(feature = "cluster")]
     Cluster(Vec<String>),
@@ -282,7 +282,11 @@ impl<S: Store> TieredStoreBuilder<S> {
     /// [`invalidations`](Self::invalidations) through the app's redis-rs `client`.
     pub fn invalidations_from_client(mut self, client: Client, channel: &str) -> Self {
         let publisher = RedisStore::builder_from_client(client.clone()).lazy();
-        self.bus = Some((Subscription::Server(client), publisher, channel.to_owned()));
+        self.bus = Some((
+            Subscription::Server(Box::new(client)),
+            publisher,
+            channel.to_owned(),
+        ));
         self
     }
 
@@ -559,10 +563,8 @@ impl Journal {
             .arg("+")
             .arg("COUNT")
             .arg(count);
-        let (anchor, entries): (
-            Vec<(String, Value)>,
-            Vec<(String, HashMap<String, Vec<u8>>)>,
-        ) = self.store.query_pipeline(&pipe).await?;
+        let (anchor, entries): (Vec<(String, Value)>, Vec<JournalEntry>) =
+            self.store.query_pipeline(&pipe).await?;
         if anchor.is_empty() {
             return Ok(None);
         }
@@ -574,6 +576,9 @@ impl Journal {
         ))
     }
 }
+
+/// A journal entry as `XRANGE` answers it: the id, and the fields (`m`: the notification).
+type JournalEntry = (String, HashMap<String, Vec<u8>>);
 
 fn parse_version(id: &str) -> Option<Version> {
     let (ms, seq) = id.split_once('-')?;
@@ -791,7 +796,7 @@ impl Near {
         loop {
             let entries = if after == (0, 0) {
                 // The journal was empty: everything in it now is new.
-                let entries: Vec<(String, HashMap<String, Vec<u8>>)> = journal
+                let entries: Vec<JournalEntry> = journal
                     .store
                     .query(
                         ::redis::cmd("XRANGE")
@@ -922,7 +927,7 @@ impl Subscription {
     async fn client(&self, store: &RedisStore, n: usize) -> Option<Client> {
         let _ = store;
         match self {
-            Subscription::Server(client) => Some(client.clone()),
+            Subscription::Server(client) => Some((**client).clone()),
             #[cfg(feature = "cluster")]
             Subscription::Cluster(nodes) => {
                 // The given nodes, then the primaries the cluster names now (a failed-over
