@@ -55,13 +55,18 @@ async fn in_l1(store: &TieredStore, key: &str) -> bool {
     store.l1().get(key).await.unwrap().is_some()
 }
 
-/// Reads `key` through `reader` so its L1 holds a copy.
+/// Reads `key` through `reader` so its L1 holds a copy. A read during which the
+/// notification of the key's last change arrives is not copied (it may have read the value
+/// before the change), so the read is repeated until one is.
 async fn read_through(reader: &TieredStore, key: &str) {
     if !in_l1(reader, key).await {
         assert!(reader.get_in_process(key).is_none(), "an L1 miss needs L2");
     }
-    assert!(reader.get(key).await.unwrap().is_some(), "{key} in L2");
-    assert!(in_l1(reader, key).await, "{key} copied into L1");
+    wait_until(&format!("{key} copied into L1"), BOUND, || async {
+        assert!(reader.get(key).await.unwrap().is_some(), "{key} in L2");
+        in_l1(reader, key).await
+    })
+    .await;
     assert!(
         matches!(reader.get_in_process(key), Some(Some(_))),
         "an L1 hit is read without waiting"
@@ -341,4 +346,223 @@ async fn an_over_long_pattern_from_the_channel_is_ignored() {
 
 async fn in_l1_of(store: &TieredStore<MemoryStore>, key: &str) -> bool {
     store.l1().get(key).await.unwrap().is_some()
+}
+
+/// Percentiles of `samples` (sorted here): p50, p99, max.
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Issue 20, test 1: a replacement through A (a fill, a REFRESH, a revalidation: all are
+/// `set`s) reaches B, which held the previous copy in L1, within 50 ms, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_through_one_instance_is_served_by_the_other_within_50_ms() {
+    let redis = RedisServer::start();
+    let a = instance(&redis, Duration::from_secs(30)).await;
+    let b = instance(&redis, Duration::from_secs(30)).await;
+    let ttl = Duration::from_secs(60);
+    let mut took = Vec::with_capacity(1000);
+    a.set("k", Bytes::from("0"), ttl).await.unwrap();
+    for round in 1..=1000 {
+        // B holds the previous copy.
+        read_through(&b, "k").await;
+        let new = Bytes::from(round.to_string());
+        let started = Instant::now();
+        a.set("k", new.clone(), ttl).await.unwrap();
+        loop {
+            if b.get("k").await.unwrap().as_ref() == Some(&new) {
+                break;
+            }
+            assert!(
+                started.elapsed() < BOUND,
+                "round {round}: B still serves its old copy after {BOUND:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+        took.push(started.elapsed());
+    }
+    let (p50, p99, max) = percentiles(&mut took);
+    println!("replacement seen by the other instance: p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    assert!(max < Duration::from_millis(50), "max {max:?}");
+}
+
+/// B's subscription connection is killed (`CLIENT KILL TYPE pubsub`).
+fn kill_subscriptions(redis: &RedisServer) -> u64 {
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"])
+}
+
+/// Issue 20, test 2: a purge sent while B is away (its subscription killed, not yet back)
+/// reaches B when it subscribes again, from the journal; B drops that copy and keeps the
+/// others (it does not empty its L1).
+#[tokio::test]
+async fn a_purge_during_the_resubscription_is_caught_up_and_only_it() {
+    let redis = RedisServer::start();
+    let a = instance(&redis, Duration::from_secs(30)).await;
+    let b = instance(&redis, Duration::from_secs(30)).await;
+    let ttl = Duration::from_secs(60);
+    for round in 0..10 {
+        let (purged, kept) = (format!("purged:{round}"), format!("kept:{round}"));
+        a.set(&purged, Bytes::from_static(b"v"), ttl).await.unwrap();
+        a.set(&kept, Bytes::from_static(b"v"), ttl).await.unwrap();
+        read_through(&b, &purged).await;
+        read_through(&b, &kept).await;
+
+        assert!(kill_subscriptions(&redis) >= 2);
+        wait_until("B notices", BOUND, || async { !b.is_subscribed() }).await;
+        // Acknowledged while B is not subscribed: nobody hears it on the channel.
+        assert!(a.delete(&purged).await.unwrap());
+
+        let took = wait_until("B drops the purged copy", BOUND, || async {
+            b.is_subscribed() && !in_l1(&b, &purged).await
+        })
+        .await;
+        println!("round {round}: purge caught up {took:?} after it was sent");
+        assert!(in_l1(&b, &kept).await, "B kept the copy nobody changed");
+        assert_eq!(b.get(&purged).await.unwrap(), None);
+    }
+    assert!(b.bus_stats().caught_up >= 10);
+    assert_eq!(b.bus_stats().l1_emptied, 0);
+}
+
+/// Issue 20, test 3: under load (A replacing entries, B reading them), B's subscription is
+/// killed; within a second B serves every replacement made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscription_under_load_catches_up_within_a_second() {
+    let redis = RedisServer::start();
+    let a = instance(&redis, Duration::from_secs(30)).await;
+    let b = instance(&redis, Duration::from_secs(30)).await;
+    let ttl = Duration::from_secs(60);
+    let keys: Vec<String> = (0..50).map(|i| format!("load:{i}")).collect();
+    for key in &keys {
+        a.set(key, Bytes::from_static(b"0"), ttl).await.unwrap();
+        read_through(&b, key).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let (b, keys, stop) = (b.clone(), keys.clone(), stop.clone());
+        async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for key in &keys {
+                    let _ = b.get(key).await;
+                    reads += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            reads
+        }
+    });
+
+    kill_subscriptions(&redis);
+    let killed = Instant::now();
+    wait_until("B notices", BOUND, || async { !b.is_subscribed() }).await;
+    // Replaced while B is away.
+    for key in &keys {
+        a.set(key, Bytes::from_static(b"1"), ttl).await.unwrap();
+    }
+    let took = wait_until("B serves every replacement", BOUND, || async {
+        for key in &keys {
+            if b.l1().get(key).await.unwrap().as_deref() == Some(b"0") {
+                return false;
+            }
+        }
+        b.is_subscribed()
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.await.unwrap();
+    println!(
+        "caught up {:?} after the kill ({took:?} after the replacements); {reads} reads by B",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() < Duration::from_secs(1));
+    for key in &keys {
+        assert_eq!(b.get(key).await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
+}
+
+/// Issue 20: Redis restarted (in well under 50 ms) under load. No store fails, and no purge
+/// fails, later than 100 ms after Redis answers PING again: the first command on the dead
+/// connection is retried on a fresh one, and a back-off entered while Redis was down ends
+/// with the first probe that gets an answer. The store's back-off is the default 500 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_redis_restart_under_load_costs_no_blind_back_off() {
+    let mut redis = RedisServer::start();
+    let l2 = RedisStore::builder(&redis.url()).build_lazy().unwrap();
+    let a = TieredStore::builder(l2)
+        .invalidations(&redis.url(), CHANNEL)
+        .unwrap()
+        .build()
+        .await;
+    assert!(a.is_subscribed());
+    let ttl = Duration::from_secs(60);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = Instant::now();
+    let load = |worker: usize| {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("w{worker}:{}", i % 100);
+                // A miss's store, then a purge of it.
+                if a.set(&key, Bytes::from_static(b"v"), ttl).await.is_err() {
+                    failures.push(("store", start.elapsed()));
+                }
+                if a.delete(&key).await.is_err() {
+                    failures.push(("purge", start.elapsed()));
+                }
+                i += 1;
+                tokio::task::yield_now().await;
+            }
+            (i, failures)
+        })
+    };
+    let workers: Vec<_> = (0..4).map(load).collect();
+    wait_until("load runs", BOUND, || async {
+        a.l2().stats().errors.total() == 0 && start.elapsed() > Duration::from_millis(100)
+    })
+    .await;
+    let down = start.elapsed();
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.restart();
+        redis
+    })
+    .await
+    .unwrap();
+    // `restart` returns once the new server answers PING.
+    let up = start.elapsed();
+    wait_until("load after the restart", BOUND, || async {
+        start.elapsed() > up + Duration::from_millis(300)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut operations = 0;
+    let mut late = Vec::new();
+    let mut failed = 0;
+    for worker in workers {
+        let (n, failures) = worker.await.unwrap();
+        operations += n;
+        failed += failures.len();
+        late.extend(
+            failures
+                .into_iter()
+                .filter(|(_, at)| *at > up + Duration::from_millis(100)),
+        );
+    }
+    let last = late.iter().map(|(_, at)| *at).max();
+    println!(
+        "restart took {:?}; {operations} store+purge pairs, {failed} operations failed, \
+         late failures (after PING + 100 ms): {} (last at {last:?} after PING); back-offs {}",
+        up - down,
+        late.len(),
+        a.l2().stats().backoffs
+    );
+    assert!(
+        late.is_empty(),
+        "failed later than 100 ms after PING: {late:?}"
+    );
+    drop(redis);
 }

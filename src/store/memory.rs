@@ -283,6 +283,35 @@ impl MemoryStore {
             .count() as u64
     }
 
+    /// Removes `key`, at once.
+    #[cfg(feature = "tiered")]
+    pub(crate) fn remove_matching_key(&self, key: &str) {
+        self.cache.remove(key);
+    }
+
+    /// [`Store::invalidate_tag`], at once; returns how many entries were removed.
+    pub(crate) fn invalidate_tag_now(&self, tag_key: &str) -> u64 {
+        // Never call the cache while holding the index: its eviction listener takes the
+        // index, and may run inside any cache call.
+        let members = lock(&self.tags).remove(tag_key).unwrap_or_default();
+        // Each recorded value goes if it is still the one under its key. A value written
+        // since (in a compute after the set was taken) is not one the set named: it is kept,
+        // and if it carries the tag, the tag's new set records it.
+        members
+            .iter()
+            .filter(|(key, generation)| {
+                let result = self
+                    .cache
+                    .entry_by_ref(key.as_str())
+                    .and_compute_with(|current| match current {
+                        Some(entry) if entry.value().generation == **generation => Op::Remove,
+                        _ => Op::Nop,
+                    });
+                matches!(result, CompResult::Removed(_))
+            })
+            .count() as u64
+    }
+
     /// Removes every entry.
     #[cfg(feature = "tiered")]
     pub(crate) fn clear(&self) {
@@ -399,25 +428,7 @@ impl Store for MemoryStore {
     }
 
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
-        // Never call the cache while holding the index: its eviction listener takes the
-        // index, and may run inside any cache call.
-        let members = lock(&self.tags).remove(tag_key).unwrap_or_default();
-        // Each recorded value goes if it is still the one under its key. A value written
-        // since (in a compute after the set was taken) is not one the set named: it is kept,
-        // and if it carries the tag, the tag's new set records it.
-        let removed = members
-            .iter()
-            .filter(|(key, generation)| {
-                let result = self
-                    .cache
-                    .entry_by_ref(key.as_str())
-                    .and_compute_with(|current| match current {
-                        Some(entry) if entry.value().generation == **generation => Op::Remove,
-                        _ => Op::Nop,
-                    });
-                matches!(result, CompResult::Removed(_))
-            })
-            .count() as u64;
+        let removed = self.invalidate_tag_now(tag_key);
         Box::pin(std::future::ready(Ok(removed)))
     }
 

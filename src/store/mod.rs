@@ -29,7 +29,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 /// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
 pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
 #[cfg(feature = "tiered")]
-pub use tiered::{TieredStore, TieredStoreBuilder};
+pub use tiered::{TieredBusStats, TieredStore, TieredStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -62,6 +62,17 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// [`get`](Self::get) with the time the value has left to live, when the store can tell
+    /// (the default cannot, and answers `None` for it). A two-tier store keeps its copy no
+    /// longer than that.
+    fn get_with_ttl<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Bytes, Option<Duration>)>> {
+        let get = self.get(key);
+        Box::pin(async move { Ok(get.await?.map(|bytes| (bytes, None))) })
+    }
+
     /// Stores `value` under `key` for `ttl`, replacing any previous value. A zero `ttl` means
     /// "do not keep": afterwards the key holds nothing, in every store.
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()>;
@@ -92,6 +103,20 @@ pub trait Store: Send + Sync + 'static {
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
         let _ = tag_key;
         unsupported("tags")
+    }
+
+    /// [`invalidate_tag`](Self::invalidate_tag), with the keys it removed when the store can
+    /// list them (at most `limit` of them; `None` when there were more, or when the store
+    /// cannot tell, as the default). A two-tier store tells the other instances exactly which
+    /// copies to drop.
+    fn invalidate_tag_listed<'a>(
+        &'a self,
+        tag_key: &'a str,
+        limit: usize,
+    ) -> StoreFuture<'a, (u64, Option<Vec<String>>)> {
+        let _ = limit;
+        let invalidate = self.invalidate_tag(tag_key);
+        Box::pin(async move { Ok((invalidate.await?, None)) })
     }
 
     /// Takes the lock `key` for `ttl` if nobody holds it, recording `token` as its owner;
@@ -160,6 +185,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         (**self).get_in_process(key)
     }
 
+    fn get_with_ttl<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Bytes, Option<Duration>)>> {
+        (**self).get_with_ttl(key)
+    }
+
     fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> StoreFuture<'a, ()> {
         (**self).set(key, value, ttl)
     }
@@ -180,6 +212,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
         (**self).invalidate_tag(tag_key)
+    }
+
+    fn invalidate_tag_listed<'a>(
+        &'a self,
+        tag_key: &'a str,
+        limit: usize,
+    ) -> StoreFuture<'a, (u64, Option<Vec<String>>)> {
+        (**self).invalidate_tag_listed(tag_key, limit)
     }
 
     fn try_lock<'a>(

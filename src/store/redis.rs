@@ -61,6 +61,9 @@ struct Inner {
     epoch: Instant,
     /// Milliseconds since `epoch` before which operations fail fast; 0 when healthy.
     down_until_ms: AtomicU64,
+    /// Milliseconds since `epoch` from which the next operation during a back-off may try
+    /// the server.
+    next_probe_ms: AtomicU64,
     /// Failed operations by kind, and back-offs entered, for [`RedisStore::stats`].
     errors: ErrorCounters,
     backoffs: AtomicU64,
@@ -357,6 +360,12 @@ impl RedisStoreBuilder {
     /// tried again (default 500 ms; zero disables it). A single slow command is not one: it
     /// costs its own request a miss and its connection is replaced, but other requests carry
     /// on.
+    ///
+    /// A command whose connection broke is first retried once on a fresh connection, so a
+    /// restart of Redis that is over by then costs no back-off at all. During a back-off one
+    /// operation every 25 ms tries the server, and the first that gets an answer ends the
+    /// back-off: the store is used again within 25 ms of Redis answering, while the others
+    /// still fail at once.
     pub fn failure_backoff(mut self, backoff: Duration) -> Self {
         self.backoff = backoff;
         self
@@ -440,6 +449,7 @@ impl RedisStoreBuilder {
                 max_value_bytes: self.max_value_bytes,
                 epoch: Instant::now(),
                 down_until_ms: AtomicU64::new(0),
+                next_probe_ms: AtomicU64::new(0),
                 errors: ErrorCounters::default(),
                 backoffs: AtomicU64::new(0),
                 backoff_warning: WarnLimiter::default(),
@@ -742,12 +752,37 @@ impl RedisStore {
     /// Probes the server: PING latency, then memory, eviction policy, evictions and keys
     /// without TTL from `INFO` (fields a server does not report are `None`). Two round trips,
     /// each within the operation timeout; for a health endpoint, not for every request.
+    ///
+    /// On a Cluster every primary is asked (PING and `INFO` on each, concurrently): the ping
+    /// is the slowest primary's, memory, evictions and keys without a TTL are summed, and the
+    /// eviction policy is the one that deserves a warning if any primary runs it
+    /// (`noeviction` first), else the first primary's.
     pub async fn health(&self) -> Result<RedisHealth> {
+        #[cfg(feature = "cluster")]
+        if self.is_cluster() {
+            return self.cluster_health().await;
+        }
         let started = tokio::time::Instant::now();
         self.ping().await?;
         let ping = started.elapsed();
         let info: String = self.query(&::redis::cmd("INFO")).await?;
         Ok(parse_info(ping, &info))
+    }
+
+    /// [`health`](Self::health) on a Cluster: every primary's, combined.
+    #[cfg(feature = "cluster")]
+    async fn cluster_health(&self) -> Result<RedisHealth> {
+        let primaries = self.primaries().await?;
+        let probes = primaries.iter().map(|node| async move {
+            let started = tokio::time::Instant::now();
+            self.query_node::<String>(node, &::redis::cmd("PING"))
+                .await?;
+            let ping = started.elapsed();
+            let info: String = self.query_node(node, &::redis::cmd("INFO")).await?;
+            Ok::<_, Error>(parse_info(ping, &info))
+        });
+        let each = futures_util::future::try_join_all(probes).await?;
+        Ok(combine_health(each))
     }
 
     /// Failed operations by kind, back-offs entered and open connections since the store was
@@ -844,10 +879,13 @@ impl RedisStore {
             host: node.0.clone(),
             port: node.1,
         });
+        let routing = &routing;
         let value = self
             .with_conn(|conn| async move {
                 match conn {
-                    Conn::Cluster(mut conn) => conn.route_command(cmd.clone(), routing).await,
+                    Conn::Cluster(mut conn) => {
+                        conn.route_command(cmd.clone(), routing.clone()).await
+                    }
                     // Not a cluster: the only node there is.
                     mut conn => cmd.query_async::<Value>(&mut conn).await,
                 }
@@ -942,13 +980,21 @@ impl RedisStore {
 
     /// Runs `run` on the next connection within the operation timeout, and keeps the
     /// connections and the back-off state honest about failures.
+    ///
+    /// A command that fails because its connection broke (the server restarted, or dropped
+    /// the connection) is run once more on a fresh connection before anything is reported:
+    /// after a Redis restart, the first command of each instance would otherwise fail on the
+    /// dead connection and put the store in its back-off while the server already answers.
+    /// During a back-off, one operation every [`PROBE_INTERVAL`] tries the server, and the
+    /// first that succeeds ends the back-off at once.
     pub(crate) async fn with_conn<T, F, Fut>(&self, run: F) -> Result<T>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let shared = &*self.shared;
-        if shared.is_backing_off() {
+        let probing = shared.is_backing_off();
+        if probing && !shared.take_probe() {
             shared.errors.count(ErrorKind::Unreachable);
             return Err(Error::new(
                 ErrorKind::Unreachable,
@@ -958,21 +1004,31 @@ impl RedisStore {
         // A cluster connection heals itself (per-node reconnects, slot map reloads): never
         // replaced for a command's error, and one node's failure never backs off the others.
         let self_healing = self.is_cluster();
+        // The app's own multiplexed connection never reconnects: a retry would meet the same
+        // dead connection.
+        let may_retry = !self_healing && !matches!(shared.source, Source::Connection(_));
         let index = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
         let slot = &shared.slots[index];
         let mut used = None;
         let mut connect_failed = false;
         let outcome = tokio::time::timeout(shared.op_timeout, async {
-            let (generation, conn) = match slot.current() {
-                Some(current) => current,
-                None => self
-                    .open_slot(index)
-                    .await
-                    .inspect_err(|_| connect_failed = true)?,
-            };
-            used = Some(generation);
-            let result = run(conn).await;
-            if let Err(e) = &result {
+            let mut retried = false;
+            loop {
+                let (generation, conn, fresh) = match slot.current() {
+                    Some((generation, conn)) => (generation, conn, false),
+                    None => {
+                        let (generation, conn) = self
+                            .open_slot(index)
+                            .await
+                            .inspect_err(|_| connect_failed = true)?;
+                        (generation, conn, true)
+                    }
+                };
+                used = Some(generation);
+                let result = run(conn).await;
+                let Err(e) = &result else {
+                    return result.map_err(classify);
+                };
                 let broken = e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_unrecoverable_error()
@@ -980,8 +1036,14 @@ impl RedisStore {
                 if broken && !self_healing {
                     slot.discard(generation);
                 }
+                // Once, and only on a connection opened before this command: a fresh one
+                // that breaks at once says the server is down, not that a restart is over.
+                if broken && may_retry && !fresh && !retried {
+                    retried = true;
+                    continue;
+                }
+                return result.map_err(classify);
             }
-            result.map_err(classify)
         })
         .await;
         let timed_out = outcome.is_err();
@@ -1004,11 +1066,53 @@ impl RedisStore {
             !self_healing && matches!(&result, Err(e) if e.kind() == ErrorKind::Unreachable);
         if connect_failed || still_connecting || unreachable {
             shared.back_off(result.as_ref().err());
+        } else if shared.down_until_ms.load(Ordering::Relaxed) != 0
+            && result
+                .as_ref()
+                .err()
+                .is_none_or(|e| e.kind() == ErrorKind::Backend)
+        {
+            // The server answered (a reply, or an error reply): the back-off is over.
+            shared.down_until_ms.store(0, Ordering::Relaxed);
         }
         if let Err(e) = &result {
             shared.errors.count(e.kind());
         }
         result
+    }
+
+    /// Unlinks every key recorded in the tag set `tag_key`; returns how many were removed, and
+    /// the members popped when there were at most `limit` of them.
+    async fn unlink_tag(&self, tag_key: &str, limit: usize) -> Result<(u64, Option<Vec<String>>)> {
+        let mut removed = 0;
+        let mut listed = Some(Vec::new());
+        loop {
+            // Pop in batches: each step is one short command, within the op timeout.
+            let popped: Vec<(Vec<u8>, f64)> = self
+                .query(::redis::cmd("ZPOPMIN").arg(tag_key).arg(TAG_BATCH))
+                .await?;
+            if !popped.is_empty() {
+                let mut unlink = ::redis::cmd("UNLINK");
+                for (key, _) in &popped {
+                    unlink.arg(key);
+                }
+                removed += self.query::<u64>(&unlink).await?;
+                if let Some(keys) = &mut listed {
+                    let names: Option<Vec<String>> = popped
+                        .iter()
+                        .map(|(k, _)| String::from_utf8(k.clone()).ok())
+                        .collect();
+                    match names {
+                        Some(names) if keys.len() + names.len() <= limit => keys.extend(names),
+                        // Too many to list, or a key that is not text: the listing would lie.
+                        _ => listed = None,
+                    }
+                }
+            }
+            if popped.len() < TAG_BATCH {
+                return Ok((removed, listed));
+            }
+        }
     }
 
     /// Refuses a value over the write size limit.
@@ -1072,13 +1176,35 @@ impl RedisStore {
 impl Inner {
     fn is_backing_off(&self) -> bool {
         let until = self.down_until_ms.load(Ordering::Relaxed);
-        until != 0 && (self.epoch.elapsed().as_millis() as u64) < until
+        until != 0 && self.now_ms() < until
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether this operation may try the server during a back-off: one per
+    /// [`PROBE_INTERVAL`], whoever asks first.
+    fn take_probe(&self) -> bool {
+        let now = self.now_ms();
+        let due = self.next_probe_ms.load(Ordering::Relaxed);
+        now >= due
+            && self
+                .next_probe_ms
+                .compare_exchange(
+                    due,
+                    now + PROBE_INTERVAL.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Fails operations fast for the back-off period; counted, and warned about at most once
     /// per few seconds (with the number of back-offs not logged meanwhile).
     fn back_off(&self, error: Option<&Error>) {
         if !self.backoff.is_zero() {
+            let already = self.is_backing_off();
             let until = self
                 .epoch
                 .elapsed()
@@ -1086,6 +1212,15 @@ impl Inner {
                 .as_millis();
             let until = u64::try_from(until).unwrap_or(u64::MAX);
             self.down_until_ms.store(until, Ordering::Relaxed);
+            self.next_probe_ms.store(
+                self.now_ms() + PROBE_INTERVAL.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            if already {
+                // A failed probe (or a command that was already under way): the same outage,
+                // extended; counted and logged once.
+                return;
+            }
             self.backoffs.fetch_add(1, Ordering::Relaxed);
             #[cfg(feature = "metrics")]
             metrics::counter!(crate::observe::names::BACKOFFS).increment(1);
@@ -1142,6 +1277,38 @@ fn parse_info(ping: Duration, info: &str) -> RedisHealth {
     health
 }
 
+/// One health for a cluster from each primary's (see [`RedisStore::health`]).
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+fn combine_health(each: Vec<RedisHealth>) -> RedisHealth {
+    fn sum(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+        values.fold(None, |total, v| match (total, v) {
+            (None, v) => v,
+            (Some(t), v) => Some(t + v.unwrap_or(0)),
+        })
+    }
+    let policy = |h: &RedisHealth| h.maxmemory_policy.clone();
+    let worst = each
+        .iter()
+        .find(|h| h.maxmemory_policy.as_deref() == Some("noeviction"))
+        .or_else(|| {
+            each.iter().find(|h| {
+                h.maxmemory_policy
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("allkeys-"))
+                    && h.keys_without_ttl.unwrap_or(0) > 0
+            })
+        })
+        .or(each.first());
+    RedisHealth {
+        ping: each.iter().map(|h| h.ping).max().unwrap_or_default(),
+        used_memory: sum(each.iter().map(|h| h.used_memory)),
+        maxmemory: sum(each.iter().map(|h| h.maxmemory)),
+        maxmemory_policy: worst.and_then(policy),
+        evicted_keys: sum(each.iter().map(|h| h.evicted_keys)),
+        keys_without_ttl: sum(each.iter().map(|h| h.keys_without_ttl)),
+    }
+}
+
 /// A TTL as Redis's `PX` argument: at least 1 ms (Redis rejects 0), at most 2^31 s. The one
 /// conversion of every write (the store's, and `RedisCache`'s through [`RedisStore::write`]).
 fn px(ttl: Duration) -> u64 {
@@ -1165,6 +1332,10 @@ fn classify(e: RedisError) -> Error {
     };
     Error::new(kind, "Redis command failed").with_source(e)
 }
+
+/// How often, during a back-off, one operation tries the server: a server back from a
+/// restart is used again within this time instead of after the whole back-off.
+const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Tag-set members popped and unlinked per step of a tag invalidation.
 const TAG_BATCH: usize = 1000;
@@ -1256,26 +1427,30 @@ impl Store for RedisStore {
         Box::pin(async move { self.write_tagged(key, &value, ttl, tag_keys).await })
     }
 
-    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+    fn get_with_ttl<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> StoreFuture<'a, Option<(Bytes, Option<Duration>)>> {
         Box::pin(async move {
-            let mut removed = 0;
-            loop {
-                // Pop in batches: each step is one short command, within the op timeout.
-                let popped: Vec<(Vec<u8>, f64)> = self
-                    .query(::redis::cmd("ZPOPMIN").arg(tag_key).arg(TAG_BATCH))
-                    .await?;
-                if !popped.is_empty() {
-                    let mut unlink = ::redis::cmd("UNLINK");
-                    for (key, _) in &popped {
-                        unlink.arg(key);
-                    }
-                    removed += self.query::<u64>(&unlink).await?;
-                }
-                if popped.len() < TAG_BATCH {
-                    return Ok(removed);
-                }
-            }
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+            let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipeline(&pipe).await?;
+            // PTTL: -1 without expiry (never written so by this crate), -2 gone meanwhile.
+            let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+            Ok(value.map(|v| (Bytes::from(v), ttl)))
         })
+    }
+
+    fn invalidate_tag<'a>(&'a self, tag_key: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move { Ok(self.unlink_tag(tag_key, 0).await?.0) })
+    }
+
+    fn invalidate_tag_listed<'a>(
+        &'a self,
+        tag_key: &'a str,
+        limit: usize,
+    ) -> StoreFuture<'a, (u64, Option<Vec<String>>)> {
+        Box::pin(self.unlink_tag(tag_key, limit))
     }
 
     fn try_lock<'a>(
