@@ -571,7 +571,7 @@ impl Config {
             merged.prefix = prefix;
             rules.push(merged);
         }
-        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
         Ok(Config {
             listen,

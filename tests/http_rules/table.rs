@@ -25,7 +25,7 @@ pub fn proxy_layer() -> CacheLayer {
 }
 
 /// One response of the scripted origin.
-struct Reply {
+pub struct Reply {
     status: u16,
     headers: &'static [(&'static str, &'static str)],
     body: &'static str,
@@ -40,7 +40,7 @@ const fn ok(headers: &'static [(&'static str, &'static str)], body: &'static str
 }
 
 /// The origin's replies for one path of a row, in order.
-struct Script {
+pub struct Script {
     /// Relative to the row (`/r` is served at `/{name}/r`), without a query.
     path: &'static str,
     replies: &'static [Reply],
