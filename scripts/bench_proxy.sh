@@ -103,8 +103,10 @@ cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
     done
     echo "$total"
 }
-pids_of() { # pattern in the command line
-    pgrep -f "$1" | tr '\n' ' '
+nginx_pids() { # instance dir -> its master and workers (workers' command lines name no file)
+    local master
+    master=$(cat "$1/nginx.pid")
+    echo "$master $(pgrep -P "$master" | tr '\n' ' ')"
 }
 
 TICKS=$(getconf CLK_TCK)
@@ -124,9 +126,9 @@ run() { # name, port, pids...
         'BEGIN { printf "%.1f µs", t / hz * 1e6 / n }')
     printf '| %s | %.0f | %s | %s |\n' "$name" "$rps" "$p99" "$us_per_req"
 }
-run "upstream alone (nginx static)" 18001 $(pids_of "$WORK/up/nginx.conf")
+run "upstream alone (nginx static)" 18001 $(nginx_pids "$WORK/up")
 run "tower-redis-cache-proxy (memory)" 18002 "$PROXY_PID"
 run "Varnish (malloc)" 18003 $(pgrep -f "varnishd.*$WORK/varnish" | tr '\n' ' ')
-run "nginx proxy_cache" 18004 $(pids_of "$WORK/nc/nginx.conf")
+run "nginx proxy_cache" 18004 $(nginx_pids "$WORK/nc")
 echo
 echo "$(nproc) cores; wrk -t2 -c$CONNECTIONS -d${DURATION}s on the same machine; 1 KiB page."
