@@ -14,4 +14,5 @@ fi
 
 # A full run builds every test binary once: incremental caches only slow a cold build (CI's).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-cargo test --all-features "$@"
+# The library and the reverse proxy (proxy/), one build of their shared dependencies.
+cargo test --workspace --all-features "$@"

@@ -11,9 +11,8 @@ use std::process::Command;
 
 use common::RedisServer;
 
-/// The examples built before the first one runs: those these tests start, and `reverse_proxy`
-/// (started by `tests/http_rules.rs`), so these tests also fail when it does not build.
-const EXAMPLES: [&str; 8] = [
+/// The examples built before the first one runs: those these tests start.
+const EXAMPLES: [&str; 7] = [
     "quickstart",
     "cache_aside",
     "write_through",
@@ -21,7 +20,6 @@ const EXAMPLES: [&str; 8] = [
     "read_through",
     "invalidation",
     "soak",
-    "reverse_proxy",
 ];
 
 /// An example's binary, all of them built first (see [`common::example_binary`]).

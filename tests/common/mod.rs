@@ -459,8 +459,17 @@ pub fn example_binary(name: &str, build_args: &[&str]) -> PathBuf {
                 build.env_remove(name);
             }
         }
+        // `--workspace`, as `scripts/test.sh` tests it: the proxy crate's dependencies turn on
+        // more features of shared crates (hyper's server, h2), and a build of this package
+        // alone would resolve them differently and rebuild them, and all above them.
         build
-            .args(["build", "--quiet", "--no-default-features", "--features"])
+            .args([
+                "build",
+                "--quiet",
+                "--workspace",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(features)
             .args(build_args);
         // `cargo test` built the examples with the `test` profile (`--release`: `release`).
