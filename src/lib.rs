@@ -6,6 +6,7 @@
 
 // The modules form a stack, from what users build down to what everything reads; no module
 // imports from one above it (docs/ARCHITECTURE.md; checked by tests/architecture.rs).
+mod cache;
 mod cache_control;
 #[cfg(feature = "client")]
 mod client;
@@ -13,10 +14,7 @@ mod clock;
 mod coalesce;
 mod entry;
 mod error;
-mod flow;
-mod invalidate;
 mod key;
-mod layer;
 mod observe;
 mod rules;
 mod settings;
@@ -25,14 +23,15 @@ pub mod store;
 #[cfg(test)]
 mod properties;
 
+pub use cache::answer::X_CACHE;
+pub use cache::body::CacheBody;
+pub use cache::future::ResponseFuture;
+pub use cache::invalidate::Invalidator;
+pub use cache::layer::CacheLayer;
+pub use cache::service::CacheService;
 #[cfg(feature = "client")]
 pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
-pub use flow::answer::X_CACHE;
-pub use flow::body::CacheBody;
-pub use flow::service::{CacheService, ResponseFuture};
-pub use invalidate::Invalidator;
-pub use layer::CacheLayer;
 pub use observe::{BypassCounts, CacheStats, NotStoredCounts, StoreErrorCounts, Timing};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;

@@ -4,9 +4,9 @@
 //! A dependency is any crate-internal path in the code: `use` and `pub use` / `pub(crate) use`
 //! (a re-export ties its file to the target as much as an import does), inline paths
 //! (`crate::a::B`, `super::super::c`, `self::d`), relative paths through a module the file
-//! imported or declared (`use crate::flow; flow::config::Config`), at any depth of nested
+//! imported or declared (`use crate::cache; cache::state::LayerState`), at any depth of nested
 //! import groups. A path is followed to the file that defines its item: through
-//! re-exports (`crate::CacheLayer` is `layer.rs`, `crate::store::TieredStore` is
+//! re-exports (`crate::CacheLayer` is `cache/layer.rs`, `crate::store::TieredStore` is
 //! `store/tiered.rs`) and through `super` out of inline modules (`mod tests`). Comments and
 //! string, char and raw-string literals are skipped by a small lexer, so they neither hide nor
 //! fake a path.
@@ -22,15 +22,16 @@ use std::path::{Path, PathBuf};
 /// crate's re-exports, so it is the top: it may reach anything, and nothing may reach it.
 const STACK: &[&str] = &[
     "lib.rs",
-    "layer.rs",
-    "invalidate.rs",
-    "flow/service.rs",
-    "flow/join.rs",
-    "flow/lookup.rs",
-    "flow/write.rs",
-    "flow/answer.rs",
-    "flow/body.rs",
-    "flow/config.rs",
+    "cache/layer.rs",
+    "cache/invalidate.rs",
+    "cache/service.rs",
+    "cache/future.rs",
+    "cache/join.rs",
+    "cache/lookup.rs",
+    "cache/write.rs",
+    "cache/answer.rs",
+    "cache/body.rs",
+    "cache/state.rs",
     "client.rs",
     "rules/conditional.rs",
     "rules/freshness.rs",
@@ -55,7 +56,7 @@ const STACK: &[&str] = &[
 
 /// Module roots that only declare their submodules: checked to hold nothing but `mod`
 /// declarations (and comments and attributes), so they have no dependencies to rank.
-const DECLARE_ONLY: &[&str] = &["flow/mod.rs", "rules/mod.rs"];
+const DECLARE_ONLY: &[&str] = &["cache/mod.rs", "rules/mod.rs"];
 
 /// Test modules, which may reach anywhere.
 const TESTS: &[&str] = &["rules/tests.rs", "properties.rs"];
@@ -813,10 +814,10 @@ fn an_unmodified_copy_passes() {
 
 #[test]
 fn a_planted_upward_import_fails() {
-    let found = planted("plain", "key.rs", "use crate::flow::config::Config;");
+    let found = planted("plain", "key.rs", "use crate::cache::state::LayerState;");
     assert_caught(
         &found,
-        "key.rs imports crate::flow::config::Config (flow/config.rs)",
+        "key.rs imports crate::cache::state::LayerState (cache/state.rs)",
     );
 }
 
@@ -825,19 +826,19 @@ fn an_upward_import_in_a_nested_group_fails() {
     let found = planted(
         "nested",
         "key.rs",
-        "use crate::{error::Error, flow::{answer::X_CACHE, config::{self, Config}}, settings::Rules};",
+        "use crate::{error::Error, cache::{answer::X_CACHE, state::{self, LayerState}}, settings::Rules};",
     );
     assert_caught(
         &found,
-        "key.rs imports crate::flow::config::Config (flow/config.rs)",
+        "key.rs imports crate::cache::state::LayerState (cache/state.rs)",
     );
     assert_caught(
         &found,
-        "key.rs imports crate::flow::config (flow/config.rs)",
+        "key.rs imports crate::cache::state (cache/state.rs)",
     );
     assert_caught(
         &found,
-        "key.rs imports crate::flow::answer::X_CACHE (flow/answer.rs)",
+        "key.rs imports crate::cache::answer::X_CACHE (cache/answer.rs)",
     );
 }
 
@@ -846,21 +847,21 @@ fn an_upward_import_through_super_super_fails() {
     let found = planted(
         "super-super",
         "store/memory.rs",
-        "use super::super::flow::config::Config;",
+        "use super::super::cache::state::LayerState;",
     );
     assert_caught(
         &found,
-        "store/memory.rs imports super::super::flow::config::Config",
+        "store/memory.rs imports super::super::cache::state::LayerState",
     );
     // And inline, from a test module two levels down.
     let found = planted(
         "super-super-inline",
         "rules/date.rs",
-        "mod inner { fn f() -> Option<super::super::super::flow::config::Config> { None } }",
+        "mod inner { fn f() -> Option<super::super::super::cache::state::LayerState> { None } }",
     );
     assert_caught(
         &found,
-        "rules/date.rs imports super::super::super::flow::config::Config",
+        "rules/date.rs imports super::super::super::cache::state::LayerState",
     );
 }
 
@@ -869,18 +870,25 @@ fn an_upward_re_export_fails() {
     let found = planted(
         "pub-crate-use",
         "key.rs",
-        "pub(crate) use crate::flow::config::Config;",
+        "pub(crate) use crate::cache::state::LayerState;",
     );
-    assert_caught(&found, "key.rs re-exports crate::flow::config::Config");
-    let found = planted("pub-use", "error.rs", "pub use crate::layer::CacheLayer;");
-    assert_caught(&found, "error.rs re-exports crate::layer::CacheLayer");
+    assert_caught(&found, "key.rs re-exports crate::cache::state::LayerState");
+    let found = planted(
+        "pub-use",
+        "error.rs",
+        "pub use crate::cache::layer::CacheLayer;",
+    );
+    assert_caught(
+        &found,
+        "error.rs re-exports crate::cache::layer::CacheLayer",
+    );
 }
 
 #[test]
 fn a_path_through_a_re_export_is_followed_to_its_file() {
-    // `crate::CacheLayer` is lib.rs's re-export of layer.rs.
+    // `crate::CacheLayer` is lib.rs's re-export of cache/layer.rs.
     let found = planted("root-reexport", "key.rs", "use crate::CacheLayer;");
-    assert_caught(&found, "key.rs imports crate::CacheLayer (layer.rs)");
+    assert_caught(&found, "key.rs imports crate::CacheLayer (cache/layer.rs)");
     // `crate::store::TieredStore` is store/mod.rs's re-export of store/tiered.rs.
     let found = planted(
         "module-reexport",
@@ -898,11 +906,11 @@ fn a_path_through_an_imported_module_fails() {
     let found = planted(
         "module-alias",
         "key.rs",
-        "use crate::flow; type Above = flow::config::Config;",
+        "use crate::cache; type Above = cache::state::LayerState;",
     );
     assert_caught(
         &found,
-        "key.rs imports flow::config::Config (flow/config.rs)",
+        "key.rs imports cache::state::LayerState (cache/state.rs)",
     );
 }
 
@@ -913,7 +921,7 @@ fn lib_rs_is_the_top_and_module_roots_only_declare() {
     let found = planted(
         "declare-only",
         "rules/mod.rs",
-        "use crate::flow::config::Config;",
+        "use crate::cache::state::LayerState;",
     );
     assert_caught(&found, "rules/mod.rs should only declare modules");
 }
@@ -924,14 +932,14 @@ fn comments_and_strings_neither_hide_nor_fake_a_path() {
     let found = planted(
         "string-slashes",
         "key.rs",
-        "const U: &str = \"http://x\"; use crate::flow::config::Config;",
+        "const U: &str = \"http://x\"; use crate::cache::state::LayerState;",
     );
-    assert_caught(&found, "key.rs imports crate::flow::config::Config");
+    assert_caught(&found, "key.rs imports crate::cache::state::LayerState");
     // A path in a comment or a string is no dependency.
     let scratch = Scratch::new("comment");
     scratch.plant(
         "key.rs",
-        "// use crate::flow::config::Config;\n/* crate::layer::CacheLayer */ const S: &str = \"crate::layer::CacheLayer\";",
+        "// use crate::cache::state::LayerState;\n/* crate::cache::layer::CacheLayer */ const S: &str = \"crate::cache::layer::CacheLayer\";",
     );
     assert_eq!(check(&scratch.0), Vec::<String>::new());
 }

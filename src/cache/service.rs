@@ -1,4 +1,5 @@
-//! `CacheService`: the request flow, top to bottom in [`respond`].
+//! `CacheService`: the layer's service, and the request flow, top to bottom in [`begin`] and
+//! [`respond`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,9 +25,10 @@ use crate::settings::clamp;
 
 use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded};
 use super::body::CacheBody;
-use super::config::{Config, Lead};
+use super::future::ResponseFuture;
 use super::join::{coalesce, throttled, Coalesced};
 use super::lookup::{judge_entry, lookup, lookup_in_process, Found};
+use super::state::{LayerState, ResponseLead};
 use super::write::{
     drop_url, fail_safe, failed_without_stand_in, head_refreshed, plan_store, revalidated, Exchange,
 };
@@ -35,12 +37,12 @@ use super::write::{
 #[derive(Clone)]
 pub struct CacheService<S> {
     inner: S,
-    config: Arc<Config>,
+    state: Arc<LayerState>,
 }
 
 impl<S> CacheService<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
-        Self { inner, config }
+    pub(crate) fn new(inner: S, state: Arc<LayerState>) -> Self {
+        Self { inner, state }
     }
 
     /// The wrapped service.
@@ -65,39 +67,6 @@ impl<S> std::fmt::Debug for CacheService<S> {
     }
 }
 
-/// The future returned by [`CacheService`].
-pub struct ResponseFuture<B, E> {
-    inner: Flow<B, E>,
-}
-
-enum Flow<B, E> {
-    /// Answered in [`CacheService::call`]: a fresh hit in process memory.
-    Answered(std::future::Ready<Result<Response<CacheBody<B>>, E>>),
-    /// Everything else: [`respond`].
-    Running(BoxedFlow<B, E>),
-}
-
-/// The boxed [`respond`] future: an async block is clearer than a hand-written state machine.
-type BoxedFlow<B, E> = Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
-
-impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<CacheBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // Both variants are `Unpin` (a `Ready`, a `Pin<Box>`).
-        match &mut self.get_mut().inner {
-            Flow::Answered(ready) => Pin::new(ready).poll(cx),
-            Flow::Running(flow) => flow.as_mut().poll(cx),
-        }
-    }
-}
-
-impl<B, E> std::fmt::Debug for ResponseFuture<B, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CacheService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -119,21 +88,21 @@ where
         // recorded on it as the flow decides them.
         let span = tracing::debug_span!(
             "cache",
-            route = self.config.observe.route(),
+            route = self.state.observe.route(),
             key = tracing::field::Empty,
             outcome = tracing::field::Empty,
             store_get_us = tracing::field::Empty,
         );
-        let step = match span.in_scope(|| begin(&self.config, req)) {
+        let step = match span.in_scope(|| begin(&self.state, req)) {
             Begun::Answered(response, refresh) => {
                 if let Some(ahead) = refresh {
                     // The ready service refreshes the entry; a clone waits for the next
                     // request (and its `poll_ready`).
                     let clone = self.inner.clone();
                     let inner = std::mem::replace(&mut self.inner, clone);
-                    let config = self.config.clone();
+                    let state = self.state.clone();
                     refresh_in_background(
-                        config,
+                        state,
                         ahead.key,
                         inner,
                         ahead.req,
@@ -143,8 +112,7 @@ where
                     );
                 }
                 // Otherwise the inner service stays ready for the next request.
-                let inner = Flow::Answered(std::future::ready(Ok(response)));
-                return ResponseFuture { inner };
+                return ResponseFuture::answered(response);
             }
             Begun::Flow(step) => step,
         };
@@ -152,10 +120,8 @@ where
         // request (tower-service's documented pattern).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let flow = respond(self.config.clone(), inner, step).instrument(span);
-        ResponseFuture {
-            inner: Flow::Running(Box::pin(flow)),
-        }
+        let flow = respond(self.state.clone(), inner, step).instrument(span);
+        ResponseFuture::running(Box::pin(flow))
     }
 }
 
@@ -203,9 +169,9 @@ struct Lookup<B> {
 /// Steps 1-3 where they need no waiting, so that a fresh hit in process memory is answered
 /// without a future of its own: may this request use the cache, under which key, and (on a
 /// store that keeps its values in this process) is there a fresh response for it?
-fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqBody, ResBody> {
+fn begin<ReqBody, ResBody>(state: &LayerState, req: Request<ReqBody>) -> Begun<ReqBody, ResBody> {
     // 1. May this request use the cache at all?
-    let plan = request::classify_request(&config.rules, req.method(), req.headers());
+    let plan = request::classify_request(&state.rules, req.method(), req.headers());
     let (label, method) = match plan.action {
         RequestAction::Pass => return Begun::Flow(Step::Pass(req)),
         RequestAction::Invalidate => return Begun::Flow(Step::Invalidate(req)),
@@ -216,7 +182,7 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         RequestAction::Lookup => (Served::Miss, req.method().clone()),
     };
     // 2. Under which key?
-    let (req, key) = request_key(config, &method, req);
+    let (req, key) = request_key(state, &method, req);
     let key = match key {
         Ok(key) => key,
         Err(key::NoKey::Declined) => return Begun::Flow(Step::Bypass(req, Bypass::NoKey)),
@@ -232,21 +198,21 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
     // fresh; anything else (stale, validation, absent) is respond's.
     let mut found = None;
     if label != Served::Refresh {
-        let looked_up_at = config.flights.mark();
-        found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
+        let looked_up_at = state.flights.mark();
+        found = lookup_in_process(state, &key, req.headers()).map(|f| (looked_up_at, f));
     }
     if let Some((looked_up_at, Found::Entry(entry))) = &found {
-        if judge_entry(config, &plan, entry) == Verdict::Fresh {
+        if judge_entry(state, &plan, entry) == Verdict::Fresh {
             let with_body = plan.action != RequestAction::HeadLookup;
             // The entry is shared with the store's memo slot: a clone of the `Arc`.
             let response = answer(
-                config,
+                state,
                 Arc::clone(entry),
                 req.headers(),
                 with_body,
                 Served::Hit,
             );
-            let refresh = (with_body && refresh_due(config, entry)).then(|| RefreshAhead {
+            let refresh = (with_body && refresh_due(state, entry)).then(|| RefreshAhead {
                 req,
                 key,
                 looked_up_at: *looked_up_at,
@@ -267,7 +233,7 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
 /// One request through the cache, from where [`begin`] left it. Every store failure
 /// degrades to a miss: the cache never turns a good response into an error.
 async fn respond<S, ReqBody, ResBody>(
-    config: Arc<Config>,
+    state: Arc<LayerState>,
     mut inner: S,
     step: Step<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
@@ -286,25 +252,25 @@ where
         found,
     } = match step {
         Step::Pass(req) => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
-        Step::Invalidate(req) => return invalidate_after_write(&config, inner, req).await,
-        Step::Bypass(req, reason) => return bypass(&config, inner, req, reason).await,
+        Step::Invalidate(req) => return invalidate_after_write(&state, inner, req).await,
+        Step::Bypass(req, reason) => return bypass(&state, inner, req, reason).await,
         Step::Lookup(lookup) => lookup,
     };
     if plan.action == RequestAction::HeadLookup {
         let stored = match found {
             Some((_, stored)) => stored,
-            None => lookup(&config, &key, req.headers()).await,
+            None => lookup(&state, &key, req.headers()).await,
         };
         let stored = match stored.entry() {
-            Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&config, hit, req.headers(), false, Served::Hit));
+            Some(hit) if judge_entry(&state, &plan, &hit) == Verdict::Fresh => {
+                return Ok(answer(&state, hit, req.headers(), false, Served::Hit));
             }
             other => other.map(Arc::unwrap_or_clone),
         };
         // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
         // response's headers when it is the same representation (RFC 9111 §4.3.5).
         let request_headers = req.headers().clone();
-        let url_key = url_key(&config, &req);
+        let url_key = url_key(&state, &req);
         let sent_at_ms = clock::now_ms();
         let response = inner.call(req).await?;
         if let Some(stale) = stored {
@@ -314,7 +280,7 @@ where
                 sent_at_ms,
                 authorized: plan.authorized,
             };
-            head_refreshed(&config, key, stale, &response, &exchange);
+            head_refreshed(&state, key, stale, &response, &exchange);
         }
         return Ok(response.map(CacheBody::passthrough));
     }
@@ -332,17 +298,17 @@ where
         let (looked_up_at, found) = match found {
             Some(found) => found,
             None => {
-                let looked_up_at = config.flights.mark();
-                (looked_up_at, lookup(&config, &key, req.headers()).await)
+                let looked_up_at = state.flights.mark();
+                (looked_up_at, lookup(&state, &key, req.headers()).await)
             }
         };
         match found {
-            Found::Entry(entry) => match judge_entry(&config, &plan, &entry) {
+            Found::Entry(entry) => match judge_entry(&state, &plan, &entry) {
                 Verdict::Fresh => {
-                    let response = answer(&config, entry.clone(), req.headers(), true, Served::Hit);
-                    if refresh_due(&config, &entry) {
+                    let response = answer(&state, entry.clone(), req.headers(), true, Served::Hit);
+                    if refresh_due(&state, &entry) {
                         refresh_in_background(
-                            config,
+                            state,
                             key,
                             inner,
                             req,
@@ -354,12 +320,12 @@ where
                     return Ok(response);
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&config, entry, req.headers(), true, Served::Stale));
+                    return Ok(answer(&state, entry, req.headers(), true, Served::Stale));
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&config, entry, req.headers(), true, Served::Stale);
+                    let response = answer(&state, entry, req.headers(), true, Served::Stale);
                     refresh_in_background(
-                        config,
+                        state,
                         key,
                         inner,
                         req,
@@ -381,15 +347,14 @@ where
             Found::Nothing => {}
         }
         if plan.directives.only_if_cached {
-            return Ok(gateway_timeout(&config));
+            return Ok(gateway_timeout(&state));
         }
         // Fail-safe: a call for this key failed lately, and its stale copy stands in
         // without the handler being called again until the throttle ends.
-        if stand_in && !config.rules.fail_safe_throttle.is_zero() && throttled(&config, &key).await
-        {
+        if stand_in && !state.rules.fail_safe_throttle.is_zero() && throttled(&state, &key).await {
             if let Some(stale) = stored.take() {
                 return Ok(answer(
-                    &config,
+                    &state,
                     Arc::new(stale),
                     req.headers(),
                     true,
@@ -403,7 +368,7 @@ where
         if label == Served::Miss && !plan.authorized {
             let stand_in_copy = stored.as_ref().filter(|_| stand_in);
             match coalesce(
-                &config,
+                &state,
                 &plan,
                 &key,
                 req.headers(),
@@ -414,7 +379,7 @@ where
             {
                 Coalesced::Hit(hit) => {
                     return Ok(answer(
-                        &config,
+                        &state,
                         Arc::new(hit),
                         req.headers(),
                         true,
@@ -428,7 +393,7 @@ where
                     // timeout the request is not sent to wait that long again.
                     if let Some(stale) = stored.take_if(|_| stand_in) {
                         return Ok(answer(
-                            &config,
+                            &state,
                             Arc::new(stale),
                             req.headers(),
                             true,
@@ -436,15 +401,15 @@ where
                         ));
                     }
                     if timed_out {
-                        return Ok(handler_timeout(&config));
+                        return Ok(handler_timeout(&state));
                     }
                 }
                 Coalesced::TimedOut => {
                     if let Some(stale) =
-                        stored.take_if(|_| stand_in && config.rules.soft_timeout.is_some())
+                        stored.take_if(|_| stand_in && state.rules.soft_timeout.is_some())
                     {
                         return Ok(answer(
-                            &config,
+                            &state,
                             Arc::new(stale),
                             req.headers(),
                             true,
@@ -462,7 +427,7 @@ where
     // stale copy that may stand in answers while the call goes on; past the hard timeout the
     // call is dropped.
     let request_headers = req.headers().clone();
-    let url_key = url_key(&config, &req);
+    let url_key = url_key(&state, &req);
     let validating = match stored
         .as_ref()
         .and_then(|s| conditional::validation_headers(&s.headers))
@@ -477,19 +442,19 @@ where
     // A request that came through a hit-for-miss mark does not write it again.
     let may_mark = label != Served::HitForMiss;
     let called_at = std::time::Instant::now();
-    let result = match call_in_time(&config, inner.call(req), stored.is_some() && stand_in).await {
+    let result = match call_in_time(&state, inner.call(req), stored.is_some() && stand_in).await {
         InTime::Answered(result) => result,
         InTime::SoftTimeout(call) => {
             // Only reached with a stand-in: `call_in_time` has no soft timeout without one.
             let response = match stored.take() {
                 Some(stale) => answer(
-                    &config,
+                    &state,
                     Arc::new(stale),
                     &request_headers,
                     true,
                     Served::SoftTimeout,
                 ),
-                None => handler_timeout(&config),
+                None => handler_timeout(&state),
             };
             let pending = Pending {
                 key,
@@ -499,26 +464,26 @@ where
                 authorized: plan.authorized,
                 lead,
             };
-            finish_in_background(config.clone(), call, pending, called_at);
+            finish_in_background(state.clone(), call, pending, called_at);
             return Ok(response);
         }
         InTime::HardTimeout => {
-            config.observe.handler(called_at.elapsed());
+            state.observe.handler(called_at.elapsed());
             if let Some(stale) = stored.take_if(|_| stand_in) {
-                fail_safe(&config, &key, lead, true);
+                fail_safe(&state, &key, lead, true);
                 return Ok(answer(
-                    &config,
+                    &state,
                     Arc::new(stale),
                     &request_headers,
                     true,
                     Served::StaleIfError,
                 ));
             }
-            failed_without_stand_in(&config, key, lead, may_mark, true);
-            return Ok(handler_timeout(&config));
+            failed_without_stand_in(&state, key, lead, may_mark, true);
+            return Ok(handler_timeout(&state));
         }
     };
-    config.observe.handler(called_at.elapsed());
+    state.observe.handler(called_at.elapsed());
     let exchange = Exchange {
         request_headers: &request_headers,
         url_key: &url_key,
@@ -526,9 +491,9 @@ where
         authorized: plan.authorized,
     };
     if let Some(stale) = stored.take_if(|_| stand_in && failed(&result)) {
-        fail_safe(&config, &key, lead, false);
+        fail_safe(&state, &key, lead, false);
         return Ok(answer(
-            &config,
+            &state,
             Arc::new(stale),
             &request_headers,
             true,
@@ -538,15 +503,15 @@ where
     let (mut parts, body) = match result {
         Ok(response) => response.into_parts(),
         Err(e) => {
-            failed_without_stand_in(&config, key, lead, may_mark, false);
+            failed_without_stand_in(&state, key, lead, may_mark, false);
             return Err(e);
         }
     };
     if let Some(stale) = stored.take_if(|_| validating && parts.status == StatusCode::NOT_MODIFIED)
     {
-        let refreshed = revalidated(&config, key, stale, &parts.headers, &exchange, lead);
+        let refreshed = revalidated(&state, key, stale, &parts.headers, &exchange, lead);
         return Ok(answer(
-            &config,
+            &state,
             Arc::new(refreshed),
             &request_headers,
             true,
@@ -557,13 +522,13 @@ where
     // 6. Record the body while it streams to the client, if the response may be stored; it is
     // written in the background once complete. An answer that may not be stored releases the
     // waiters at once and is remembered (hit-for-miss).
-    let recorder = plan_store(&config, key, &exchange, &parts, &body, lead, may_mark);
+    let recorder = plan_store(&state, key, &exchange, &parts, &body, lead, may_mark);
     let label = if plan.authorized && recorder.is_none() {
         Served::Bypass(Bypass::Authorization)
     } else {
         label
     };
-    label_forwarded(&config, &mut parts.headers, label);
+    label_forwarded(&state, &mut parts.headers, label);
     Ok(Response::from_parts(
         parts,
         CacheBody::recording(body, recorder),
@@ -571,8 +536,8 @@ where
 }
 
 /// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime.
-fn refresh_due(config: &Config, entry: &CachedResponse) -> bool {
-    config.rules.refresh_ahead.is_some_and(|fraction| {
+fn refresh_due(state: &LayerState, entry: &CachedResponse) -> bool {
+    state.rules.refresh_ahead.is_some_and(|fraction| {
         entry.elapsed(clock::now_ms()).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
     })
 }
@@ -588,8 +553,8 @@ enum InTime<F: Future> {
 
 /// Runs the handler's `call` against the route's timeouts: the soft one only when a stale
 /// copy may stand in. Without timeouts (the default) the call is awaited as it is.
-async fn call_in_time<F: Future>(config: &Config, call: F, stand_in: bool) -> InTime<F> {
-    let rules = &config.rules;
+async fn call_in_time<F: Future>(state: &LayerState, call: F, stand_in: bool) -> InTime<F> {
+    let rules = &state.rules;
     let soft = rules.soft_timeout.filter(|_| stand_in);
     if soft.is_none() && rules.hard_timeout.is_none() {
         return InTime::Answered(call.await);
@@ -622,13 +587,13 @@ struct Pending {
     url_key: String,
     sent_at_ms: u64,
     authorized: bool,
-    lead: Option<Lead>,
+    lead: Option<ResponseLead>,
 }
 
 /// Lets a call that passed the soft timeout finish in the background (within the hard
 /// timeout, if any) and stores its answer; a failure keeps the stale copy standing in.
 fn finish_in_background<F, B, E>(
-    config: Arc<Config>,
+    state: Arc<LayerState>,
     call: Pin<Box<F>>,
     pending: Pending,
     called_at: std::time::Instant,
@@ -641,8 +606,8 @@ fn finish_in_background<F, B, E>(
         return;
     };
     // Tracked until the answer is stored, so `CacheLayer::flush` waits for it.
-    let task = config.pending_writes.track();
-    let left = config
+    let task = state.pending_writes.track();
+    let left = state
         .rules
         .hard_timeout
         .map(|hard| clamp(hard).saturating_sub(called_at.elapsed()));
@@ -652,7 +617,7 @@ fn finish_in_background<F, B, E>(
             Some(left) => tokio::time::timeout(left, call).await.ok(),
             None => Some(call.await),
         };
-        config.observe.handler(called_at.elapsed());
+        state.observe.handler(called_at.elapsed());
         let Pending {
             key,
             request_headers,
@@ -670,18 +635,18 @@ fn finish_in_background<F, B, E>(
                     authorized,
                 };
                 let (parts, body) = response.into_parts();
-                let recorder = plan_store(&config, key, &exchange, &parts, &body, lead, true);
+                let recorder = plan_store(&state, key, &exchange, &parts, &body, lead, true);
                 drain(CacheBody::recording(body, recorder)).await;
             }
             // The stale copy keeps standing in.
-            _ => fail_safe(&config, &key, lead, left.is_some()),
+            _ => fail_safe(&state, &key, lead, left.is_some()),
         }
     });
 }
 
 /// Calls the handler and labels its response as having bypassed the cache, and why.
 async fn bypass<S, ReqBody, ResBody>(
-    config: &Config,
+    state: &LayerState,
     mut inner: S,
     req: Request<ReqBody>,
     reason: Bypass,
@@ -690,7 +655,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
     let mut response = inner.call(req).await?.map(CacheBody::passthrough);
-    label_forwarded(config, response.headers_mut(), Served::Bypass(reason));
+    label_forwarded(state, response.headers_mut(), Served::Bypass(reason));
     Ok(response)
 }
 
@@ -707,30 +672,30 @@ fn key_uri<'a>(uri: &'a Uri, extensions: &'a http::Extensions) -> &'a Uri {
 
 /// The key of the request's URL (see [`key::Keying::url_key`]), which every entry stored for
 /// it under another key is tagged with; the host is recorded for relative invalidations.
-fn url_key<B>(config: &Config, req: &Request<B>) -> String {
+fn url_key<B>(state: &LayerState, req: &Request<B>) -> String {
     let uri = key_uri(req.uri(), req.extensions());
-    let host = match config.keying.host {
+    let host = match state.keying.host {
         true => key::authority(uri, req.headers()),
         false => None,
     };
     if let Some(host) = &host {
-        config.hosts.record(host);
+        state.hosts.record(host);
     }
-    config
+    state
         .keying
-        .url_key_on(&config.key_prefix, uri, host.as_deref())
+        .url_key_on(&state.key_prefix, uri, host.as_deref())
 }
 
 /// The key of the entry `method` would use for `req`.
 fn request_key<B>(
-    config: &Config,
+    state: &LayerState,
     method: &Method,
     req: Request<B>,
 ) -> (Request<B>, Result<String, key::NoKey>) {
     // The key function sees the request's head; taking it apart and back is two moves.
     let (parts, body) = req.into_parts();
     let uri = key_uri(&parts.uri, &parts.extensions);
-    let key = config.keying.key(&config.key_prefix, method, uri, &parts);
+    let key = state.keying.key(&state.key_prefix, method, uri, &parts);
     (Request::from_parts(parts, body), key)
 }
 
@@ -746,7 +711,7 @@ fn failed<B, E>(result: &Result<Response<B>, E>) -> bool {
 /// URL goes: its `Vary` variants and the entries keyed on cookies, a key function or
 /// forwarded information, whoever stored them.
 async fn invalidate_after_write<S, ReqBody, ResBody>(
-    config: &Config,
+    state: &LayerState,
     mut inner: S,
     req: Request<ReqBody>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
@@ -765,9 +730,9 @@ where
             targets.extend(value.and_then(|v| request::same_origin_target(v, &uri, host)));
         }
         for target in targets {
-            let url_key = (config.keying).url_key(&config.key_prefix, &target, &request_headers);
-            if let Err(e) = drop_url(&*config.store, &config.key_prefix, &url_key).await {
-                config.observe.store_error("delete", &url_key, &e);
+            let url_key = (state.keying).url_key(&state.key_prefix, &target, &request_headers);
+            if let Err(e) = drop_url(&*state.store, &state.key_prefix, &url_key).await {
+                state.observe.store_error("delete", &url_key, &e);
             }
         }
     }
@@ -779,7 +744,7 @@ where
 /// the key is already running (here, or in another instance when cross-instance locking is
 /// on).
 fn refresh_in_background<S, ReqBody, ResBody>(
-    config: Arc<Config>,
+    state: Arc<LayerState>,
     key: String,
     mut inner: S,
     req: Request<ReqBody>,
@@ -792,28 +757,28 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    let Role::Leader(mut lead) = config.flights.join(&key, looked_up_at) else {
+    let Role::Leader(mut lead) = state.flights.join(&key, looked_up_at) else {
         return;
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     // Tracked until the response is stored, so `CacheLayer::flush` waits for the refresh.
-    let task = config.pending_writes.track();
+    let task = state.pending_writes.track();
     runtime.spawn(async move {
         let _task = task;
-        if config.rules.lock_across_instances {
-            match Lock::try_acquire(&config.store, &key, config.rules.lock_ttl).await {
+        if state.rules.lock_across_instances {
+            match Lock::try_acquire(&state.store, &key, state.rules.lock_ttl).await {
                 Ok(Some(lock)) => {
                     lead.hold(lock);
                     // Look once more: another instance may have refreshed it and let the
                     // lock go just now.
-                    let found = lookup(&config, &key, req.headers()).await;
+                    let found = lookup(&state, &key, req.headers()).await;
                     if let Found::Entry(entry) = found {
                         let plan =
-                            request::classify_request(&config.rules, req.method(), req.headers());
-                        let fresh = judge_entry(&config, &plan, &entry) == Verdict::Fresh;
-                        if fresh && !(ahead && refresh_due(&config, &entry)) {
+                            request::classify_request(&state.rules, req.method(), req.headers());
+                        let fresh = judge_entry(&state, &plan, &entry) == Verdict::Fresh;
+                        if fresh && !(ahead && refresh_due(&state, &entry)) {
                             return;
                         }
                     }
@@ -827,10 +792,10 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             }
         }
         if ahead {
-            config.observe.event(Event::RefreshAhead);
+            state.observe.event(Event::RefreshAhead);
         }
         let request_headers = req.headers().clone();
-        let url_key = url_key(&config, &req);
+        let url_key = url_key(&state, &req);
         let exchange = Exchange {
             request_headers: &request_headers,
             url_key: &url_key,
@@ -841,7 +806,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
             return;
         };
         let (parts, body) = response.into_parts();
-        let recorder = plan_store(&config, key, &exchange, &parts, &body, Some(lead), true);
+        let recorder = plan_store(&state, key, &exchange, &parts, &body, Some(lead), true);
         drain(CacheBody::recording(body, recorder)).await;
     });
 }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use http::Uri;
 
-use crate::flow::config::KnownHosts;
-use crate::flow::write::drop_url;
+use crate::cache::state::KnownHosts;
+use crate::cache::write::drop_url;
 use crate::key::{self, Keying};
 use crate::store::Store;
 use crate::Result;

@@ -16,12 +16,12 @@ use crate::store::Store;
 
 /// Everything a `CacheService` needs, shared by all its clones.
 #[derive(Clone)]
-pub(crate) struct Config {
+pub(crate) struct LayerState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) rules: Rules,
     pub(crate) key_prefix: String,
     pub(crate) keying: Keying,
-    pub(crate) flights: Arc<Flights>,
+    pub(crate) flights: Arc<ResponseFlights>,
     /// Tags given to every response this layer stores.
     pub(crate) tags: Arc<[String]>,
     /// Background writes in flight, bounded by `rules.max_pending_writes`.
@@ -199,13 +199,13 @@ mod tests {
 /// A response one request stored, which its concurrent twins may reuse: the response and, for
 /// a response with `Vary`, the names and the variant key it was stored under.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub(crate) struct SharedResponse {
     pub(crate) response: CachedResponse,
     pub(crate) variant: Option<key::Variant>,
 }
 
 /// The layer's flights: concurrent misses of one key share one handler call's response.
-pub(crate) type Flights = coalesce::Flights<Arc<Shared>>;
+pub(crate) type ResponseFlights = coalesce::Flights<Arc<SharedResponse>>;
 
 /// The lead of a layer's flight.
-pub(crate) type Lead = coalesce::Lead<Arc<Shared>>;
+pub(crate) type ResponseLead = coalesce::Lead<Arc<SharedResponse>>;

@@ -16,7 +16,7 @@ use crate::rules::tags::TAG_HEADERS;
 use crate::settings::{Rules, MAX_DELTA_SECS};
 
 use super::body::CacheBody;
-use super::config::Config;
+use super::state::LayerState;
 
 /// The header telling clients how the cache handled the request.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -84,8 +84,8 @@ impl Served {
     }
 
     /// Counts the answer in the layer's stats and metrics.
-    fn observe(self, config: &Config) {
-        config.observe.served(self);
+    fn observe(self, state: &LayerState) {
+        state.observe.served(self);
     }
 }
 
@@ -93,14 +93,14 @@ impl Served {
 /// match it, a 206 / 416 for a `Range` request of a stored 200 (RFC 9110 §14), the full
 /// stored response otherwise (without its body for HEAD).
 pub(crate) fn answer<B>(
-    config: &Config,
+    state: &LayerState,
     hit: Arc<CachedResponse>,
     request: &HeaderMap,
     with_body: bool,
     outcome: Served,
 ) -> Response<CacheBody<B>> {
-    outcome.observe(config);
-    let rules = &config.rules;
+    outcome.observe(state);
+    let rules = &state.rules;
     let now = clock::now_ms();
     // The entry's stored time was set back by the age the response had on arrival, so its
     // age is RFC 9111 §4.2.3's current_age (clamped to 2^31 s, §5.1).
@@ -209,19 +209,19 @@ pub(crate) fn body_allowed(status: StatusCode) -> bool {
 }
 
 /// `only-if-cached` with nothing usable stored (RFC 9111 §5.2.1.7).
-pub(crate) fn gateway_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
-    own_504(config, Served::Miss, "fwd=miss; detail=only-if-cached")
+pub(crate) fn gateway_timeout<B>(state: &LayerState) -> Response<CacheBody<B>> {
+    own_504(state, Served::Miss, "fwd=miss; detail=only-if-cached")
 }
 
 /// The handler did not answer within the route's hard timeout, and no stale copy may stand
 /// in: the cache's own `504`.
-pub(crate) fn handler_timeout<B>(config: &Config) -> Response<CacheBody<B>> {
-    own_504(config, Served::Timeout, "fwd=uri-miss; detail=timeout")
+pub(crate) fn handler_timeout<B>(state: &LayerState) -> Response<CacheBody<B>> {
+    own_504(state, Served::Timeout, "fwd=uri-miss; detail=timeout")
 }
 
-fn own_504<B>(config: &Config, outcome: Served, detail: &str) -> Response<CacheBody<B>> {
-    outcome.observe(config);
-    let rules = &config.rules;
+fn own_504<B>(state: &LayerState, outcome: Served, detail: &str) -> Response<CacheBody<B>> {
+    outcome.observe(state);
+    let rules = &state.rules;
     let mut response = Response::new(CacheBody::replay(Bytes::new()));
     *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
     if let Some(name) = &rules.x_cache {
@@ -239,9 +239,9 @@ fn own_504<B>(config: &Config, outcome: Served, detail: &str) -> Response<CacheB
 
 /// Marks a response that came from the handler. Tag headers are for this cache alone and
 /// never reach clients.
-pub(crate) fn label_forwarded(config: &Config, headers: &mut HeaderMap, outcome: Served) {
-    outcome.observe(config);
-    let rules = &config.rules;
+pub(crate) fn label_forwarded(state: &LayerState, headers: &mut HeaderMap, outcome: Served) {
+    outcome.observe(state);
+    let rules = &state.rules;
     for name in &TAG_HEADERS {
         headers.remove(name);
     }

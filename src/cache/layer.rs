@@ -6,9 +6,9 @@ use std::time::Duration;
 use http::Method;
 use tower_layer::Layer;
 
-use crate::flow::config::Config;
-use crate::flow::service::CacheService;
-use crate::invalidate::Invalidator;
+use crate::cache::invalidate::Invalidator;
+use crate::cache::service::CacheService;
+use crate::cache::state::LayerState;
 use crate::key::Keying;
 use crate::observe::{CacheStats, Observer};
 use crate::settings::{clamp, Rules, StatusSet};
@@ -29,7 +29,7 @@ use crate::store::Store;
 /// layer, so one route's settings never change another's.
 #[derive(Clone)]
 pub struct CacheLayer {
-    config: Arc<Config>,
+    state: Arc<LayerState>,
 }
 
 impl CacheLayer {
@@ -41,7 +41,7 @@ impl CacheLayer {
     /// A layer on a store already shared (for example with code that invalidates entries).
     pub fn with_shared_store(store: Arc<dyn Store>) -> Self {
         Self {
-            config: Arc::new(Config {
+            state: Arc::new(LayerState {
                 store,
                 rules: Rules::default(),
                 key_prefix: "http-cache".to_owned(),
@@ -56,7 +56,7 @@ impl CacheLayer {
     }
 
     fn rules_mut(&mut self) -> &mut Rules {
-        &mut Arc::make_mut(&mut self.config).rules
+        &mut Arc::make_mut(&mut self.state).rules
     }
 
     /// How long a response is kept when it does not set its own lifetime (default 60 s).
@@ -84,7 +84,7 @@ impl CacheLayer {
 
     /// The prefix of every key (default `http-cache`): keys are `{prefix}:{md5 hex}`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.config).key_prefix = prefix.into();
+        Arc::make_mut(&mut self.state).key_prefix = prefix.into();
         self
     }
 
@@ -136,7 +136,7 @@ impl CacheLayer {
     /// a `Host` header that disagree, or two `Host` fields) bypasses the cache
     /// (`Cache-Status: ...; detail=authority-mismatch`), since the app may render for either.
     pub fn key_host(mut self, enable: bool) -> Self {
-        Arc::make_mut(&mut self.config).keying.host = enable;
+        Arc::make_mut(&mut self.state).keying.host = enable;
         self
     }
 
@@ -150,7 +150,7 @@ impl CacheLayer {
     /// so all requests share one entry. The target's own scheme is not keyed (see
     /// `docs/failure-modes.md` for what else is not).
     pub fn key_forwarded(mut self, enable: bool) -> Self {
-        Arc::make_mut(&mut self.config).keying.forwarded = enable;
+        Arc::make_mut(&mut self.state).keying.forwarded = enable;
         self
     }
 
@@ -158,7 +158,7 @@ impl CacheLayer {
     /// pairs before keying (default false: the raw query is the key, since apps may read
     /// pairs in order). `?a=1&b=2` and `?b=2&a=1` then share an entry.
     pub fn sort_query(mut self, enable: bool) -> Self {
-        Arc::make_mut(&mut self.config).keying.sort_query = enable;
+        Arc::make_mut(&mut self.state).keying.sort_query = enable;
         self
     }
 
@@ -169,7 +169,7 @@ impl CacheLayer {
         mut self,
         names: impl IntoIterator<Item = T>,
     ) -> Self {
-        Arc::make_mut(&mut self.config).keying.ignore_params =
+        Arc::make_mut(&mut self.state).keying.ignore_params =
             names.into_iter().map(Into::into).collect();
         self
     }
@@ -183,7 +183,7 @@ impl CacheLayer {
     where
         F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     {
-        Arc::make_mut(&mut self.config).keying.key_fn = Some(Arc::new(f));
+        Arc::make_mut(&mut self.state).keying.key_fn = Some(Arc::new(f));
         self
     }
 
@@ -208,7 +208,7 @@ impl CacheLayer {
     /// (or [`Invalidator::invalidate`]) drops the entries of every cookie value.
     pub fn key_on_cookies<T: Into<String>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
         let names: Vec<String> = names.into_iter().map(Into::into).collect();
-        Arc::make_mut(&mut self.config).keying.key_cookies = names.clone().into();
+        Arc::make_mut(&mut self.state).keying.key_cookies = names.clone().into();
         self.rules_mut().cookies.key_on = names;
         self
     }
@@ -328,7 +328,7 @@ impl CacheLayer {
     /// [`Invalidator::invalidate_tag`] or [`RedisCache::invalidate_tag`](crate::RedisCache::invalidate_tag)
     /// (on a client with this layer's key prefix) drops them.
     pub fn tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
-        Arc::make_mut(&mut self.config).tags = tags.into_iter().map(Into::into).collect();
+        Arc::make_mut(&mut self.state).tags = tags.into_iter().map(Into::into).collect();
         self
     }
 
@@ -336,10 +336,10 @@ impl CacheLayer {
     /// on writes or events.
     pub fn invalidator(&self) -> Invalidator {
         Invalidator::new(
-            self.config.store.clone(),
-            self.config.key_prefix.clone(),
-            self.config.keying.clone(),
-            self.config.hosts.clone(),
+            self.state.store.clone(),
+            self.state.key_prefix.clone(),
+            self.state.keying.clone(),
+            self.state.hosts.clone(),
         )
     }
 
@@ -396,7 +396,7 @@ impl CacheLayer {
     /// # }
     /// ```
     pub fn flush(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let writes = self.config.pending_writes.clone();
+        let writes = self.state.pending_writes.clone();
         async move { writes.flush().await }
     }
 
@@ -450,7 +450,7 @@ impl CacheLayer {
     /// Giving a name starts new counts: layers cloned from one another share their counts
     /// until one of them is given a name of its own.
     pub fn route_name(mut self, name: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.config).observe = Arc::new(Observer::new(name));
+        Arc::make_mut(&mut self.state).observe = Arc::new(Observer::new(name));
         self
     }
 
@@ -469,7 +469,7 @@ impl CacheLayer {
     /// # }
     /// ```
     pub fn stats(&self) -> CacheStats {
-        self.config.observe.snapshot()
+        self.state.observe.snapshot()
     }
 
     /// The header naming the outcome (`HIT`, `MISS`, ...): `Some("x-cache")` by default,
@@ -490,7 +490,7 @@ impl CacheLayer {
     /// Whether answers carry RFC 9211's `Cache-Status` (default true).
     pub fn cache_status(mut self, enable: bool) -> Self {
         let name = enable.then(|| {
-            let current = self.config.rules.cache_status.clone();
+            let current = self.state.rules.cache_status.clone();
             current.unwrap_or_else(|| Arc::from(crate::settings::CACHE_NAME))
         });
         self.rules_mut().cache_status = name;
@@ -536,16 +536,16 @@ impl<S> Layer<S> for CacheLayer {
     type Service = CacheService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CacheService::new(inner, self.config.clone())
+        CacheService::new(inner, self.state.clone())
     }
 }
 
 impl std::fmt::Debug for CacheLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheLayer")
-            .field("rules", &self.config.rules)
-            .field("key_prefix", &self.config.key_prefix)
-            .field("route", &self.config.observe.route())
+            .field("rules", &self.state.rules)
+            .field("key_prefix", &self.state.key_prefix)
+            .field("route", &self.state.observe.route())
             .finish_non_exhaustive()
     }
 }

@@ -12,15 +12,15 @@ use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
 use crate::rules::request::RequestPlan;
 
-use super::config::{Config, Lead, Shared};
 use super::lookup::{judge_entry, poll_entry, Polled};
+use super::state::{LayerState, ResponseLead, SharedResponse};
 
 /// How a cold-key request proceeds.
 pub(crate) enum Coalesced {
     /// Another request (in this process or another) produced the response.
     Hit(CachedResponse),
     /// This request calls the handler and shares the result.
-    Lead(Lead),
+    Lead(ResponseLead),
     /// The answer this request waited for cannot be stored or shared (hit-for-miss): call the
     /// handler at once, without leading.
     Uncacheable,
@@ -58,14 +58,14 @@ enum Seen {
 /// a waiter gives up at the soft timeout, and a poller keeps waiting while the store still
 /// holds that same copy.
 pub(crate) async fn coalesce(
-    config: &Config,
+    state: &LayerState,
     plan: &RequestPlan,
     key: &str,
     headers: &HeaderMap,
     looked_up_at: u64,
     stand_in: Option<&CachedResponse>,
 ) -> Coalesced {
-    let rules = &config.rules;
+    let rules = &state.rules;
     if !rules.coalesce {
         return Coalesced::Alone;
     }
@@ -75,7 +75,7 @@ pub(crate) async fn coalesce(
     };
     let deadline = tokio::time::Instant::now() + crate::settings::clamp(wait);
     let mut lead = loop {
-        let following = match config.flights.join(key, looked_up_at) {
+        let following = match state.flights.join(key, looked_up_at) {
             Role::Leader(lead) => break lead,
             Role::Follower(following) => following,
         };
@@ -83,7 +83,7 @@ pub(crate) async fn coalesce(
         return match follow(following, left).await {
             Released::Done(shared) if fits(&shared, key, headers) => {
                 let hit = shared.response.clone();
-                match judge_entry(config, plan, &hit) == Verdict::Fresh {
+                match judge_entry(state, plan, &hit) == Verdict::Fresh {
                     true => Coalesced::Hit(hit),
                     false => Coalesced::Alone,
                 }
@@ -104,8 +104,8 @@ pub(crate) async fn coalesce(
     // call, not handed over; the stale copy this request found is not news.
     let stand_in_stored_at = stand_in.map(|s| s.stored_at_ms);
     let look = || async {
-        match poll_entry(config, key, headers).await {
-            Polled::Fresh(found, variant) => match judge_entry(config, plan, &found) {
+        match poll_entry(state, key, headers).await {
+            Polled::Fresh(found, variant) => match judge_entry(state, plan, &found) {
                 Verdict::Fresh => Looked::Found(Seen::Fresh(found, variant)),
                 _ => Looked::Unusable,
             },
@@ -113,19 +113,19 @@ pub(crate) async fn coalesce(
             Polled::Other(stored_at) if stored_at.is_some() && stored_at != stand_in_stored_at => {
                 Looked::Unusable
             }
-            Polled::Other(_) if stand_in.is_some() && throttled(config, key).await => {
+            Polled::Other(_) if stand_in.is_some() && throttled(state, key).await => {
                 Looked::Found(Seen::FailSafe)
             }
             Polled::Other(_) => Looked::Missing,
         }
     };
     let (ttl, wait) = (rules.lock_ttl, wait);
-    match coalesce::lock_or_wait(&config.store, key, ttl, wait, look).await {
+    match coalesce::lock_or_wait(&state.store, key, ttl, wait, look).await {
         Contention::Found(Seen::Fresh(response, variant)) => {
             let response = *response;
             // Another instance stored it: give it to this process's waiters too.
             let linger = response.ttl;
-            lead.share(Arc::new(Shared {
+            lead.share(Arc::new(SharedResponse {
                 response: response.clone(),
                 variant,
             }));
@@ -148,7 +148,7 @@ pub(crate) async fn coalesce(
             Coalesced::Lead(lead)
         }
         Contention::Failed(e) => {
-            config.observe.store_error("lock", key, &e);
+            state.observe.store_error("lock", key, &e);
             Coalesced::Lead(lead)
         }
         Contention::Alone => Coalesced::Lead(lead),
@@ -157,11 +157,11 @@ pub(crate) async fn coalesce(
 
 /// Whether a fail-safe throttle for `key` is in the store: a call for it failed lately and
 /// its stale copy stands in without calling the handler again.
-pub(crate) async fn throttled(config: &Config, key: &str) -> bool {
-    match config.store.get(&key::fail_safe_key(key)).await {
+pub(crate) async fn throttled(state: &LayerState, key: &str) -> bool {
+    match state.store.get(&key::fail_safe_key(key)).await {
         Ok(found) => found.is_some(),
         Err(e) => {
-            config.observe.store_error("get", key, &e);
+            state.observe.store_error("get", key, &e);
             false
         }
     }
@@ -169,7 +169,7 @@ pub(crate) async fn throttled(config: &Config, key: &str) -> bool {
 
 /// Whether a request with `headers` for base key `key` may be given the shared response: the
 /// same variant, in a content coding it accepts.
-fn fits(shared: &Shared, key: &str, headers: &HeaderMap) -> bool {
+fn fits(shared: &SharedResponse, key: &str, headers: &HeaderMap) -> bool {
     let same_variant = match &shared.variant {
         None => true,
         Some((names, variant_key)) => key::variant_key(key, names, headers) == *variant_key,

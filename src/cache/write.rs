@@ -26,7 +26,7 @@ use super::answer::X_CACHE;
 use crate::coalesce::Released;
 
 use super::body::{RecordSink, Recorder, Unrecorded};
-use super::config::{Config, Lead, Shared, WriteBudget};
+use super::state::{LayerState, ResponseLead, SharedResponse, WriteBudget};
 
 /// The request side of a handler call, as storing its response needs it.
 pub(crate) struct Exchange<'a> {
@@ -46,26 +46,26 @@ pub(crate) struct Exchange<'a> {
 /// `may_mark`, is remembered as uncacheable (hit-for-miss) so that requests for the key go
 /// straight to the handler for a while.
 pub(crate) fn plan_store<B: Body>(
-    config: &Arc<Config>,
+    state: &Arc<LayerState>,
     key: String,
     exchange: &Exchange<'_>,
     parts: &http::response::Parts,
     body: &B,
-    lead: Option<Lead>,
+    lead: Option<ResponseLead>,
     may_mark: bool,
 ) -> Option<Recorder> {
-    let rules = &config.rules;
+    let rules = &state.rules;
     // The response's directives, parsed once for every decision about storing it.
     let cc = CacheControl::for_cache(&parts.headers, &rules.targeted);
-    let mark_ttl = mark_ttl(config, may_mark);
-    let not_stored = |reason: NotStored, lead: Option<Lead>| {
-        config.observe.not_stored(reason);
+    let mark_ttl = mark_ttl(state, may_mark);
+    let not_stored = |reason: NotStored, lead: Option<ResponseLead>| {
+        state.observe.not_stored(reason);
         // A reply to credentials says nothing about the key's other requests.
         let ttl = match reason {
             NotStored::Authorization => Duration::ZERO,
             _ => mark_ttl,
         };
-        mark_uncacheable(Marking::of(config), key.clone(), ttl, lead);
+        mark_uncacheable(Marking::of(state), key.clone(), ttl, lead);
         None
     };
     let ttl = match freshness::storable_ttl(
@@ -90,7 +90,7 @@ pub(crate) fn plan_store<B: Body>(
         return not_stored(NotStored::VaryStar, lead);
     }
     let mut pending = PendingEntry::new(
-        config,
+        state,
         key.clone(),
         exchange,
         (parts.status, &parts.headers, &cc),
@@ -101,15 +101,15 @@ pub(crate) fn plan_store<B: Body>(
     Some(Recorder::new(
         rules.max_body_bytes,
         expected,
-        config.observe.clone(),
+        state.observe.clone(),
         Box::new(pending),
     ))
 }
 
 /// How long a mark lasts for a request that `may_mark` (zero: no mark).
-fn mark_ttl(config: &Config, may_mark: bool) -> Duration {
+fn mark_ttl(state: &LayerState, may_mark: bool) -> Duration {
     match may_mark {
-        true => config.rules.hit_for_miss,
+        true => state.rules.hit_for_miss,
         false => Duration::ZERO,
     }
 }
@@ -122,11 +122,11 @@ struct Marking {
 }
 
 impl Marking {
-    fn of(config: &Config) -> Self {
+    fn of(state: &LayerState) -> Self {
         Self {
-            store: config.store.clone(),
-            observe: config.observe.clone(),
-            budget: config.pending_writes.clone(),
+            store: state.store.clone(),
+            observe: state.observe.clone(),
+            budget: state.pending_writes.clone(),
         }
     }
 }
@@ -137,7 +137,7 @@ impl Marking {
 /// before the lead (and with it the cross-instance lock) is let go, so that other instances'
 /// pollers find the mark, not a free lock to take in turn. A later answer that can be stored
 /// replaces the mark.
-fn mark_uncacheable(marking: Marking, key: String, ttl: Duration, mut lead: Option<Lead>) {
+fn mark_uncacheable(marking: Marking, key: String, ttl: Duration, mut lead: Option<ResponseLead>) {
     if let Some(lead) = &mut lead {
         lead.release(Released::Uncacheable);
     }
@@ -156,18 +156,18 @@ fn mark_uncacheable(marking: Marking, key: String, ttl: Duration, mut lead: Opti
 /// than wait that long again), and the key is marked uncacheable when `may_mark`, so that
 /// later requests do not queue behind a failing origin.
 pub(crate) fn failed_without_stand_in(
-    config: &Config,
+    state: &LayerState,
     key: String,
-    mut lead: Option<Lead>,
+    mut lead: Option<ResponseLead>,
     may_mark: bool,
     timed_out: bool,
 ) {
     if let Some(lead) = &mut lead {
         lead.release(failure(timed_out));
     }
-    let ttl = mark_ttl(config, may_mark);
+    let ttl = mark_ttl(state, may_mark);
     write_then_release(
-        Marking::of(config),
+        Marking::of(state),
         key,
         entry::encode_uncacheable(),
         ttl,
@@ -180,14 +180,19 @@ pub(crate) fn failed_without_stand_in(
 /// stands in: the waiters are released to serve theirs, and for the route's fail-safe
 /// throttle the stale copy is served without calling the handler again (FusionCache's
 /// fail-safe), in this instance and, through the store, in every instance sharing it.
-pub(crate) fn fail_safe(config: &Config, key: &str, mut lead: Option<Lead>, timed_out: bool) {
+pub(crate) fn fail_safe(
+    state: &LayerState,
+    key: &str,
+    mut lead: Option<ResponseLead>,
+    timed_out: bool,
+) {
     if let Some(lead) = &mut lead {
         lead.release(failure(timed_out));
     }
-    let ttl = config.rules.fail_safe_throttle;
+    let ttl = state.rules.fail_safe_throttle;
     let throttle = key::fail_safe_key(key);
     write_then_release(
-        Marking::of(config),
+        Marking::of(state),
         throttle,
         Bytes::from_static(b"1"),
         ttl,
@@ -196,7 +201,7 @@ pub(crate) fn fail_safe(config: &Config, key: &str, mut lead: Option<Lead>, time
     );
 }
 
-fn failure(timed_out: bool) -> Released<Arc<Shared>> {
+fn failure(timed_out: bool) -> Released<Arc<SharedResponse>> {
     let reason = match timed_out {
         true => "the handler timed out",
         false => "the handler failed",
@@ -214,7 +219,7 @@ fn write_then_release(
     key: String,
     value: Bytes,
     ttl: Duration,
-    lead: Option<Lead>,
+    lead: Option<ResponseLead>,
     event: Event,
 ) {
     if ttl.is_zero() {
@@ -260,15 +265,15 @@ fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 /// The stored response with the headers and lifetime a 304 from the handler gave it; the
 /// updated entry is written back in the background.
 pub(crate) fn revalidated(
-    config: &Config,
+    state: &LayerState,
     key: String,
     mut stale: CachedResponse,
     not_modified: &HeaderMap,
     exchange: &Exchange<'_>,
-    lead: Option<Lead>,
+    lead: Option<ResponseLead>,
 ) -> CachedResponse {
     conditional::merge_not_modified(&mut stale.headers, not_modified);
-    let rules = &config.rules;
+    let rules = &state.rules;
     stale.directives = CacheControl::for_cache(&stale.headers, &rules.targeted);
     let ttl = freshness::storable_ttl(
         rules,
@@ -283,7 +288,7 @@ pub(crate) fn revalidated(
     stale.ttl = ttl.unwrap_or(Duration::ZERO);
     if let Some(ttl) = ttl {
         let response = (stale.status, &stale.headers, &stale.directives);
-        if let Some(mut pending) = PendingEntry::new(config, key, exchange, response, ttl, lead) {
+        if let Some(mut pending) = PendingEntry::new(state, key, exchange, response, ttl, lead) {
             pending.stored_at_ms = stale.stored_at_ms;
             pending.store(vec![stale.body.clone()]);
         }
@@ -296,7 +301,7 @@ pub(crate) fn revalidated(
 /// when there is no `ETag`), its headers refresh the stored ones and the entry is written
 /// back with the lifetime they give (RFC 9111 §4.3.5). Anything else leaves the entry alone.
 pub(crate) fn head_refreshed<B>(
-    config: &Config,
+    state: &LayerState,
     key: String,
     stale: CachedResponse,
     head: &http::Response<B>,
@@ -311,7 +316,7 @@ pub(crate) fn head_refreshed<B>(
         && validator(&stale.headers).is_some()
         && validator(&stale.headers) == validator(head.headers());
     if same {
-        revalidated(config, key, stale, head.headers(), exchange, None);
+        revalidated(state, key, stale, head.headers(), exchange, None);
     }
 }
 
@@ -339,7 +344,7 @@ pub(crate) struct PendingEntry {
     /// How long the store keeps it: the TTL plus any grace for serving it stale.
     keep: Duration,
     /// The coalesced requests waiting for this response, if this request leads them.
-    lead: Option<Lead>,
+    lead: Option<ResponseLead>,
     /// How long the shared response may answer late joiners once written (its TTL, capped).
     linger: Duration,
     /// The tag sets the entry is recorded in.
@@ -381,12 +386,12 @@ impl RecordSink for PendingEntry {
 
 impl PendingEntry {
     fn new(
-        config: &Config,
+        state: &LayerState,
         key: String,
         exchange: &Exchange<'_>,
         (status, headers, cc): (StatusCode, &HeaderMap, &CacheControl),
         ttl: Duration,
-        lead: Option<Lead>,
+        lead: Option<ResponseLead>,
     ) -> Option<Self> {
         let variant = match vary_names(headers) {
             Vary::Any => return None,
@@ -396,7 +401,7 @@ impl PendingEntry {
                 Some((names, variant_key))
             }
         };
-        let rules = &config.rules;
+        let rules = &state.rules;
         // Entries written together should not all expire together.
         let ttl = if rules.ttl_jitter > 0.0 {
             ttl.mul_f64(1.0 - rules.ttl_jitter * random_fraction())
@@ -404,8 +409,8 @@ impl PendingEntry {
             ttl
         };
         let keep = ttl.saturating_add(freshness::keep_past_ttl(rules, cc, headers));
-        let namespace = key::layer_namespace(&config.key_prefix);
-        let mut tag_keys: Vec<String> = config
+        let namespace = key::layer_namespace(&state.key_prefix);
+        let mut tag_keys: Vec<String> = state
             .tags
             .iter()
             .cloned()
@@ -416,10 +421,10 @@ impl PendingEntry {
         // key (a variant, a key extended by cookies, a key function or forwarded
         // information) must be in the set, or it would outlive the invalidation.
         if variant.is_some() || key != exchange.url_key {
-            tag_keys.push(key::url_tag_key(&config.key_prefix, exchange.url_key));
+            tag_keys.push(key::url_tag_key(&state.key_prefix, exchange.url_key));
         }
         Some(Self {
-            store: config.store.clone(),
+            store: state.store.clone(),
             key,
             variant,
             status,
@@ -431,10 +436,10 @@ impl PendingEntry {
             linger: Duration::ZERO,
             tag_keys,
             generate_etag: rules.generate_etag,
-            budget: config.pending_writes.clone(),
+            budget: state.pending_writes.clone(),
             max_pending_writes: rules.max_pending_writes,
             targeted: rules.targeted.clone(),
-            observe: config.observe.clone(),
+            observe: state.observe.clone(),
             mark_ttl: Duration::ZERO,
         })
     }
@@ -461,7 +466,7 @@ impl PendingEntry {
                 entry::decode(entry.clone(), &self.targeted)
             {
                 let linger = response.ttl;
-                lead.share(Arc::new(Shared {
+                lead.share(Arc::new(SharedResponse {
                     response,
                     variant: self.variant.clone(),
                 }));

@@ -15,7 +15,7 @@ use crate::rules::freshness::{self, Verdict};
 use crate::rules::request::RequestPlan;
 use crate::store::Memo;
 
-use super::config::Config;
+use super::state::LayerState;
 
 /// What a lookup found under a key.
 #[derive(Debug, Clone)]
@@ -43,11 +43,11 @@ impl<E> Found<E> {
 /// matches the request's headers; [`Found::Nothing`] when absent, unreadable, unreachable, or
 /// in a content coding the request does not accept.
 pub(crate) async fn lookup(
-    config: &Config,
+    state: &LayerState,
     key: &str,
     request: &HeaderMap,
 ) -> Found<Arc<CachedResponse>> {
-    match lookup_entry(config, key, request).await {
+    match lookup_entry(state, key, request).await {
         Found::Entry((response, _)) => accepted(request, response),
         Found::Uncacheable => Found::Uncacheable,
         Found::Nothing => Found::Nothing,
@@ -65,15 +65,15 @@ fn accepted(request: &HeaderMap, response: Arc<CachedResponse>) -> Found<Arc<Cac
 /// [`lookup`] without waiting, on a store that keeps its values in this process:
 /// `Some(found)` when the store could tell, `None` when the lookup needs I/O.
 pub(crate) fn lookup_in_process(
-    config: &Config,
+    state: &LayerState,
     key: &str,
     request: &HeaderMap,
 ) -> Option<Found<Arc<CachedResponse>>> {
-    let response = match fetch_in_process(config, key)? {
+    let response = match fetch_in_process(state, key)? {
         Some(Decoded::Response(response)) => response,
         Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch_in_process(config, &variant_key)? {
+            match fetch_in_process(state, &variant_key)? {
                 Some(Decoded::Response(response)) => response,
                 Some(Decoded::Variants(_) | Decoded::Uncacheable) | None => {
                     return Some(Found::Nothing)
@@ -87,9 +87,13 @@ pub(crate) fn lookup_in_process(
 }
 
 /// What a stored response is good for, for this request.
-pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedResponse) -> Verdict {
+pub(crate) fn judge_entry(
+    state: &LayerState,
+    plan: &RequestPlan,
+    entry: &CachedResponse,
+) -> Verdict {
     freshness::judge(
-        &config.rules,
+        &state.rules,
         plan,
         &entry.directives,
         entry.elapsed(clock::now_ms()),
@@ -99,15 +103,15 @@ pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedRes
 
 /// The stored response (fresh or not) and, for a `Vary` variant, its names and key.
 pub(crate) async fn lookup_entry(
-    config: &Config,
+    state: &LayerState,
     key: &str,
     request: &HeaderMap,
 ) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
-    match fetch(config, key).await {
+    match fetch(state, key).await {
         Some(Decoded::Response(response)) => Found::Entry((response, None)),
         Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch(config, &variant_key).await {
+            match fetch(state, &variant_key).await {
                 Some(Decoded::Response(response)) => {
                     Found::Entry((response, Some((names, variant_key))))
                 }
@@ -128,26 +132,26 @@ enum Decoded {
     Uncacheable,
 }
 
-async fn fetch(config: &Config, key: &str) -> Option<Decoded> {
+async fn fetch(state: &LayerState, key: &str) -> Option<Decoded> {
     let started = std::time::Instant::now();
-    let result = config.store.get_memoized(key).await;
-    config.observe.store_get(started.elapsed());
+    let result = state.store.get_memoized(key).await;
+    state.observe.store_get(started.elapsed());
     match result {
-        Ok(Some((bytes, memo))) => decode_memoized(config, key, bytes, memo),
+        Ok(Some((bytes, memo))) => decode_memoized(state, key, bytes, memo),
         Ok(None) => None,
         Err(e) => {
-            config.observe.store_error("get", key, &e);
+            state.observe.store_error("get", key, &e);
             None
         }
     }
 }
 
 /// [`fetch`] from a store that can answer without waiting.
-fn fetch_in_process(config: &Config, key: &str) -> Option<Option<Decoded>> {
+fn fetch_in_process(state: &LayerState, key: &str) -> Option<Option<Decoded>> {
     let started = std::time::Instant::now();
-    let found = config.store.get_in_process(key)?;
-    config.observe.store_get(started.elapsed());
-    Some(found.and_then(|(bytes, memo)| decode_memoized(config, key, bytes, memo)))
+    let found = state.store.get_in_process(key)?;
+    state.observe.store_get(started.elapsed());
+    Some(found.and_then(|(bytes, memo)| decode_memoized(state, key, bytes, memo)))
 }
 
 /// A decoded entry, kept in the store's memo slot (an in-process store's) with the targeted
@@ -158,12 +162,12 @@ type Memoized = (Vec<HeaderName>, Decoded);
 /// Decodes `bytes`, or shares the decoded form an earlier read left in `memo`: an in-process
 /// hit then costs a lookup, not a parse.
 fn decode_memoized(
-    config: &Config,
+    state: &LayerState,
     key: &str,
     bytes: Bytes,
     memo: Option<Memo>,
 ) -> Option<Decoded> {
-    let targeted = &config.rules.targeted;
+    let targeted = &state.rules.targeted;
     let memoized = memo
         .as_ref()
         .and_then(|m| m.get()?.downcast_ref::<Memoized>());
@@ -194,8 +198,8 @@ fn decode_memoized(
 /// response it may be given (its variant, in a coding it accepts) with its variant's names
 /// and key, a hit-for-miss mark, or anything else (nothing, or a response it may not use, with
 /// the time that response was stored).
-pub(crate) async fn poll_entry(config: &Config, key: &str, headers: &HeaderMap) -> Polled {
-    match lookup_entry(config, key, headers).await {
+pub(crate) async fn poll_entry(state: &LayerState, key: &str, headers: &HeaderMap) -> Polled {
+    match lookup_entry(state, key, headers).await {
         Found::Entry((response, variant)) => {
             let usable = response.staleness(clock::now_ms()).is_none()
                 && conditional::accepts_encoding(headers, &response.headers);
