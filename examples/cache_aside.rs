@@ -107,7 +107,7 @@ async fn main() -> Result<(), BoxError> {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .await?;
-    let cache = RedisCache::from_store(&store).with_prefix("example:cache_aside");
+    let cache = RedisCache::from_store(&store).key_prefix("example:cache_aside");
     cache.delete_pattern("*").await?; // a clean slate for the checks below
 
     let repo = UserRepository {

@@ -96,7 +96,7 @@ async fn main() -> Result<(), BoxError> {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .await?;
-    let cache = RedisCache::from_store(&store).with_prefix("example:invalidation");
+    let cache = RedisCache::from_store(&store).key_prefix("example:invalidation");
     cache.delete_pattern("*").await?;
     let ids = ["1", "10", "ali*", "alice"];
     warm(&cache, &ids).await?;

@@ -66,7 +66,7 @@ async fn main() -> Result<(), BoxError> {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .await?;
-    let cache = RedisCache::from_store(&store).with_prefix("example:read_through");
+    let cache = RedisCache::from_store(&store).key_prefix("example:read_through");
     cache.delete_pattern("*").await?;
 
     // Stands in for the real database.

@@ -128,7 +128,7 @@ async fn main() -> Result<(), BoxError> {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .await?;
-    let cache = RedisCache::from_store(&store).with_prefix("example:write_behind");
+    let cache = RedisCache::from_store(&store).key_prefix("example:write_behind");
     cache.delete_pattern("*").await?;
     let db = Arc::new(Database::default());
     let writer = WriteBehind::start(cache, db.clone());

@@ -88,7 +88,7 @@ async fn main() -> Result<(), BoxError> {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .await?;
-    let cache = RedisCache::from_store(&store).with_prefix("example:write_through");
+    let cache = RedisCache::from_store(&store).key_prefix("example:write_through");
     cache.delete_pattern("*").await?;
     let products = ProductStore {
         db: Database::default(),

@@ -48,7 +48,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///     .operation_timeout(Duration::from_millis(500))
 ///     .build()
 ///     .await?;
-/// let cache = RedisCache::from_store(&store).with_prefix("app");
+/// let cache = RedisCache::from_store(&store).key_prefix("app");
 /// cache.set("user:42", &"Ada", Duration::from_secs(60)).await?;
 /// let name: Option<String> = cache.get("user:42").await?;
 /// assert_eq!(name.as_deref(), Some("Ada"));
@@ -57,7 +57,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///
 /// # Keys
 ///
-/// With a prefix (see [`with_prefix`](Self::with_prefix)) every key, pattern and tag this
+/// With a prefix (see [`key_prefix`](Self::key_prefix)) every key, pattern and tag this
 /// client touches lives under `{prefix}:`; without one, keys are used as given, which lets a
 /// Rust service read and write the keys of another service during a migration. Tag sets are
 /// stored at `{prefix}:__tag:{tag}`, so do not use keys starting with `__tag:`.
@@ -158,9 +158,11 @@ impl RedisCache {
         }
     }
 
-    /// Puts every key, pattern and tag of this client under `{prefix}:`. An empty prefix
-    /// means none.
-    pub fn with_prefix(mut self, prefix: &str) -> Self {
+    /// Puts every key, pattern and tag of this client under `{prefix}:` (as
+    /// [`CacheLayer::key_prefix`](crate::CacheLayer::key_prefix) does for the layer). An empty
+    /// prefix means none.
+    pub fn key_prefix(mut self, prefix: impl AsRef<str>) -> Self {
+        let prefix = prefix.as_ref();
         self.namespace = if prefix.is_empty() {
             Arc::from("")
         } else {
@@ -178,27 +180,27 @@ impl RedisCache {
     /// caller per instance that leads the in-process single-flight. That costs two more round
     /// trips per miss (taking the lock, then looking at the key once more); hits cost nothing
     /// extra. Instances that find the lock held poll the key every 20 ms; see
-    /// [`with_lock`](Self::with_lock) for the timings. Turn it off when the closure is cheap
+    /// [`lock_ttl`](Self::lock_ttl) and [`coalesce_timeout`](Self::coalesce_timeout) for the timings. Turn it off when the closure is cheap
     /// or when running it once per instance is fine.
     pub fn lock_across_instances(mut self, enable: bool) -> Self {
         self.lock.enabled = enable;
         self
     }
 
-    /// Turns on cross-instance coalescing (see
-    /// [`lock_across_instances`](Self::lock_across_instances)) with these timings:
-    ///
-    /// - `ttl` (default 5 s): how long the lock lives if its holder never releases it (a
-    ///   crashed or stuck process); other instances proceed after it. Make it longer than the
-    ///   closure usually takes: a closure that outlives the lock may run again elsewhere.
-    /// - `wait_timeout` (default 10 s): how long a caller waits for another instance's value
-    ///   before running the closure itself.
-    pub fn with_lock(mut self, ttl: Duration, wait_timeout: Duration) -> Self {
-        self.lock = LockSettings {
-            enabled: true,
-            ttl,
-            wait_timeout,
-        };
+    /// How long the cross-instance lock lives if its holder never releases it (a crashed or
+    /// stuck process; default 5 s); other instances proceed after it. Make it longer than the
+    /// closure usually takes: a closure that outlives the lock may run again elsewhere. Named
+    /// and clamped as [`CacheLayer::lock_ttl`](crate::CacheLayer::lock_ttl).
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock.ttl = crate::settings::clamp(ttl);
+        self
+    }
+
+    /// How long a caller waits for another caller's value (in this process, or in another
+    /// instance with the lock on) before running the closure itself (default 10 s). Named
+    /// and clamped as [`CacheLayer::coalesce_timeout`](crate::CacheLayer::coalesce_timeout).
+    pub fn coalesce_timeout(mut self, timeout: Duration) -> Self {
+        self.lock.wait_timeout = crate::settings::clamp(timeout);
         self
     }
 

@@ -23,7 +23,7 @@ pub mod store;
 #[cfg(test)]
 mod properties;
 
-pub use cache::answer::X_CACHE;
+pub use cache::answer::{CACHE_STATUS, X_CACHE};
 pub use cache::body::CacheBody;
 pub use cache::future::ResponseFuture;
 pub use cache::invalidate::Invalidator;

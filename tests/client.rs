@@ -206,8 +206,8 @@ mod values {
 
     async fn prefix_namespaces_keys_and_patterns(backend: &Backend) {
         let root = client(backend).await;
-        let app = root.clone().with_prefix("app");
-        let globby = root.clone().with_prefix("a*");
+        let app = root.clone().key_prefix("app");
+        let globby = root.clone().key_prefix("a*");
         assert_eq!(app.prefix(), "app");
 
         app.set("k", &1, MINUTE).await.unwrap();
@@ -246,7 +246,7 @@ mod values {
             .build()
             .await
             .unwrap_or_else(|e| panic!("connect to the test {}: {e}", backend.name()));
-        RedisCache::from_store(&store).with_prefix("app")
+        RedisCache::from_store(&store).key_prefix("app")
     }
 
     /// A string whose JSON form (quoted) is `bytes` long.
@@ -330,7 +330,7 @@ mod patterns {
     const MAX_PATTERN_BYTES: usize = 1024;
 
     async fn an_over_long_pattern_is_refused_before_scanning(backend: &Backend) {
-        let cache = client(backend).await.with_prefix("app");
+        let cache = client(backend).await.key_prefix("app");
         cache.set("k", &1, MINUTE).await.unwrap();
         backend.reset_stats();
 
@@ -412,7 +412,7 @@ mod tags {
     );
 
     async fn invalidate_tag_removes_exactly_the_tagged_keys_without_scanning(backend: &Backend) {
-        let cache = client(backend).await.with_prefix("app");
+        let cache = client(backend).await.key_prefix("app");
         for id in 0..1_000u64 {
             let key = format!("user:{id}");
             let user = User {
@@ -837,7 +837,8 @@ mod across_instances {
         backend.cmd::<()>(&["SET", "k:lock", "stuck-holder", "PX", "60000"]);
         let cache = client(backend)
             .await
-            .with_lock(Duration::from_secs(5), Duration::from_millis(300));
+            .lock_ttl(Duration::from_secs(5))
+            .coalesce_timeout(Duration::from_millis(300));
 
         let started = Instant::now();
         let value = cache
@@ -863,10 +864,12 @@ mod across_instances {
         // A lock that would hold the second instance for a minute if it were not released.
         let first = client(backend)
             .await
-            .with_lock(MINUTE, Duration::from_secs(30));
+            .lock_ttl(MINUTE)
+            .coalesce_timeout(Duration::from_secs(30));
         let second = client(backend)
             .await
-            .with_lock(MINUTE, Duration::from_secs(30));
+            .lock_ttl(MINUTE)
+            .coalesce_timeout(Duration::from_secs(30));
         let computed = Counter::default();
 
         let failing = {

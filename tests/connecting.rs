@@ -122,7 +122,7 @@ mod bb8_pool {
     async fn store_and_client_share_the_apps_pool_and_survive_a_restart() {
         let mut redis = RedisServer::start();
         let pool = pool(&redis.url(), true).await;
-        let cache = RedisCache::from_pool(pool.clone()).with_prefix("app");
+        let cache = RedisCache::from_pool(pool.clone()).key_prefix("app");
         round_trips(&cache).await;
         let store = quick(RedisStore::builder_from_pool(pool.clone()));
         survives_a_restart(&mut redis, store, true).await;

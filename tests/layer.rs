@@ -435,7 +435,8 @@ async fn responses_that_must_not_be_shared_are_returned_but_never_stored(backend
 
 async fn stored_status_codes_are_configurable(backend: &Backend) {
     let calls = Counter::default();
-    let layer = CacheLayer::new(backend.store().await).status_codes([200, 404]);
+    let layer = CacheLayer::new(backend.store().await)
+        .status_codes([StatusCode::OK, StatusCode::NOT_FOUND]);
     let addr = serve(fixed_app(layer, StatusCode::NOT_FOUND, &[], calls.clone())).await;
     fetch(addr, "/r").await;
     let hit = get_until_hit(addr, "/r", &[]).await;
@@ -961,7 +962,7 @@ async fn tags_from_route_and_response_headers_invalidate_exactly_their_entries(b
         assert_eq!(reply.x_cache(), Some(expected), "product {id}");
     }
     // The typed client with the layer's prefix sees the same tags.
-    let client = tower_redis_cache::RedisCache::from_store(&store).with_prefix("http-cache");
+    let client = tower_redis_cache::RedisCache::from_store(&store).key_prefix("http-cache");
     layer.flush().await;
     assert_eq!(client.invalidate_tag("catalog").await.unwrap(), 6);
     // Only tag sets remain (their members now name removed keys and expire with them).

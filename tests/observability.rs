@@ -288,18 +288,18 @@ async fn headers_can_be_renamed_or_turned_off() {
 
     let headers = run(base
         .clone()
-        .x_cache_header(Some("x-edge-cache"))
-        .cache_status_name("edge"))
+        .x_cache_header(Some(http::HeaderName::from_static("x-edge-cache")))
+        .cache_status(Some("edge")))
     .await;
     assert!(!headers.contains_key("x-cache"));
     assert_eq!(headers["x-edge-cache"], "MISS");
     assert_eq!(headers["cache-status"], "edge; fwd=uri-miss");
 
-    let headers = run(base.clone().x_cache_header(None).cache_status(false)).await;
+    let headers = run(base.clone().x_cache_header(None).cache_status(None)).await;
     assert!(!headers.contains_key("x-cache"));
     assert!(!headers.contains_key("cache-status"));
 
-    let headers = run(base.cache_status_name("my cache")).await;
+    let headers = run(base.cache_status(Some("my cache"))).await;
     assert_eq!(headers["cache-status"], "\"my cache\"; fwd=uri-miss");
 }
 

@@ -667,7 +667,8 @@ async fn the_clients_followers_time_out_and_compute() {
         .await
         .unwrap();
     let cache = tower_redis_cache::RedisCache::from_store(&store)
-        .with_lock(Duration::from_secs(5), Duration::from_millis(100));
+        .lock_ttl(Duration::from_secs(5))
+        .coalesce_timeout(Duration::from_millis(100));
     let (computing, started_computing) = tokio::sync::oneshot::channel();
     let slow = {
         let cache = cache.clone();

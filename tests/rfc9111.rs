@@ -86,7 +86,10 @@ fn strip_targeted(layer: CacheLayer) -> CacheLayer {
 }
 
 fn own_targeted_field(layer: CacheLayer) -> CacheLayer {
-    layer.targeted_fields(["myapp-cache-control", "cdn-cache-control"])
+    layer.targeted_fields([
+        http::HeaderName::from_static("myapp-cache-control"),
+        http::HeaderName::from_static("cdn-cache-control"),
+    ])
 }
 
 fn ttl_1s(layer: CacheLayer) -> CacheLayer {

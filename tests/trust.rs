@@ -776,7 +776,8 @@ async fn the_client_takes_duration_max_without_panicking() {
     let cache = tower_redis_cache::RedisCache::connect(&redis.url())
         .await
         .unwrap()
-        .with_lock(Duration::MAX, Duration::MAX);
+        .lock_ttl(Duration::MAX)
+        .coalesce_timeout(Duration::MAX);
     let value: u32 = cache
         .get_or_insert_with("k", Duration::MAX, || async {
             Ok::<_, tower_redis_cache::Error>(7)

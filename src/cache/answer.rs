@@ -29,7 +29,7 @@ pub(crate) const STALE: HeaderValue = HeaderValue::from_static("STALE");
 pub(crate) const REVALIDATED: HeaderValue = HeaderValue::from_static("REVALIDATED");
 
 /// RFC 9211's `Cache-Status`, sent alongside `X-Cache` unless the route turns it off.
-pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How the cache answered, as `X-Cache` and `Cache-Status` (RFC 9211) say it.
 impl Served {

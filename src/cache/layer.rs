@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
+use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
 use crate::cache::invalidate::Invalidator;
@@ -88,12 +88,20 @@ impl CacheLayer {
         self
     }
 
-    /// Which response statuses are stored under the route's TTL (default `200..=299`). A
+    /// Which response statuses are stored under the route's TTL (default: every 2xx). A
     /// response that gives its own explicit lifetime (`s-maxage`, `max-age`, `Expires`, with
     /// [`honor_origin_ttl`](Self::honor_origin_ttl) on) is stored whatever its final status,
     /// 206 and 304 aside (RFC 9111 §3).
-    pub fn status_codes(mut self, codes: impl IntoIterator<Item = u16>) -> Self {
-        self.rules_mut().statuses = StatusSet::from_codes(codes);
+    ///
+    /// ```rust
+    /// use http::StatusCode;
+    /// use tower_redis_cache::{CacheLayer, MemoryStore};
+    ///
+    /// let layer = CacheLayer::new(MemoryStore::new())
+    ///     .status_codes([StatusCode::OK, StatusCode::NOT_FOUND]);
+    /// ```
+    pub fn status_codes(mut self, codes: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.rules_mut().statuses = StatusSet::from_codes(codes.into_iter().map(|c| c.as_u16()));
         self
     }
 
@@ -403,12 +411,9 @@ impl CacheLayer {
     /// The targeted cache-control fields this cache obeys, in priority order (RFC 9213;
     /// default `CDN-Cache-Control`, then `Surrogate-Control`). The first one present and
     /// valid replaces `Cache-Control` for this cache; give the layer a field of its own
-    /// (`["myapp-cache-control", "cdn-cache-control"]`) to steer it apart from your CDN.
-    pub fn targeted_fields<T: AsRef<str>>(mut self, names: impl IntoIterator<Item = T>) -> Self {
-        self.rules_mut().targeted = names
-            .into_iter()
-            .filter_map(|n| http::HeaderName::from_bytes(n.as_ref().as_bytes()).ok())
-            .collect();
+    /// (`myapp-cache-control`, then `cdn-cache-control`) to steer it apart from your CDN.
+    pub fn targeted_fields(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.rules_mut().targeted = names.into_iter().collect();
         self
     }
 
@@ -472,36 +477,19 @@ impl CacheLayer {
         self.state.observe.snapshot()
     }
 
-    /// The header naming the outcome (`HIT`, `MISS`, ...): `Some("x-cache")` by default,
-    /// another name, or `None` to send none. A name that is not a valid header name leaves
-    /// the setting unchanged.
-    pub fn x_cache_header(mut self, name: Option<&str>) -> Self {
-        let name = match name {
-            None => None,
-            Some(name) => match http::HeaderName::from_bytes(name.as_bytes()) {
-                Ok(name) => Some(name),
-                Err(_) => return self,
-            },
-        };
+    /// The header naming the outcome (`HIT`, `MISS`, ...): [`X_CACHE`](crate::X_CACHE)
+    /// (`x-cache`) by default, another name, or `None` to send none.
+    pub fn x_cache_header(mut self, name: Option<HeaderName>) -> Self {
         self.rules_mut().x_cache = name;
         self
     }
 
-    /// Whether answers carry RFC 9211's `Cache-Status` (default true).
-    pub fn cache_status(mut self, enable: bool) -> Self {
-        let name = enable.then(|| {
-            let current = self.state.rules.cache_status.clone();
-            current.unwrap_or_else(|| Arc::from(crate::settings::CACHE_NAME))
-        });
-        self.rules_mut().cache_status = name;
-        self
-    }
-
-    /// The cache's name in `Cache-Status` (default `tower-redis-cache`), for example the
-    /// service's name when several caches stand in a response's path. A name that is not an
-    /// RFC 8941 token is sent as a quoted string; turns `Cache-Status` on.
-    pub fn cache_status_name(mut self, name: &str) -> Self {
-        self.rules_mut().cache_status = Some(Arc::from(cache_name(name)));
+    /// RFC 9211's [`Cache-Status`](crate::CACHE_STATUS) with this cache's name
+    /// (default `Some("tower-redis-cache")`), for example the service's name when several
+    /// caches stand in a response's path, or `None` to send none. A name that is not an RFC
+    /// 8941 token is sent as a quoted string.
+    pub fn cache_status(mut self, name: Option<&str>) -> Self {
+        self.rules_mut().cache_status = name.map(|name| Arc::from(cache_name(name)));
         self
     }
 }
