@@ -253,7 +253,7 @@ async fn build_app(kind: &str, url: &str, ids: usize, host: &str) -> Router {
         }
         "redis-hit" => {
             let store = match n {
-                Some(n) => RedisStore::builder(url).max_connections(n).build().await,
+                Some(n) => RedisStore::builder(url).max_connections(n).connect().await,
                 None => RedisStore::connect(url).await,
             };
             primed(handler.layer(CacheLayer::new(store.unwrap())), ids, host).await
@@ -266,7 +266,7 @@ async fn build_app(kind: &str, url: &str, ids: usize, host: &str) -> Router {
                 .build(bb8_redis::RedisConnectionManager::new(url).unwrap())
                 .await
                 .unwrap();
-            let store = RedisStore::builder_from_pool(pool).build().await.unwrap();
+            let store = RedisStore::builder_from_pool(pool).connect().await.unwrap();
             primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         #[cfg(feature = "tiered")]
@@ -274,16 +274,16 @@ async fn build_app(kind: &str, url: &str, ids: usize, host: &str) -> Router {
             let l2 = RedisStore::connect(url).await.unwrap();
             let store = tower_redis_cache::TieredStore::builder(l2)
                 .invalidations(url, "loadbench:invalidations")
-                .unwrap()
-                .build()
-                .await;
+                .connect()
+                .await
+                .expect("a tiered store");
             primed(handler.layer(CacheLayer::new(store)), ids, host).await
         }
         #[cfg(feature = "cluster")]
         "cluster" => {
             // `url` is the nodes' URLs, comma-separated.
-            let store = RedisStore::builder_cluster(url.split(','))
-                .build()
+            let store = RedisStore::builder_from_cluster_nodes(url.split(','))
+                .connect()
                 .await
                 .unwrap();
             primed(handler.layer(CacheLayer::new(store)), ids, host).await

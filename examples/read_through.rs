@@ -64,7 +64,7 @@ async fn main() -> Result<(), BoxError> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let store = RedisStore::builder(&url)
         .operation_timeout(Duration::from_secs(1))
-        .build()
+        .connect()
         .await?;
     let cache = RedisCache::from_store(&store).key_prefix("example:read_through");
     cache.delete_pattern("*").await?;

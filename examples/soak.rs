@@ -150,7 +150,7 @@ async fn main() -> ExitCode {
     let redis = Arc::new(Mutex::new(RedisProcess::start()));
     let port = redis.lock().unwrap().port;
     let store = RedisStore::builder(&format!("redis://127.0.0.1:{port}"))
-        .build_lazy()
+        .build()
         .expect("valid URL");
     let addr = serve(app(store)).await;
     println!(

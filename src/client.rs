@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::coalesce::{self, follow, Contention, Flights, Looked, Released, Role};
 use crate::key;
 use crate::observe::WarnLimiter;
-use crate::store::{check_pattern, RedisStore, Store};
+use crate::store::redis::RedisStore;
+use crate::store::{check_pattern, Store};
 use crate::{Error, ErrorKind, Result};
 
 /// Keys per SCAN step, per UNLINK and per tag-set pop: each step is one short command, so a
@@ -46,7 +47,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379")
 ///     .operation_timeout(Duration::from_millis(500))
-///     .build()
+///     .connect()
 ///     .await?;
 /// let cache = RedisCache::from_store(&store).key_prefix("app");
 /// cache.set("user:42", &"Ada", Duration::from_secs(60)).await?;
@@ -273,7 +274,7 @@ impl RedisCache {
     /// Stores `value` as JSON under `key` for `ttl` (at least 1 ms), replacing any value.
     ///
     /// Fails with [`ErrorKind::InvalidInput`], writing nothing, when the JSON is over the
-    /// store's [`max_value_bytes`](crate::store::RedisStoreBuilder::max_value_bytes)
+    /// store's [`max_value_bytes`](crate::RedisStoreBuilder::max_value_bytes)
     /// (default 8 MiB), as every write of this client does.
     pub async fn set<T: Serialize + ?Sized>(
         &self,

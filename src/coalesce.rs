@@ -69,7 +69,12 @@ pub(crate) enum Released<T> {
     Uncacheable,
     /// The leader's call failed: an error, a server error, or a timeout (`timed_out`), with
     /// a description for callers that report it.
-    Failed { timed_out: bool, reason: Arc<str> },
+    Failed {
+        timed_out: bool,
+        // Read by `RedisCache` (feature `client`), which reports it to its callers.
+        #[cfg_attr(not(feature = "client"), allow(dead_code))]
+        reason: Arc<str>,
+    },
     /// The leader went away before it finished (its caller was dropped): join again, so
     /// that one follower takes the flight over while the others keep waiting.
     Dropped,

@@ -34,12 +34,12 @@ pub use client::RedisCache;
 pub use error::{Error, ErrorKind, Result};
 pub use observe::{BypassCounts, CacheStats, NotStoredCounts, StoreErrorCounts, Timing};
 #[cfg(feature = "memory")]
-pub use store::MemoryStore;
+pub use store::memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
 #[cfg(feature = "redis")]
-pub use store::RedisStore;
-pub use store::Store;
+pub use store::redis::{RedisHealth, RedisStore, RedisStoreBuilder, RedisStoreStats};
 #[cfg(feature = "tiered")]
-pub use store::TieredStore;
+pub use store::tiered::{TieredBusStats, TieredStore, TieredStoreBuilder};
+pub use store::Store;
 
 /// Compiles the README's Rust examples as doctests.
 #[cfg(doctest)]

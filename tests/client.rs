@@ -17,7 +17,7 @@ async fn client(backend: &Backend) -> RedisCache {
         .builder()
         .operation_timeout(Duration::from_secs(5))
         .connection_timeout(Duration::from_secs(2))
-        .build()
+        .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to the test {}: {e}", backend.name()));
     RedisCache::from_store(&store)
@@ -243,7 +243,7 @@ mod values {
             .operation_timeout(Duration::from_secs(5))
             .connection_timeout(Duration::from_secs(2))
             .max_value_bytes(LIMIT)
-            .build()
+            .connect()
             .await
             .unwrap_or_else(|e| panic!("connect to the test {}: {e}", backend.name()));
         RedisCache::from_store(&store).key_prefix("app")
@@ -689,7 +689,7 @@ mod get_or_insert {
         let mut server = RedisServer::start();
         let store = RedisStore::builder(&server.url())
             .operation_timeout(Duration::from_millis(200))
-            .build()
+            .connect()
             .await
             .unwrap();
         let cache = RedisCache::from_store(&store);

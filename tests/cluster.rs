@@ -20,8 +20,8 @@ use common::{fetch, get_until_hit, http_key, serve, Counter};
 use tower_redis_cache::{CacheLayer, RedisStore, Store};
 
 async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
-    RedisStore::builder_cluster(cluster.urls())
-        .build()
+    RedisStore::builder_from_cluster_nodes(cluster.urls())
+        .connect()
         .await
         .expect("connect to the cluster")
 }
@@ -207,9 +207,9 @@ async fn two_tiers_on_a_cluster_stay_coherent_across_a_failover() {
         let l2 = cluster_store(&cluster).await;
         let store = TieredStore::builder(l2)
             .invalidations_cluster(cluster.urls(), CHANNEL)
-            .unwrap()
-            .build()
-            .await;
+            .connect()
+            .await
+            .unwrap();
         assert!(store.is_subscribed());
         store
     };

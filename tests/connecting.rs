@@ -25,12 +25,12 @@ fn app(layer: CacheLayer) -> Router {
 }
 
 /// Short timeouts, so a dead Redis costs little test time.
-fn quick(builder: tower_redis_cache::store::RedisStoreBuilder) -> RedisStore {
+fn quick(builder: tower_redis_cache::RedisStoreBuilder) -> RedisStore {
     builder
         .operation_timeout(Duration::from_millis(100))
         .connection_timeout(Duration::from_millis(100))
         .failure_backoff(Duration::from_millis(100))
-        .build_lazy()
+        .build()
         .unwrap()
 }
 
@@ -97,7 +97,7 @@ async fn builders_hide_passwords_and_name_bad_addresses() {
     #[cfg(feature = "sentinel")]
     {
         let err = RedisStore::builder_from_sentinel(["not a url"], "mymaster", None)
-            .build_lazy()
+            .build()
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidUrl, "{err}");
     }
@@ -335,7 +335,7 @@ async fn sentinel_store_follows_a_failover() {
     )
     .operation_timeout(Duration::from_millis(200))
     .failure_backoff(Duration::from_millis(100))
-    .build()
+    .connect()
     .await
     .unwrap();
     store

@@ -58,7 +58,7 @@ async fn rig() -> Rig {
     let store = RedisStore::builder(&proxy.url())
         .operation_timeout(OP_TIMEOUT)
         .failure_backoff(BACKOFF)
-        .build()
+        .connect()
         .await
         .expect("connect through the proxy");
     let calls = Counter::default();

@@ -56,15 +56,15 @@ async fn on_two_tiers() {
     let tiered = || async {
         let l2 = RedisStore::builder(&redis.url())
             .operation_timeout(Duration::from_secs(2))
-            .build()
+            .connect()
             .await
             .unwrap();
         let store = TieredStore::builder(l2)
             .l1_ttl(Duration::from_secs(60))
             .invalidations(&redis.url(), "trc:invalidations")
-            .unwrap()
-            .build()
-            .await;
+            .connect()
+            .await
+            .unwrap();
         Arc::new(store) as Arc<dyn Store>
     };
     signed_in_users(tiered().await).await;

@@ -233,7 +233,7 @@ fn dead_redis() -> RedisStore {
     RedisStore::builder(&format!("redis://127.0.0.1:{port}"))
         // Long enough that the whole test runs inside one back-off.
         .failure_backoff(Duration::from_secs(3600))
-        .build_lazy()
+        .build()
         .unwrap()
 }
 

@@ -612,7 +612,7 @@ async fn run(rule: &'static Rule) -> Result<(), String> {
     // expected HIT into a MISS.
     let store = RedisStore::builder(&redis.url())
         .operation_timeout(Duration::from_secs(2))
-        .build()
+        .connect()
         .await
         .map_err(|e| e.to_string())?;
     let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();

@@ -30,7 +30,7 @@ fn lazy_store(url: &str) -> RedisStore {
     RedisStore::builder(url)
         .operation_timeout(Duration::from_millis(100))
         .connection_timeout(Duration::from_millis(100))
-        .build_lazy()
+        .build()
         .unwrap()
 }
 

@@ -23,14 +23,14 @@ const BOUND: Duration = Duration::from_secs(1);
 async fn instance(redis: &RedisServer, l1_ttl: Duration) -> TieredStore {
     let l2 = RedisStore::builder(&redis.url())
         .failure_backoff(Duration::from_millis(50))
-        .build_lazy()
+        .build()
         .unwrap();
     let store = TieredStore::builder(l2)
         .l1_ttl(l1_ttl)
         .invalidations(&redis.url(), CHANNEL)
-        .unwrap()
-        .build()
-        .await;
+        .connect()
+        .await
+        .unwrap();
     assert!(store.is_subscribed());
     store
 }
@@ -241,7 +241,7 @@ async fn local_instance() -> TieredStore<MemoryStore> {
     TieredStore::builder(MemoryStore::new())
         .l1_ttl(Duration::from_secs(60))
         .build()
-        .await
+        .unwrap()
 }
 
 /// Patterns reach every L1 key, and arrive from any instance on the channel: a pattern with
@@ -490,12 +490,12 @@ async fn a_killed_subscription_under_load_catches_up_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_redis_restart_under_load_costs_no_blind_back_off() {
     let mut redis = RedisServer::start();
-    let l2 = RedisStore::builder(&redis.url()).build_lazy().unwrap();
+    let l2 = RedisStore::builder(&redis.url()).build().unwrap();
     let a = TieredStore::builder(l2)
         .invalidations(&redis.url(), CHANNEL)
-        .unwrap()
-        .build()
-        .await;
+        .connect()
+        .await
+        .unwrap();
     assert!(a.is_subscribed());
     let ttl = Duration::from_secs(60);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -28,7 +28,7 @@ async fn backends() -> Vec<Backend> {
     let redis = RedisServer::start();
     let store = RedisStore::builder(&redis.url())
         .operation_timeout(Duration::from_secs(2))
-        .build()
+        .connect()
         .await
         .expect("connect to test redis");
     vec![

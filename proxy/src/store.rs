@@ -41,9 +41,9 @@ impl Stores {
                 let tiered = TieredStore::builder(l2_store)
                     .l1(MemoryStore::builder().max_bytes(*l1_max_bytes).build())
                     .l1_ttl(*l1_ttl)
-                    .invalidations(invalidation_url, channel)?
-                    .build()
-                    .await;
+                    .invalidations(invalidation_url, channel)
+                    .connect()
+                    .await?;
                 let tiered = Arc::new(tiered);
                 Stores {
                     store: tiered.clone(),
@@ -78,12 +78,14 @@ fn redis_store(config: &StoreConfig) -> tower_redis_cache::Result<RedisStore> {
         StoreConfig::Sentinel { sentinels, master } => {
             RedisStore::builder_from_sentinel(sentinels.iter().cloned(), master, None)
         }
-        StoreConfig::Cluster { nodes } => RedisStore::builder_cluster(nodes.iter().cloned()),
+        StoreConfig::Cluster { nodes } => {
+            RedisStore::builder_from_cluster_nodes(nodes.iter().cloned())
+        }
         StoreConfig::Memory { .. } | StoreConfig::Tiered { .. } => {
             unreachable!("the configuration puts only Redis stores here")
         }
     };
-    builder.build_lazy()
+    builder.build()
 }
 
 fn describe(config: &StoreConfig) -> String {

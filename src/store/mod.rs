@@ -11,25 +11,20 @@ use bytes::Bytes;
 
 use crate::{Error, ErrorKind, Result};
 
+// The stores, their builders and stats are public at the crate root only (lib.rs re-exports
+// them): one path for each.
 #[cfg(feature = "memory")]
-mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
 #[cfg(feature = "tiered")]
-mod tiered;
-
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisHealth, RedisStore, RedisStoreBuilder, RedisStoreStats};
-#[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreStats};
+pub(crate) mod tiered;
 
 /// A slot an in-process store keeps beside each value, in which a reader may keep the
 /// value's decoded form, so that later reads of the same value skip decoding (the response
-/// layer keeps its decoded response there: a hit on [`MemoryStore`] is a
+/// layer keeps its decoded response there: a hit on [`MemoryStore`](crate::MemoryStore) is a
 /// lookup and a clone). The store never looks inside; a new value gets a new, empty slot.
 pub type Memo = Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>;
-#[cfg(feature = "tiered")]
-pub use tiered::{TieredBusStats, TieredStore, TieredStoreBuilder};
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;

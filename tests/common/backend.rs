@@ -10,8 +10,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use tower_redis_cache::store::RedisStoreBuilder;
 use tower_redis_cache::RedisStore;
+use tower_redis_cache::RedisStoreBuilder;
 
 use super::RedisServer;
 
@@ -96,13 +96,13 @@ impl Backend {
         }
     }
 
-    /// A store builder for this backend (`RedisStore::builder` or `builder_cluster`), for a
+    /// A store builder for this backend (`RedisStore::builder` or `builder_from_cluster_nodes`), for a
     /// suite's own timeouts.
     pub fn builder(&self) -> RedisStoreBuilder {
         match self {
             Self::Single(server) => RedisStore::builder(&server.url()),
             #[cfg(feature = "cluster")]
-            Self::Cluster(c) => RedisStore::builder_cluster(c.cluster.urls()),
+            Self::Cluster(c) => RedisStore::builder_from_cluster_nodes(c.cluster.urls()),
         }
     }
 
@@ -112,7 +112,7 @@ impl Backend {
         self.builder()
             .operation_timeout(Duration::from_secs(2))
             .connection_timeout(Duration::from_secs(2))
-            .build()
+            .connect()
             .await
             .unwrap_or_else(|e| panic!("connect to the test {}: {e}", self.name()))
     }

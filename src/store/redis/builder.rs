@@ -83,15 +83,16 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Builds the store and checks that the server answers a PING within the connection
-    /// timeout. Fails with [`ErrorKind::InvalidUrl`] or [`ErrorKind::Unreachable`].
+    /// Builds the store (as [`build`](Self::build)) and checks that the server answers a PING
+    /// within the connection timeout. Fails with [`ErrorKind::InvalidUrl`] or
+    /// [`ErrorKind::Unreachable`].
     ///
     /// It also reads the server's eviction policy once and logs a warning when it does not
     /// suit a cache (see [`RedisHealth::eviction_warning`]).
     ///
-    /// [`RedisHealth::eviction_warning`]: crate::store::RedisHealth::eviction_warning
-    pub async fn build(self) -> Result<RedisStore> {
-        let store = self.build_lazy()?;
+    /// [`RedisHealth::eviction_warning`]: crate::RedisHealth::eviction_warning
+    pub async fn connect(self) -> Result<RedisStore> {
+        let store = self.build()?;
         store.ping().await.map_err(|e| {
             Error::new(ErrorKind::Unreachable, "Redis server did not answer PING").with_source(e)
         })?;
@@ -109,17 +110,18 @@ impl RedisStoreBuilder {
         Ok(store)
     }
 
-    /// [`build_lazy`](Self::build_lazy) for the targets that cannot fail: an app's handle.
+    /// [`build`](Self::build) for the targets that cannot fail: an app's handle.
     #[cfg_attr(not(feature = "client"), allow(dead_code))]
     pub(crate) fn lazy(self) -> RedisStore {
         debug_assert!(!matches!(self.target, Target::Url(_)));
-        self.build_lazy()
+        self.build()
             .unwrap_or_else(|_| unreachable!("only URLs and Sentinel addresses fail to build"))
     }
 
     /// Builds the store without contacting the server: an app can start while Redis is down
-    /// and cache once it is up. Fails only with [`ErrorKind::InvalidUrl`].
-    pub fn build_lazy(self) -> Result<RedisStore> {
+    /// and cache once it is up ([`connect`](Self::connect) waits for a PING instead). Fails
+    /// only with [`ErrorKind::InvalidUrl`].
+    pub fn build(self) -> Result<RedisStore> {
         #[cfg(feature = "tls")]
         install_crypto_provider();
         let source = self.target.into_source()?;
@@ -302,7 +304,7 @@ impl RedisStore {
     /// connection, 250 ms connection timeout, 100 ms operation timeout, 500 ms back-off.
     /// Fails if the URL is invalid or the server does not answer.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::builder(url).build().await
+        Self::builder(url).connect().await
     }
 
     /// A builder for the number of connections and the timeouts. `url` is
@@ -409,7 +411,7 @@ impl RedisStore {
     /// `max_connections` is ignored.
     #[cfg(feature = "cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
-    pub fn builder_cluster<I, S>(nodes: I) -> RedisStoreBuilder
+    pub fn builder_from_cluster_nodes<I, S>(nodes: I) -> RedisStoreBuilder
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -417,7 +419,7 @@ impl RedisStore {
         Self::builder_for(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
     }
 
-    /// [`builder_cluster`](Self::builder_cluster) on the app's redis-rs `ClusterClient`, for
+    /// [`builder_from_cluster_nodes`](Self::builder_from_cluster_nodes) on the app's redis-rs `ClusterClient`, for
     /// settings node URLs cannot carry (TLS, credentials, read-from-replicas, retries).
     #[cfg(feature = "cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]

@@ -40,7 +40,7 @@ use crate::{Error, ErrorKind, Result};
 ///
 /// Cloning is cheap; clones share the connections.
 ///
-/// [`RedisStoreBuilder::max_connections`]: crate::store::RedisStoreBuilder::max_connections
+/// [`RedisStoreBuilder::max_connections`]: crate::RedisStoreBuilder::max_connections
 #[derive(Clone)]
 pub struct RedisStore {
     pub(super) shared: Arc<Inner>,

@@ -12,7 +12,7 @@ use ::redis::Script;
 /// ARGV[2]: TTL in ms. Run by [`RedisStore::write_tagged`], for the response layer and
 /// [`RedisCache`](crate::RedisCache).
 ///
-/// [`RedisStore::write_tagged`]: crate::store::RedisStore::write_tagged
+/// [`RedisStore::write_tagged`]: crate::RedisStore::write_tagged
 pub(super) static SET_TAGGED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_TAGGED));
 
 const SET_TAGGED: &str = r"

@@ -20,7 +20,7 @@ pub(super) enum Source {
     /// The app's pool: the slot keeps a clone of one of its connections, taken again from
     /// the pool when it breaks (see [`RedisStore::builder_from_pool`]).
     ///
-    /// [`RedisStore::builder_from_pool`]: crate::store::RedisStore::builder_from_pool
+    /// [`RedisStore::builder_from_pool`]: crate::RedisStore::builder_from_pool
     #[cfg(feature = "bb8")]
     Pool(bb8::Pool<bb8_redis::RedisConnectionManager>),
     /// A connection to the master the sentinels name at the time of connecting.

@@ -1,6 +1,6 @@
 //! Building a [`TieredStore`]: [`TieredStoreBuilder`] and its settings (L1, copy lifetime,
-//! where notifications go), and `build`, which starts the subscriber and replay tasks and
-//! waits briefly for the first subscription.
+//! where notifications go); `build`, which starts the subscriber and replay tasks, and
+//! `connect`, which also waits briefly for the first subscription.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -31,7 +31,19 @@ pub struct TieredStoreBuilder<S> {
     l2: S,
     l1: Option<MemoryStore>,
     l1_ttl: Option<Duration>,
-    bus: Option<(Subscription, RedisStore, String)>,
+    bus: Option<(BusTarget, String)>,
+}
+
+/// Where notifications go, as the builder was told; resolved (and checked) by `build`.
+enum BusTarget {
+    Url(String),
+    Client(Box<Client>),
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
+}
+
+fn invalid_url(e: ::redis::RedisError) -> Error {
+    Error::new(ErrorKind::InvalidUrl, "invalid Redis URL for invalidations").with_source(e)
 }
 
 impl<S: Store> TieredStoreBuilder<S> {
@@ -44,7 +56,7 @@ impl<S: Store> TieredStoreBuilder<S> {
     /// L1's size: at most about this many bytes ([`MemoryStoreBuilder::max_bytes`]; default
     /// 64 MiB). Replaces an [`l1`](Self::l1) store set before.
     ///
-    /// [`MemoryStoreBuilder::max_bytes`]: crate::store::MemoryStoreBuilder::max_bytes
+    /// [`MemoryStoreBuilder::max_bytes`]: crate::MemoryStoreBuilder::max_bytes
     pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
         self.l1 = Some(MemoryStore::builder().max_bytes(bytes).build());
         self
@@ -60,22 +72,16 @@ impl<S: Store> TieredStoreBuilder<S> {
     }
 
     /// Publishes notifications on, and subscribes to, `channel` on the Redis at `url`
-    /// (usually L2's server). Every instance sharing L2 should use the same channel.
-    pub fn invalidations(self, url: &str, channel: &str) -> Result<Self> {
-        let client = Client::open(url).map_err(|e| {
-            Error::new(ErrorKind::InvalidUrl, "invalid Redis URL for invalidations").with_source(e)
-        })?;
-        Ok(self.invalidations_from_client(client, channel))
+    /// (usually L2's server). Every instance sharing L2 should use the same channel. An
+    /// invalid `url` makes [`build`](Self::build) fail with [`ErrorKind::InvalidUrl`].
+    pub fn invalidations(mut self, url: &str, channel: &str) -> Self {
+        self.bus = Some((BusTarget::Url(url.to_owned()), channel.to_owned()));
+        self
     }
 
     /// [`invalidations`](Self::invalidations) through the app's redis-rs `client`.
     pub fn invalidations_from_client(mut self, client: Client, channel: &str) -> Self {
-        let publisher = RedisStore::builder_from_client(client.clone()).lazy();
-        self.bus = Some((
-            Subscription::Server(Box::new(client)),
-            publisher,
-            channel.to_owned(),
-        ));
+        self.bus = Some((BusTarget::Client(Box::new(client)), channel.to_owned()));
         self
     }
 
@@ -90,27 +96,65 @@ impl<S: Store> TieredStoreBuilder<S> {
     /// could not know which gap to catch up.
     #[cfg(feature = "cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
-    pub fn invalidations_cluster<I, N>(mut self, nodes: I, channel: &str) -> Result<Self>
+    pub fn invalidations_cluster<I, N>(mut self, nodes: I, channel: &str) -> Self
     where
         I: IntoIterator<Item = N>,
         N: Into<String>,
     {
-        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
-        let publisher = RedisStore::builder_cluster(nodes.clone()).build_lazy()?;
-        for node in &nodes {
-            Client::open(node.as_str()).map_err(|e| {
-                Error::new(ErrorKind::InvalidUrl, "invalid Redis URL for invalidations")
-                    .with_source(e)
-            })?;
-        }
-        self.bus = Some((Subscription::Cluster(nodes), publisher, channel.to_owned()));
-        Ok(self)
+        let nodes = nodes.into_iter().map(Into::into).collect();
+        self.bus = Some((BusTarget::Cluster(nodes), channel.to_owned()));
+        self
     }
 
-    /// The store. With invalidations, it subscribes in a background task and waits up to a
-    /// second for the subscription (an instance that starts while Redis is down keeps trying
-    /// in the background). Must be called inside a Tokio runtime.
-    pub async fn build(self) -> TieredStore<S> {
+    /// The store, without waiting for anything: with invalidations, it subscribes in a
+    /// background task (and keeps trying while Redis is down). Must be called inside a Tokio
+    /// runtime (else [`ErrorKind::InvalidInput`]); an invalid invalidations URL fails with
+    /// [`ErrorKind::InvalidUrl`].
+    pub fn build(self) -> Result<TieredStore<S>> {
+        Ok(self.start()?.0)
+    }
+
+    /// [`build`](Self::build), then waits up to a second for the subscription, so that the
+    /// store sees other instances' changes from its first request (an instance that starts
+    /// while Redis is down keeps trying in the background: this does not fail for that).
+    pub async fn connect(self) -> Result<TieredStore<S>> {
+        let (store, ready) = self.start()?;
+        if let Some(ready) = ready {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ready).await;
+        }
+        Ok(store)
+    }
+
+    /// Builds the store and starts its tasks; with invalidations, also the receiver that
+    /// fires once subscribed.
+    #[allow(clippy::type_complexity)]
+    fn start(self) -> Result<(TieredStore<S>, Option<tokio::sync::oneshot::Receiver<()>>)> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                "TieredStore's builder must run inside a Tokio runtime (it starts tasks)",
+            )
+        })?;
+        let bus = match self.bus {
+            None => None,
+            Some((BusTarget::Url(url), channel)) => {
+                let client = Client::open(url.as_str()).map_err(invalid_url)?;
+                let publisher = RedisStore::builder_from_client(client.clone()).lazy();
+                Some((Subscription::Server(Box::new(client)), publisher, channel))
+            }
+            Some((BusTarget::Client(client), channel)) => {
+                let publisher = RedisStore::builder_from_client((*client).clone()).lazy();
+                Some((Subscription::Server(client), publisher, channel))
+            }
+            #[cfg(feature = "cluster")]
+            Some((BusTarget::Cluster(nodes), channel)) => {
+                let publisher = RedisStore::builder_from_cluster_nodes(nodes.clone()).build()?;
+                for node in &nodes {
+                    Client::open(node.as_str()).map_err(invalid_url)?;
+                }
+                Some((Subscription::Cluster(nodes), publisher, channel))
+            }
+        };
         let near = Arc::new(Near {
             l1: self.l1.unwrap_or_default(),
             origin: origin(),
@@ -125,17 +169,19 @@ impl<S: Store> TieredStoreBuilder<S> {
             applied: Mutex::new(None),
             refused: WarnLimiter::default(),
         });
-        let default_ttl = if self.bus.is_some() {
+        let default_ttl = if bus.is_some() {
             DEFAULT_L1_MAX_TTL
         } else {
             UNCOORDINATED_L1_TTL
         };
-        let bus = match self.bus {
+        let mut ready = None;
+        let bus = match bus {
             None => None,
             Some((subscription, publisher, channel)) => {
                 let journal = format!("{{{channel}}}:journal");
                 let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-                let subscriber = tokio::spawn(subscribe(
+                ready = Some(ready_rx);
+                let subscriber = runtime.spawn(subscribe(
                     subscription,
                     Journal {
                         store: publisher.clone(),
@@ -147,7 +193,7 @@ impl<S: Store> TieredStoreBuilder<S> {
                 ));
                 let queue = Arc::new(Mutex::new(Queue::default()));
                 let queued = Arc::new(tokio::sync::Notify::new());
-                let replayer = tokio::spawn(replay(
+                let replayer = runtime.spawn(replay(
                     Journal {
                         store: publisher.clone(),
                         key: journal.clone(),
@@ -157,7 +203,6 @@ impl<S: Store> TieredStoreBuilder<S> {
                     queued.clone(),
                     near.origin,
                 ));
-                let _ = tokio::time::timeout(Duration::from_secs(1), ready_rx).await;
                 Some(Bus {
                     publisher,
                     channel,
@@ -168,14 +213,15 @@ impl<S: Store> TieredStoreBuilder<S> {
                 })
             }
         };
-        TieredStore {
+        let store = TieredStore {
             shared: Arc::new(Tiers {
                 near,
                 l2: self.l2,
                 l1_ttl: self.l1_ttl.unwrap_or(default_ttl),
                 bus,
             }),
-        }
+        };
+        Ok((store, ready))
     }
 }
 

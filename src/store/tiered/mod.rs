@@ -1,4 +1,4 @@
-//! `TieredStore`: an in-process L1 (a [`MemoryStore`](crate::store::MemoryStore)) in front of
+//! `TieredStore`: an in-process L1 (a [`MemoryStore`](crate::MemoryStore)) in front of
 //! any store (L2), kept coherent across instances by notifications published on a Redis
 //! pub/sub channel and recorded in a journal (a Redis stream) from which a node that lost its
 //! subscription catches up.

@@ -112,7 +112,7 @@ pub(super) async fn subscribe(
 impl Subscription {
     /// The client to subscribe with on attempt `n`.
     async fn client(&self, store: &RedisStore, n: usize) -> Option<Client> {
-        let _ = store;
+        let _ = (store, n);
         match self {
             Subscription::Server(client) => Some((**client).clone()),
             #[cfg(feature = "cluster")]

@@ -55,9 +55,9 @@ use crate::Result;
 ///
 /// Cloning is cheap; clones share both tiers and the subscription.
 ///
-/// [l1_ttl]: crate::store::TieredStoreBuilder::l1_ttl
-/// [invalidations]: crate::store::TieredStoreBuilder::invalidations
-/// [invalidations_cluster]: crate::store::TieredStoreBuilder::invalidations_cluster
+/// [l1_ttl]: crate::TieredStoreBuilder::l1_ttl
+/// [invalidations]: crate::TieredStoreBuilder::invalidations
+/// [invalidations_cluster]: crate::TieredStoreBuilder::invalidations_cluster
 #[cfg_attr(docsrs, doc(cfg(feature = "tiered")))]
 pub struct TieredStore<S = RedisStore> {
     pub(super) shared: Arc<Tiers<S>>,
