@@ -663,7 +663,7 @@ async fn a_hot_key_with_refresh_ahead_never_makes_a_request_wait() {
 async fn the_clients_followers_time_out_and_compute() {
     let redis = common::RedisServer::start();
     let store = tower_redis_cache::RedisStore::builder(&redis.url())
-        .build()
+        .connect()
         .await
         .unwrap();
     let cache = tower_redis_cache::RedisCache::from_store(&store)
@@ -697,4 +697,49 @@ async fn the_clients_followers_time_out_and_compute() {
         started.elapsed()
     );
     assert_eq!(slow.await.unwrap().unwrap(), "slow");
+}
+
+/// A request that looked the key up before another request's answer was stored does not
+/// clobber that entry with a hit-for-miss mark when its own (older) answer cannot be stored.
+#[tokio::test(start_paused = true)]
+async fn an_answer_older_than_a_stored_entry_does_not_mark_the_key() {
+    let calls = Counter::default();
+    let layer = memory_layer();
+    let app = Router::new()
+        .route(
+            "/r",
+            get({
+                let calls = calls.clone();
+                move || {
+                    let n = calls.bump();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        match n {
+                            // Stored, but never fresh: a waiter goes to the handler itself.
+                            1 => ([("cache-control", "max-age=0"), ("etag", "\"a\"")], "v1")
+                                .into_response(),
+                            _ => ([("cache-control", "private")], "mine").into_response(),
+                        }
+                    }
+                }
+            }),
+        )
+        .layer(layer.clone());
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { get_once(&app, "/r").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Looks the key up before the first answer is stored, waits for it, may not use it,
+    // and calls the handler itself; its `private` answer arrives after the entry was stored.
+    let second = get_once(&app, "/r").await;
+    assert_eq!(first.await.unwrap().body, "v1");
+    assert_eq!(second.body, "mine");
+    layer.flush().await;
+    assert_eq!(layer.stats().uncacheable_marks, 0);
+    let third = get_once(&app, "/r").await;
+    assert!(
+        !third.cache_status.ends_with("detail=hit-for-miss"),
+        "the entry was clobbered by a mark: {third:?}"
+    );
 }

@@ -294,6 +294,8 @@ where
     // The stored copy may stand in for a failing (or, past the soft timeout, slow) handler.
     let mut stand_in = false;
     let mut lead = None;
+    // The flights' write clock when this request looked the key up.
+    let mut looked = None;
     if label == Served::Miss {
         let (looked_up_at, found) = match found {
             Some(found) => found,
@@ -302,6 +304,7 @@ where
                 (looked_up_at, lookup(&state, &key, req.headers()).await)
             }
         };
+        looked = Some(looked_up_at);
         match found {
             Found::Entry(entry) => match judge_entry(&state, &plan, &entry) {
                 Verdict::Fresh => {
@@ -440,7 +443,7 @@ where
     };
     let sent_at_ms = clock::now_ms();
     // A request that came through a hit-for-miss mark does not write it again.
-    let may_mark = label != Served::HitForMiss;
+    let mut may_mark = label != Served::HitForMiss;
     let called_at = std::time::Instant::now();
     let result = match call_in_time(&state, inner.call(req), stored.is_some() && stand_in).await {
         InTime::Answered(result) => result,
@@ -522,6 +525,9 @@ where
     // 6. Record the body while it streams to the client, if the response may be stored; it is
     // written in the background once complete. An answer that may not be stored releases the
     // waiters at once and is remembered (hit-for-miss).
+    // Nor does one that started before another request's answer was stored here: its
+    // answer is older news than that entry, which a mark would clobber.
+    may_mark &= looked.is_none_or(|at| state.flights.mark() == at);
     let recorder = plan_store(&state, key, &exchange, &parts, &body, lead, may_mark);
     let label = if plan.authorized && recorder.is_none() {
         Served::Bypass(Bypass::Authorization)
