@@ -149,9 +149,21 @@ pub(crate) fn answer<B>(
     with_body: bool,
     outcome: Outcome,
 ) -> Response<CacheBody<B>> {
+    answer_at(config, hit, request, with_body, outcome, clock::now_ms())
+}
+
+/// [`answer`] at `now` (milliseconds since the Unix epoch): a hit judged at `now` answers
+/// with the same clock reading.
+pub(crate) fn answer_at<B>(
+    config: &Config,
+    hit: Arc<CachedResponse>,
+    request: &HeaderMap,
+    with_body: bool,
+    outcome: Outcome,
+    now: u64,
+) -> Response<CacheBody<B>> {
     outcome.observe(config);
     let rules = &config.rules;
-    let now = clock::now_ms();
     // The entry's stored time was set back by the age the response had on arrival, so its
     // age is RFC 9111 §4.2.3's current_age (clamped to 2^31 s, §5.1).
     let age = hit.age(now).as_secs().min(MAX_DELTA_SECS);

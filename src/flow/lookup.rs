@@ -88,11 +88,21 @@ pub(crate) fn lookup_in_process(
 
 /// What a stored response is good for, for this request.
 pub(crate) fn judge_entry(config: &Config, plan: &RequestPlan, entry: &CachedResponse) -> Verdict {
+    judge_entry_at(config, plan, entry, clock::now_ms())
+}
+
+/// [`judge_entry`] at `now_ms`: a hit reads the clock once, for judging and answering.
+pub(crate) fn judge_entry_at(
+    config: &Config,
+    plan: &RequestPlan,
+    entry: &CachedResponse,
+    now_ms: u64,
+) -> Verdict {
     freshness::judge(
         &config.rules,
         plan,
         &entry.directives,
-        entry.elapsed(clock::now_ms()),
+        entry.elapsed(now_ms),
         entry.ttl,
     )
 }

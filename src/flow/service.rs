@@ -22,11 +22,13 @@ use crate::rules::request::{self, BypassReason, RequestAction, RequestPlan};
 use crate::observe::Event;
 use crate::settings::clamp;
 
-use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded, Outcome};
+use super::answer::{
+    answer, answer_at, gateway_timeout, handler_timeout, label_forwarded, Outcome,
+};
 use super::body::CacheBody;
 use super::config::{Config, Lead};
 use super::join::{coalesce, throttled, Coalesced};
-use super::lookup::{judge_entry, lookup, lookup_in_process, Found};
+use super::lookup::{judge_entry, judge_entry_at, lookup, lookup_in_process, Found};
 use super::write::{
     drop_url, fail_safe, failed_without_stand_in, head_refreshed, plan_store, revalidated, Exchange,
 };
@@ -151,10 +153,28 @@ where
         // Call the service that `poll_ready` made ready, and keep a fresh clone for the next
         // request (tower-service's documented pattern).
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let flow = respond(self.config.clone(), inner, step).instrument(span);
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        // One boxed future per path, each only as large as its own path needs: a hit's is
+        // moved and allocated on every request, and would otherwise be as large as the
+        // largest path's.
+        let flow: BoxedFlow<ResBody, S::Error> = match step {
+            Step::Pass(req) => {
+                let call = inner.call(req);
+                Box::pin(
+                    async move { Ok(call.await?.map(CacheBody::passthrough)) }.instrument(span),
+                )
+            }
+            Step::Invalidate(req) => Box::pin(
+                async move { invalidate_after_write(&config, inner, req).await }.instrument(span),
+            ),
+            Step::Bypass(req, reason) => {
+                Box::pin(async move { bypass(&config, inner, req, reason).await }.instrument(span))
+            }
+            Step::Lookup(lookup) => Box::pin(respond(config, inner, lookup).instrument(span)),
+        };
         ResponseFuture {
-            inner: Flow::Running(Box::pin(flow)),
+            inner: Flow::Running(flow),
         }
     }
 }
@@ -236,17 +256,20 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
         found = lookup_in_process(config, &key, req.headers()).map(|f| (looked_up_at, f));
     }
     if let Some((looked_up_at, Found::Entry(entry))) = &found {
-        if judge_entry(config, &plan, entry) == Verdict::Fresh {
+        let now = clock::now_ms();
+        if judge_entry_at(config, &plan, entry, now) == Verdict::Fresh {
             let with_body = plan.action != RequestAction::HeadLookup;
+            let due = with_body && refresh_due(config, entry, now);
             // The entry is shared with the store's memo slot: a clone of the `Arc`.
-            let response = answer(
+            let response = answer_at(
                 config,
                 Arc::clone(entry),
                 req.headers(),
                 with_body,
                 Outcome::Hit,
+                now,
             );
-            let refresh = (with_body && refresh_due(config, entry)).then(|| RefreshAhead {
+            let refresh = due.then(|| RefreshAhead {
                 req,
                 key,
                 looked_up_at: *looked_up_at,
@@ -264,17 +287,63 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
     }))
 }
 
-/// One request through the cache, from where [`begin`] left it. Every store failure
-/// degrades to a miss: the cache never turns a good response into an error.
-async fn respond<S, ReqBody, ResBody>(
+/// A request for a stored response, from where [`begin`] left it (the other steps are
+/// answered in [`CacheService::call`]). Every store failure degrades to a miss: the cache
+/// never turns a good response into an error.
+///
+/// Only the lookup is awaited here; the rest of a miss runs in a future of its own, boxed:
+/// this future, allocated and moved on every hit, stays small.
+// A function returning an `async` block rather than an `async fn`: an `async fn` keeps its
+// arguments twice in its future (as passed, and bound again as locals).
+fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
-    mut inner: S,
-    step: Step<ReqBody>,
-) -> Result<Response<CacheBody<ResBody>>, S::Error>
+    inner: S,
+    mut step: Lookup<ReqBody>,
+) -> impl Future<Output = Result<Response<CacheBody<ResBody>>, S::Error>> + Send
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    async move {
+        // 3. Look up, unless `begin` looked already or the client asked for a refresh.
+        if step.found.is_none() && step.label != Outcome::Refresh {
+            let looked_up_at = config.flights.mark();
+            let found = lookup(&config, &step.key, step.req.headers()).await;
+            step.found = Some((looked_up_at, found));
+        }
+        // Decided in a plain function, so that nothing it returns is held across the await.
+        let rest: BoxedFlow<ResBody, S::Error> = match judged(&config, inner, step) {
+            Judged::Answered(response) => return Ok(response),
+            Judged::Head(head) => Box::pin(head_from_handler(config, head)),
+            Judged::Forward(inner, forward) => Box::pin(from_handler(config, inner, forward)),
+        };
+        rest.await
+    }
+}
+
+/// What [`judged`] made of a lookup.
+enum Judged<S, ReqBody, ResBody> {
+    /// Answered from the store.
+    Answered(Response<CacheBody<ResBody>>),
+    /// A HEAD request with no fresh GET response stored.
+    Head(Head<S, ReqBody>),
+    /// Anything else with nothing to serve: the handler's turn.
+    Forward(S, Forward<ReqBody>),
+}
+
+/// Judges what [`respond`]'s lookup found for the request: serve it (fresh, or stale while
+/// refreshing), or keep it to validate with the handler or to stand in for a failing one.
+fn judged<S, ReqBody, ResBody>(
+    config: &Arc<Config>,
+    inner: S,
+    step: Lookup<ReqBody>,
+) -> Judged<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
@@ -284,66 +353,45 @@ where
         label,
         key,
         found,
-    } = match step {
-        Step::Pass(req) => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
-        Step::Invalidate(req) => return invalidate_after_write(&config, inner, req).await,
-        Step::Bypass(req, reason) => return bypass(&config, inner, req, reason).await,
-        Step::Lookup(lookup) => lookup,
-    };
+    } = step;
     if plan.action == RequestAction::HeadLookup {
-        let stored = match found {
-            Some((_, stored)) => stored,
-            None => lookup(&config, &key, req.headers()).await,
-        };
-        let stored = match stored.entry() {
-            Some(hit) if judge_entry(&config, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&config, hit, req.headers(), false, Outcome::Hit));
+        let stored = found.and_then(|(_, stored)| stored.entry());
+        let stored = match stored {
+            Some(hit) if judge_entry(config, &plan, &hit) == Verdict::Fresh => {
+                let response = answer(config, hit, req.headers(), false, Outcome::Hit);
+                return Judged::Answered(response);
             }
             other => other.map(Arc::unwrap_or_clone),
         };
-        // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
-        // response's headers when it is the same representation (RFC 9111 §4.3.5).
-        let request_headers = req.headers().clone();
-        let url_key = url_key(&config, &req);
-        let sent_at_ms = clock::now_ms();
-        let response = inner.call(req).await?;
-        if let Some(stale) = stored {
-            let exchange = Exchange {
-                request_headers: &request_headers,
-                url_key: &url_key,
-                sent_at_ms,
-                authorized: plan.authorized,
-            };
-            head_refreshed(&config, key, stale, &response, &exchange);
-        }
-        return Ok(response.map(CacheBody::passthrough));
+        let head = Head {
+            inner,
+            req,
+            plan,
+            key,
+            stored,
+        };
+        return Judged::Head(head);
     }
-    let mut req = req;
     let mut label = label;
-
-    // 3. Look up (unless the client asked for a refresh, or `begin` looked already) and
-    // judge the stored copy for this request: serve it, serve it stale while refreshing, or
-    // keep it to validate with the handler or to stand in for a failing handler.
     let mut stored = None;
     // The stored copy may stand in for a failing (or, past the soft timeout, slow) handler.
     let mut stand_in = false;
-    let mut lead = None;
-    if label == Outcome::Miss {
-        let (looked_up_at, found) = match found {
-            Some(found) => found,
-            None => {
-                let looked_up_at = config.flights.mark();
-                (looked_up_at, lookup(&config, &key, req.headers()).await)
-            }
-        };
+    let mut looked_up = None;
+    if let Some((looked_up_at, found)) = found {
+        looked_up = Some(looked_up_at);
+        // One clock reading judges the entry and dates the answer.
+        let now = clock::now_ms();
         match found {
-            Found::Entry(entry) => match judge_entry(&config, &plan, &entry) {
+            Found::Entry(entry) => match judge_entry_at(config, &plan, &entry, now) {
                 Verdict::Fresh => {
-                    let response =
-                        answer(&config, entry.clone(), req.headers(), true, Outcome::Hit);
-                    if refresh_due(&config, &entry) {
+                    // Decided before answering, so that the answer may take the entry: one
+                    // decoded for this request alone gives its headers to the answer
+                    // instead of having them copied.
+                    let refresh = refresh_due(config, &entry, now);
+                    let response = answer_at(config, entry, req.headers(), true, Outcome::Hit, now);
+                    if refresh {
                         refresh_in_background(
-                            config,
+                            config.clone(),
                             key,
                             inner,
                             req,
@@ -352,15 +400,18 @@ where
                             true,
                         );
                     }
-                    return Ok(response);
+                    return Judged::Answered(response);
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&config, entry, req.headers(), true, Outcome::Stale));
+                    let outcome = Outcome::Stale;
+                    let response = answer_at(config, entry, req.headers(), true, outcome, now);
+                    return Judged::Answered(response);
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&config, entry, req.headers(), true, Outcome::Stale);
+                    let outcome = Outcome::Stale;
+                    let response = answer_at(config, entry, req.headers(), true, outcome, now);
                     refresh_in_background(
-                        config,
+                        config.clone(),
                         key,
                         inner,
                         req,
@@ -368,7 +419,7 @@ where
                         plan.authorized,
                         false,
                     );
-                    return Ok(response);
+                    return Judged::Answered(response);
                 }
                 Verdict::Validate { if_error } => {
                     stand_in = if_error;
@@ -381,6 +432,69 @@ where
             Found::Uncacheable => label = Outcome::HitForMiss,
             Found::Nothing => {}
         }
+    }
+    let forward = Forward {
+        req,
+        plan,
+        label,
+        key,
+        looked_up_at: looked_up,
+        stored,
+        stand_in,
+    };
+    Judged::Forward(inner, forward)
+}
+
+/// A HEAD request [`respond`] could not answer from the store.
+struct Head<S, B> {
+    inner: S,
+    req: Request<B>,
+    plan: RequestPlan,
+    key: String,
+    /// The stored GET response, not fresh.
+    stored: Option<CachedResponse>,
+}
+
+/// A request [`respond`] could not answer from the store, and what the lookup found.
+struct Forward<B> {
+    req: Request<B>,
+    plan: RequestPlan,
+    label: Outcome,
+    key: String,
+    /// The flights' mark taken before the lookup; `None` when the request did not look up
+    /// (a refresh).
+    looked_up_at: Option<u64>,
+    /// The stored copy, to validate or to stand in.
+    stored: Option<CachedResponse>,
+    /// `stored` may stand in for a failing (or, past the soft timeout, slow) handler.
+    stand_in: bool,
+}
+
+/// Steps 3 (what is left of it after a lookup found no fresh copy) to 6: the handler's
+/// answer, coalesced with other requests', validated or stood in for, recorded to be stored.
+async fn from_handler<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    forward: Forward<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    let Forward {
+        mut req,
+        plan,
+        mut label,
+        key,
+        looked_up_at,
+        mut stored,
+        stand_in,
+    } = forward;
+    let mut lead = None;
+    if let Some(looked_up_at) = looked_up_at {
         if plan.directives.only_if_cached {
             return Ok(gateway_timeout(&config));
         }
@@ -571,10 +685,49 @@ where
     ))
 }
 
-/// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime.
-fn refresh_due(config: &Config, entry: &CachedResponse) -> bool {
+/// A HEAD request with no fresh GET response stored: the handler answers, and its response
+/// may refresh the stored (stale) GET response's headers.
+async fn head_from_handler<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    head: Head<S, ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    let Head {
+        mut inner,
+        req,
+        plan,
+        key,
+        stored,
+    } = head;
+    // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
+    // response's headers when it is the same representation (RFC 9111 §4.3.5).
+    let request_headers = req.headers().clone();
+    let url_key = url_key(&config, &req);
+    let sent_at_ms = clock::now_ms();
+    let response = inner.call(req).await?;
+    if let Some(stale) = stored {
+        let exchange = Exchange {
+            request_headers: &request_headers,
+            url_key: &url_key,
+            sent_at_ms,
+            authorized: plan.authorized,
+        };
+        head_refreshed(&config, key, stale, &response, &exchange);
+    }
+    Ok(response.map(CacheBody::passthrough))
+}
+
+/// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime at
+/// `now_ms`.
+fn refresh_due(config: &Config, entry: &CachedResponse, now_ms: u64) -> bool {
     config.rules.refresh_ahead.is_some_and(|fraction| {
-        entry.elapsed(clock::now_ms()).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
+        entry.elapsed(now_ms).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
     })
 }
 
@@ -814,7 +967,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
                         let plan =
                             request::classify_request(&config.rules, req.method(), req.headers());
                         let fresh = judge_entry(&config, &plan, &entry) == Verdict::Fresh;
-                        if fresh && !(ahead && refresh_due(&config, &entry)) {
+                        if fresh && !(ahead && refresh_due(&config, &entry, clock::now_ms())) {
                             return;
                         }
                     }
