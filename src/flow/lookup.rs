@@ -47,7 +47,29 @@ pub(crate) async fn lookup(
     key: &str,
     request: &HeaderMap,
 ) -> Found<Arc<CachedResponse>> {
-    match lookup_entry(config, key, request).await {
+    accepted_entry(request, lookup_entry(config, key, request).await)
+}
+
+/// [`lookup`] for a request whose store just said it cannot answer without I/O
+/// ([`Store::get_in_process`](crate::Store::get_in_process) gave `None`): the value is not in
+/// this process, so it is read with a plain `get`, without asking for a memo slot (the
+/// default `get_memoized` wraps `get`'s future in a second boxed future, on every hit).
+pub(crate) async fn lookup_not_in_process(
+    config: &Config,
+    key: &str,
+    request: &HeaderMap,
+) -> Found<Arc<CachedResponse>> {
+    accepted_entry(
+        request,
+        lookup_entry_via(config, key, request, Via::Get).await,
+    )
+}
+
+fn accepted_entry(
+    request: &HeaderMap,
+    found: Found<(Arc<CachedResponse>, Option<key::Variant>)>,
+) -> Found<Arc<CachedResponse>> {
+    match found {
         Found::Entry((response, _)) => accepted(request, response),
         Found::Uncacheable => Found::Uncacheable,
         Found::Nothing => Found::Nothing,
@@ -113,11 +135,30 @@ pub(crate) async fn lookup_entry(
     key: &str,
     request: &HeaderMap,
 ) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
-    match fetch(config, key).await {
+    lookup_entry_via(config, key, request, Via::GetMemoized).await
+}
+
+/// How [`fetch`] reads the store.
+#[derive(Clone, Copy)]
+enum Via {
+    /// [`Store::get_memoized`](crate::Store::get_memoized): with the value's memo slot, if
+    /// the store keeps one.
+    GetMemoized,
+    /// [`Store::get`](crate::Store::get): for a value the store does not keep in process.
+    Get,
+}
+
+async fn lookup_entry_via(
+    config: &Config,
+    key: &str,
+    request: &HeaderMap,
+    via: Via,
+) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
+    match fetch(config, key, via).await {
         Some(Decoded::Response(response)) => Found::Entry((response, None)),
         Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch(config, &variant_key).await {
+            match fetch(config, &variant_key, via).await {
                 Some(Decoded::Response(response)) => {
                     Found::Entry((response, Some((names, variant_key))))
                 }
@@ -138,9 +179,12 @@ enum Decoded {
     Uncacheable,
 }
 
-async fn fetch(config: &Config, key: &str) -> Option<Decoded> {
+async fn fetch(config: &Config, key: &str, via: Via) -> Option<Decoded> {
     let started = std::time::Instant::now();
-    let result = config.store.get_memoized(key).await;
+    let result = match via {
+        Via::GetMemoized => config.store.get_memoized(key).await,
+        Via::Get => (config.store.get(key).await).map(|found| found.map(|bytes| (bytes, None))),
+    };
     config.observe.store_get(started.elapsed());
     match result {
         Ok(Some((bytes, memo))) => decode_memoized(config, key, bytes, memo),

@@ -28,7 +28,9 @@ use super::answer::{
 use super::body::CacheBody;
 use super::config::{Config, Lead};
 use super::join::{coalesce, throttled, Coalesced};
-use super::lookup::{judge_entry, judge_entry_at, lookup, lookup_in_process, Found};
+use super::lookup::{
+    judge_entry, judge_entry_at, lookup, lookup_in_process, lookup_not_in_process, Found,
+};
 use super::write::{
     drop_url, fail_safe, failed_without_stand_in, head_refreshed, plan_store, revalidated, Exchange,
 };
@@ -308,10 +310,11 @@ where
     ResBody: Body + Send + 'static,
 {
     async move {
-        // 3. Look up, unless `begin` looked already or the client asked for a refresh.
+        // 3. Look up, unless `begin` looked already or the client asked for a refresh. Here
+        // the store has just said it needs I/O for this key (`begin` asked it).
         if step.found.is_none() && step.label != Outcome::Refresh {
             let looked_up_at = config.flights.mark();
-            let found = lookup(&config, &step.key, step.req.headers()).await;
+            let found = lookup_not_in_process(&config, &step.key, step.req.headers()).await;
             step.found = Some((looked_up_at, found));
         }
         // Decided in a plain function, so that nothing it returns is held across the await.
