@@ -270,7 +270,7 @@ static DECIMALS: &str = match std::str::from_utf8(&DECIMAL_BYTES) {
     Err(_) => panic!("ASCII digits"),
 };
 
-const DECIMAL_BYTES: [u8; 40_000] = {
+static DECIMAL_BYTES: [u8; 40_000] = {
     let mut text = [0; 40_000];
     let mut n = 0;
     while n < 10_000 {

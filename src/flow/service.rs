@@ -296,7 +296,9 @@ fn begin<ReqBody, ResBody>(config: &Config, req: Request<ReqBody>) -> Begun<ReqB
 /// Only the lookup is awaited here; the rest of a miss runs in a future of its own, boxed:
 /// this future, allocated and moved on every hit, stays small.
 // A function returning an `async` block rather than an `async fn`: an `async fn` keeps its
-// arguments twice in its future (as passed, and bound again as locals).
+// arguments twice in its future (as passed, and bound again as locals), 1,200 bytes against
+// 768 here.
+#[allow(clippy::manual_async_fn)]
 fn respond<S, ReqBody, ResBody>(
     config: Arc<Config>,
     inner: S,
