@@ -89,13 +89,11 @@ fn main() {
     rt.block_on(async move {
         match mode.as_str() {
             "bare" => {
+                // The same round trip as the hit modes, `X-Cache` check included, so that
+                // the difference is the layer's work alone.
                 let mut svc = handler;
                 for i in 0..n {
-                    let request = Request::get(format!("/items/{}", i % ids))
-                        .body(Empty::new())
-                        .unwrap();
-                    let response = svc.ready().await.unwrap().call(request).await.unwrap();
-                    response.into_body().collect().await.unwrap();
+                    roundtrip(&mut svc, i % ids).await;
                 }
             }
             "memory" => {

@@ -99,9 +99,21 @@ pub(crate) fn answer<B>(
     with_body: bool,
     outcome: Served,
 ) -> Response<CacheBody<B>> {
+    answer_at(state, hit, request, with_body, outcome, clock::now_ms())
+}
+
+/// [`answer`] at `now` (milliseconds since the Unix epoch): a hit judged at `now` answers
+/// with the same clock reading.
+pub(crate) fn answer_at<B>(
+    state: &LayerState,
+    hit: Arc<CachedResponse>,
+    request: &HeaderMap,
+    with_body: bool,
+    outcome: Served,
+    now: u64,
+) -> Response<CacheBody<B>> {
     outcome.observe(state);
     let rules = &state.rules;
-    let now = clock::now_ms();
     // The entry's stored time was set back by the age the response had on arrival, so its
     // age is RFC 9111 §4.2.3's current_age (clamped to 2^31 s, §5.1).
     let age = hit.age(now).as_secs().min(MAX_DELTA_SECS);
@@ -183,24 +195,43 @@ fn replay_parts(hit: Arc<CachedResponse>) -> (HeaderMap, Bytes) {
     }
 }
 
-/// `n` as a header value; below 100 (most ages) without an allocation.
+/// `n` as a header value; below 10,000 (most ages, most body lengths) without an
+/// allocation: a slice of static text.
 fn small_number(n: u64) -> HeaderValue {
-    // "0".."9" then "10".."99", sliced out of static text.
-    const DIGITS: &str = "0123456789";
-    const PAIRS: &str = concat!(
-        "101112131415161718192021222324252627282930313233343536373839",
-        "404142434445464748495051525354555657585960616263646566676869",
-        "707172737475767778798081828384858687888990919293949596979899",
-    );
     match n {
-        0..=9 => HeaderValue::from_static(&DIGITS[n as usize..n as usize + 1]),
-        10..=99 => {
-            let at = (n as usize - 10) * 2;
-            HeaderValue::from_static(&PAIRS[at..at + 2])
+        0..=9_999 => {
+            // The four-digit text of `n`, without its leading zeros.
+            let digits = match n {
+                0..=9 => 1,
+                10..=99 => 2,
+                100..=999 => 3,
+                _ => 4,
+            };
+            let end = (n as usize + 1) * 4;
+            HeaderValue::from_static(&DECIMALS[end - digits..end])
         }
         _ => HeaderValue::from(n),
     }
 }
+
+/// "0000", "0001", ... "9999", one after the other.
+static DECIMALS: &str = match std::str::from_utf8(&DECIMAL_BYTES) {
+    Ok(text) => text,
+    Err(_) => panic!("ASCII digits"),
+};
+
+static DECIMAL_BYTES: [u8; 40_000] = {
+    let mut text = [0; 40_000];
+    let mut n = 0;
+    while n < 10_000 {
+        text[n * 4] = b'0' + (n / 1000) as u8;
+        text[n * 4 + 1] = b'0' + (n / 100 % 10) as u8;
+        text[n * 4 + 2] = b'0' + (n / 10 % 10) as u8;
+        text[n * 4 + 3] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    text
+};
 
 pub(crate) fn body_allowed(status: StatusCode) -> bool {
     !(status.is_informational()
@@ -271,7 +302,7 @@ mod tests {
 
     #[test]
     fn small_numbers_read_as_their_decimal_text() {
-        for n in (0..=1000).chain([u64::from(u32::MAX), u64::MAX]) {
+        for n in (0..=10_001).chain([u64::from(u32::MAX), u64::MAX]) {
             assert_eq!(small_number(n).to_str().unwrap(), n.to_string(), "{n}");
         }
     }

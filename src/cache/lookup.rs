@@ -47,7 +47,29 @@ pub(crate) async fn lookup(
     key: &str,
     request: &HeaderMap,
 ) -> Found<Arc<CachedResponse>> {
-    match lookup_entry(state, key, request).await {
+    accepted_entry(request, lookup_entry(state, key, request).await)
+}
+
+/// [`lookup`] for a request whose store just said it cannot answer without I/O
+/// ([`Store::get_in_process`](crate::Store::get_in_process) gave `None`): the value is not in
+/// this process, so it is read with a plain `get`, without asking for a memo slot (the
+/// default `get_memoized` wraps `get`'s future in a second boxed future, on every hit).
+pub(crate) async fn lookup_not_in_process(
+    state: &LayerState,
+    key: &str,
+    request: &HeaderMap,
+) -> Found<Arc<CachedResponse>> {
+    accepted_entry(
+        request,
+        lookup_entry_via(state, key, request, Via::Get).await,
+    )
+}
+
+fn accepted_entry(
+    request: &HeaderMap,
+    found: Found<(Arc<CachedResponse>, Option<key::Variant>)>,
+) -> Found<Arc<CachedResponse>> {
+    match found {
         Found::Entry((response, _)) => accepted(request, response),
         Found::Uncacheable => Found::Uncacheable,
         Found::Nothing => Found::Nothing,
@@ -92,11 +114,21 @@ pub(crate) fn judge_entry(
     plan: &RequestPlan,
     entry: &CachedResponse,
 ) -> Verdict {
+    judge_entry_at(state, plan, entry, clock::now_ms())
+}
+
+/// [`judge_entry`] at `now_ms`: a hit reads the clock once, for judging and answering.
+pub(crate) fn judge_entry_at(
+    state: &LayerState,
+    plan: &RequestPlan,
+    entry: &CachedResponse,
+    now_ms: u64,
+) -> Verdict {
     freshness::judge(
         &state.rules,
         plan,
         &entry.directives,
-        entry.elapsed(clock::now_ms()),
+        entry.elapsed(now_ms),
         entry.ttl,
     )
 }
@@ -107,11 +139,30 @@ pub(crate) async fn lookup_entry(
     key: &str,
     request: &HeaderMap,
 ) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
-    match fetch(state, key).await {
+    lookup_entry_via(state, key, request, Via::GetMemoized).await
+}
+
+/// How [`fetch`] reads the store.
+#[derive(Clone, Copy)]
+enum Via {
+    /// [`Store::get_memoized`](crate::Store::get_memoized): with the value's memo slot, if
+    /// the store keeps one.
+    GetMemoized,
+    /// [`Store::get`](crate::Store::get): for a value the store does not keep in process.
+    Get,
+}
+
+async fn lookup_entry_via(
+    state: &LayerState,
+    key: &str,
+    request: &HeaderMap,
+    via: Via,
+) -> Found<(Arc<CachedResponse>, Option<key::Variant>)> {
+    match fetch(state, key, via).await {
         Some(Decoded::Response(response)) => Found::Entry((response, None)),
         Some(Decoded::Variants(names)) => {
             let variant_key = key::variant_key(key, &names, request);
-            match fetch(state, &variant_key).await {
+            match fetch(state, &variant_key, via).await {
                 Some(Decoded::Response(response)) => {
                     Found::Entry((response, Some((names, variant_key))))
                 }
@@ -132,9 +183,12 @@ enum Decoded {
     Uncacheable,
 }
 
-async fn fetch(state: &LayerState, key: &str) -> Option<Decoded> {
+async fn fetch(state: &LayerState, key: &str, via: Via) -> Option<Decoded> {
     let started = std::time::Instant::now();
-    let result = state.store.get_memoized(key).await;
+    let result = match via {
+        Via::GetMemoized => state.store.get_memoized(key).await,
+        Via::Get => (state.store.get(key).await).map(|found| found.map(|bytes| (bytes, None))),
+    };
     state.observe.store_get(started.elapsed());
     match result {
         Ok(Some((bytes, memo))) => decode_memoized(state, key, bytes, memo),

@@ -16,18 +16,19 @@ use crate::clock;
 use crate::coalesce::{Lock, Role};
 use crate::entry::CachedResponse;
 use crate::key;
+use crate::observe::{Bypass, Event, Served};
 use crate::rules::conditional;
 use crate::rules::freshness::Verdict;
 use crate::rules::request::{self, RequestAction, RequestPlan};
-
-use crate::observe::{Bypass, Event, Served};
 use crate::settings::clamp;
 
-use super::answer::{answer, gateway_timeout, handler_timeout, label_forwarded};
+use super::answer::{answer, answer_at, gateway_timeout, handler_timeout, label_forwarded};
 use super::body::CacheBody;
-use super::future::ResponseFuture;
+use super::future::{BoxedFlow, ResponseFuture};
 use super::join::{coalesce, throttled, Coalesced};
-use super::lookup::{judge_entry, lookup, lookup_in_process, Found};
+use super::lookup::{
+    judge_entry, judge_entry_at, lookup, lookup_in_process, lookup_not_in_process, Found,
+};
 use super::state::{LayerState, ResponseLead};
 use super::write::{
     drop_url, fail_safe, failed_without_stand_in, head_refreshed, plan_store, revalidated, Exchange,
@@ -119,9 +120,27 @@ where
         // Call the service that `poll_ready` made ready, and keep a fresh clone for the next
         // request (tower-service's documented pattern).
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let flow = respond(self.state.clone(), inner, step).instrument(span);
-        ResponseFuture::running(Box::pin(flow))
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        // One boxed future per path, each only as large as its own path needs: a hit's is
+        // moved and allocated on every request, and would otherwise be as large as the
+        // largest path's.
+        let flow: BoxedFlow<ResBody, S::Error> = match step {
+            Step::Pass(req) => {
+                let call = inner.call(req);
+                Box::pin(
+                    async move { Ok(call.await?.map(CacheBody::passthrough)) }.instrument(span),
+                )
+            }
+            Step::Invalidate(req) => Box::pin(
+                async move { invalidate_after_write(&state, inner, req).await }.instrument(span),
+            ),
+            Step::Bypass(req, reason) => {
+                Box::pin(async move { bypass(&state, inner, req, reason).await }.instrument(span))
+            }
+            Step::Lookup(lookup) => Box::pin(respond(state, inner, lookup).instrument(span)),
+        };
+        ResponseFuture::running(flow)
     }
 }
 
@@ -202,17 +221,20 @@ fn begin<ReqBody, ResBody>(state: &LayerState, req: Request<ReqBody>) -> Begun<R
         found = lookup_in_process(state, &key, req.headers()).map(|f| (looked_up_at, f));
     }
     if let Some((looked_up_at, Found::Entry(entry))) = &found {
-        if judge_entry(state, &plan, entry) == Verdict::Fresh {
+        let now = clock::now_ms();
+        if judge_entry_at(state, &plan, entry, now) == Verdict::Fresh {
             let with_body = plan.action != RequestAction::HeadLookup;
+            let due = with_body && refresh_due(state, entry, now);
             // The entry is shared with the store's memo slot: a clone of the `Arc`.
-            let response = answer(
+            let response = answer_at(
                 state,
                 Arc::clone(entry),
                 req.headers(),
                 with_body,
                 Served::Hit,
+                now,
             );
-            let refresh = (with_body && refresh_due(state, entry)).then(|| RefreshAhead {
+            let refresh = due.then(|| RefreshAhead {
                 req,
                 key,
                 looked_up_at: *looked_up_at,
@@ -230,17 +252,66 @@ fn begin<ReqBody, ResBody>(state: &LayerState, req: Request<ReqBody>) -> Begun<R
     }))
 }
 
-/// One request through the cache, from where [`begin`] left it. Every store failure
-/// degrades to a miss: the cache never turns a good response into an error.
-async fn respond<S, ReqBody, ResBody>(
+/// A request for a stored response, from where [`begin`] left it (the other steps are
+/// answered in [`CacheService::call`]). Every store failure degrades to a miss: the cache
+/// never turns a good response into an error.
+///
+/// Only the lookup is awaited here; the rest of a miss runs in a future of its own, boxed:
+/// this future, allocated and moved on every hit, stays small.
+// A function returning an `async` block rather than an `async fn`: an `async fn` keeps its
+// arguments twice in its future (as passed, and bound again as locals), 1,200 bytes against
+// 768 here.
+#[allow(clippy::manual_async_fn)]
+fn respond<S, ReqBody, ResBody>(
     state: Arc<LayerState>,
-    mut inner: S,
-    step: Step<ReqBody>,
-) -> Result<Response<CacheBody<ResBody>>, S::Error>
+    inner: S,
+    mut step: Lookup<ReqBody>,
+) -> impl Future<Output = Result<Response<CacheBody<ResBody>>, S::Error>> + Send
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    async move {
+        // 3. Look up, unless `begin` looked already or the client asked for a refresh. Here
+        // the store has just said it needs I/O for this key (`begin` asked it).
+        if step.found.is_none() && step.label != Served::Refresh {
+            let looked_up_at = state.flights.mark();
+            let found = lookup_not_in_process(&state, &step.key, step.req.headers()).await;
+            step.found = Some((looked_up_at, found));
+        }
+        // Decided in a plain function, so that nothing it returns is held across the await.
+        let rest: BoxedFlow<ResBody, S::Error> = match judged(&state, inner, step) {
+            Judged::Answered(response) => return Ok(response),
+            Judged::Head(head) => Box::pin(head_from_handler(state, head)),
+            Judged::Forward(inner, forward) => Box::pin(from_handler(state, inner, forward)),
+        };
+        rest.await
+    }
+}
+
+/// What [`judged`] made of a lookup.
+enum Judged<S, ReqBody, ResBody> {
+    /// Answered from the store.
+    Answered(Response<CacheBody<ResBody>>),
+    /// A HEAD request with no fresh GET response stored.
+    Head(Head<S, ReqBody>),
+    /// Anything else with nothing to serve: the handler's turn.
+    Forward(S, Forward<ReqBody>),
+}
+
+/// Judges what [`respond`]'s lookup found for the request: serve it (fresh, or stale while
+/// refreshing), or keep it to validate with the handler or to stand in for a failing one.
+fn judged<S, ReqBody, ResBody>(
+    state: &Arc<LayerState>,
+    inner: S,
+    step: Lookup<ReqBody>,
+) -> Judged<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
 {
@@ -250,68 +321,45 @@ where
         label,
         key,
         found,
-    } = match step {
-        Step::Pass(req) => return Ok(inner.call(req).await?.map(CacheBody::passthrough)),
-        Step::Invalidate(req) => return invalidate_after_write(&state, inner, req).await,
-        Step::Bypass(req, reason) => return bypass(&state, inner, req, reason).await,
-        Step::Lookup(lookup) => lookup,
-    };
+    } = step;
     if plan.action == RequestAction::HeadLookup {
-        let stored = match found {
-            Some((_, stored)) => stored,
-            None => lookup(&state, &key, req.headers()).await,
-        };
-        let stored = match stored.entry() {
-            Some(hit) if judge_entry(&state, &plan, &hit) == Verdict::Fresh => {
-                return Ok(answer(&state, hit, req.headers(), false, Served::Hit));
+        let stored = found.and_then(|(_, stored)| stored.entry());
+        let stored = match stored {
+            Some(hit) if judge_entry(state, &plan, &hit) == Verdict::Fresh => {
+                let response = answer(state, hit, req.headers(), false, Served::Hit);
+                return Judged::Answered(response);
             }
             other => other.map(Arc::unwrap_or_clone),
         };
-        // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
-        // response's headers when it is the same representation (RFC 9111 §4.3.5).
-        let request_headers = req.headers().clone();
-        let url_key = url_key(&state, &req);
-        let sent_at_ms = clock::now_ms();
-        let response = inner.call(req).await?;
-        if let Some(stale) = stored {
-            let exchange = Exchange {
-                request_headers: &request_headers,
-                url_key: &url_key,
-                sent_at_ms,
-                authorized: plan.authorized,
-            };
-            head_refreshed(&state, key, stale, &response, &exchange);
-        }
-        return Ok(response.map(CacheBody::passthrough));
+        let head = Head {
+            inner,
+            req,
+            plan,
+            key,
+            stored,
+        };
+        return Judged::Head(head);
     }
-    let mut req = req;
     let mut label = label;
-
-    // 3. Look up (unless the client asked for a refresh, or `begin` looked already) and
-    // judge the stored copy for this request: serve it, serve it stale while refreshing, or
-    // keep it to validate with the handler or to stand in for a failing handler.
     let mut stored = None;
     // The stored copy may stand in for a failing (or, past the soft timeout, slow) handler.
     let mut stand_in = false;
-    let mut lead = None;
-    // The flights' write clock when this request looked the key up.
-    let mut looked = None;
-    if label == Served::Miss {
-        let (looked_up_at, found) = match found {
-            Some(found) => found,
-            None => {
-                let looked_up_at = state.flights.mark();
-                (looked_up_at, lookup(&state, &key, req.headers()).await)
-            }
-        };
-        looked = Some(looked_up_at);
+    let mut looked_up = None;
+    if let Some((looked_up_at, found)) = found {
+        looked_up = Some(looked_up_at);
+        // One clock reading judges the entry and dates the answer.
+        let now = clock::now_ms();
         match found {
-            Found::Entry(entry) => match judge_entry(&state, &plan, &entry) {
+            Found::Entry(entry) => match judge_entry_at(state, &plan, &entry, now) {
                 Verdict::Fresh => {
-                    let response = answer(&state, entry.clone(), req.headers(), true, Served::Hit);
-                    if refresh_due(&state, &entry) {
+                    // Decided before answering, so that the answer may take the entry: one
+                    // decoded for this request alone gives its headers to the answer
+                    // instead of having them copied.
+                    let refresh = refresh_due(state, &entry, now);
+                    let response = answer_at(state, entry, req.headers(), true, Served::Hit, now);
+                    if refresh {
                         refresh_in_background(
-                            state,
+                            state.clone(),
                             key,
                             inner,
                             req,
@@ -320,15 +368,18 @@ where
                             true,
                         );
                     }
-                    return Ok(response);
+                    return Judged::Answered(response);
                 }
                 Verdict::StaleAccepted => {
-                    return Ok(answer(&state, entry, req.headers(), true, Served::Stale));
+                    let outcome = Served::Stale;
+                    let response = answer_at(state, entry, req.headers(), true, outcome, now);
+                    return Judged::Answered(response);
                 }
                 Verdict::StaleWhileRevalidate => {
-                    let response = answer(&state, entry, req.headers(), true, Served::Stale);
+                    let outcome = Served::Stale;
+                    let response = answer_at(state, entry, req.headers(), true, outcome, now);
                     refresh_in_background(
-                        state,
+                        state.clone(),
                         key,
                         inner,
                         req,
@@ -336,7 +387,7 @@ where
                         plan.authorized,
                         false,
                     );
-                    return Ok(response);
+                    return Judged::Answered(response);
                 }
                 Verdict::Validate { if_error } => {
                     stand_in = if_error;
@@ -349,6 +400,69 @@ where
             Found::Uncacheable => label = Served::HitForMiss,
             Found::Nothing => {}
         }
+    }
+    let forward = Forward {
+        req,
+        plan,
+        label,
+        key,
+        looked_up_at: looked_up,
+        stored,
+        stand_in,
+    };
+    Judged::Forward(inner, forward)
+}
+
+/// A HEAD request [`respond`] could not answer from the store.
+struct Head<S, B> {
+    inner: S,
+    req: Request<B>,
+    plan: RequestPlan,
+    key: String,
+    /// The stored GET response, not fresh.
+    stored: Option<CachedResponse>,
+}
+
+/// A request [`respond`] could not answer from the store, and what the lookup found.
+struct Forward<B> {
+    req: Request<B>,
+    plan: RequestPlan,
+    label: Served,
+    key: String,
+    /// The flights' mark taken before the lookup; `None` when the request did not look up
+    /// (a refresh).
+    looked_up_at: Option<u64>,
+    /// The stored copy, to validate or to stand in.
+    stored: Option<CachedResponse>,
+    /// `stored` may stand in for a failing (or, past the soft timeout, slow) handler.
+    stand_in: bool,
+}
+
+/// Steps 3 (what is left of it after a lookup found no fresh copy) to 6: the handler's
+/// answer, coalesced with other requests', validated or stood in for, recorded to be stored.
+async fn from_handler<S, ReqBody, ResBody>(
+    state: Arc<LayerState>,
+    mut inner: S,
+    forward: Forward<ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    let Forward {
+        mut req,
+        plan,
+        mut label,
+        key,
+        looked_up_at,
+        mut stored,
+        stand_in,
+    } = forward;
+    let mut lead = None;
+    if let Some(looked_up_at) = looked_up_at {
         if plan.directives.only_if_cached {
             return Ok(gateway_timeout(&state));
         }
@@ -443,7 +557,7 @@ where
     };
     let sent_at_ms = clock::now_ms();
     // A request that came through a hit-for-miss mark does not write it again.
-    let mut may_mark = label != Served::HitForMiss;
+    let may_mark = label != Served::HitForMiss;
     let called_at = std::time::Instant::now();
     let result = match call_in_time(&state, inner.call(req), stored.is_some() && stand_in).await {
         InTime::Answered(result) => result,
@@ -527,7 +641,7 @@ where
     // waiters at once and is remembered (hit-for-miss).
     // Nor does one that started before another request's answer was stored here: its
     // answer is older news than that entry, which a mark would clobber.
-    may_mark &= looked.is_none_or(|at| state.flights.mark() == at);
+    let may_mark = may_mark && looked_up_at.is_none_or(|at| state.flights.mark() == at);
     let recorder = plan_store(&state, key, &exchange, &parts, &body, lead, may_mark);
     let label = if plan.authorized && recorder.is_none() {
         Served::Bypass(Bypass::Authorization)
@@ -541,10 +655,49 @@ where
     ))
 }
 
-/// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime.
-fn refresh_due(state: &LayerState, entry: &CachedResponse) -> bool {
+/// A HEAD request with no fresh GET response stored: the handler answers, and its response
+/// may refresh the stored (stale) GET response's headers.
+async fn head_from_handler<S, ReqBody, ResBody>(
+    state: Arc<LayerState>,
+    head: Head<S, ReqBody>,
+) -> Result<Response<CacheBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    let Head {
+        mut inner,
+        req,
+        plan,
+        key,
+        stored,
+    } = head;
+    // Not fresh: ask the handler. Its HEAD response may refresh the stored GET
+    // response's headers when it is the same representation (RFC 9111 §4.3.5).
+    let request_headers = req.headers().clone();
+    let url_key = url_key(&state, &req);
+    let sent_at_ms = clock::now_ms();
+    let response = inner.call(req).await?;
+    if let Some(stale) = stored {
+        let exchange = Exchange {
+            request_headers: &request_headers,
+            url_key: &url_key,
+            sent_at_ms,
+            authorized: plan.authorized,
+        };
+        head_refreshed(&state, key, stale, &response, &exchange);
+    }
+    Ok(response.map(CacheBody::passthrough))
+}
+
+/// Whether a fresh `entry` is past the route's `refresh_ahead` fraction of its lifetime at
+/// `now_ms`.
+fn refresh_due(state: &LayerState, entry: &CachedResponse, now_ms: u64) -> bool {
     state.rules.refresh_ahead.is_some_and(|fraction| {
-        entry.elapsed(clock::now_ms()).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
+        entry.elapsed(now_ms).as_secs_f64() >= entry.ttl.as_secs_f64() * fraction
     })
 }
 
@@ -784,7 +937,7 @@ fn refresh_in_background<S, ReqBody, ResBody>(
                         let plan =
                             request::classify_request(&state.rules, req.method(), req.headers());
                         let fresh = judge_entry(&state, &plan, &entry) == Verdict::Fresh;
-                        if fresh && !(ahead && refresh_due(&state, &entry)) {
+                        if fresh && !(ahead && refresh_due(&state, &entry, clock::now_ms())) {
                             return;
                         }
                     }

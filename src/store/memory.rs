@@ -23,7 +23,9 @@ use super::{Memo, Store, StoreFuture};
 /// `docs/failure-modes.md` for the measured factor).
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Value>,
+    // foldhash, seeded per process: keys are hashed on every read, and SipHash (moka's
+    // default) was a sixth of a lookup's instructions.
+    cache: Cache<String, Value, foldhash::fast::RandomState>,
     tags: Arc<TagIndex>,
     /// Lock key -> owner token and expiry, for layers sharing this store in one process.
     locks: Arc<Mutex<HashMap<String, (String, Instant)>>>,
@@ -199,7 +201,7 @@ impl MemoryStoreBuilder {
             });
         }
         MemoryStore {
-            cache: builder.build(),
+            cache: builder.build_with_hasher(foldhash::fast::RandomState::default()),
             tags,
             locks: Arc::default(),
         }
