@@ -22,7 +22,7 @@
 //! 6. (feature `tiered`) the layer on a `TieredStore` (L1 `MemoryStore` in front of the
 //!    `RedisStore` of row 3, invalidations on a Redis channel), all hits: L1 hits, next to
 //!    row 2,
-//! 7. (feature `cluster`) the layer on `RedisStore::builder_cluster`, all hits, on a private
+//! 7. (feature `cluster`) the layer on `RedisStore::builder_from_cluster_nodes`, all hits, on a private
 //!    3-primary Redis Cluster (no replicas) started for the run; its Redis CPU is the sum
 //!    over the three primaries,
 //!

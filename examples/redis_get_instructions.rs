@@ -32,7 +32,7 @@ fn main() {
     rt.block_on(async move {
         let client = redis::Client::open(url.as_str()).unwrap();
         let conn = client.get_multiplexed_async_connection().await.unwrap();
-        let store = RedisStore::builder(&url).build().await.unwrap();
+        let store = RedisStore::builder(&url).connect().await.unwrap();
         let value = Bytes::from(vec![b'x'; 1024]);
         store
             .set("trc-bench:get", value, Duration::from_secs(600))
