@@ -152,7 +152,7 @@ impl RedisCache {
             flights: Arc::default(),
             warnings: Arc::default(),
             lock: LockSettings {
-                enabled: true,
+                enabled: false,
                 ttl: DEFAULT_LOCK_TTL,
                 wait_timeout: DEFAULT_LOCK_WAIT,
             },
@@ -173,7 +173,7 @@ impl RedisCache {
     }
 
     /// Whether [`get_or_insert_with`](Self::get_or_insert_with) also coalesces across
-    /// instances (default true): clients with separate pools, in separate processes or on
+    /// instances (default false, as [`CacheLayer::lock_across_instances`](crate::CacheLayer::lock_across_instances)): clients with separate pools, in separate processes or on
     /// separate hosts, that share the Redis server run the closure once per cold key in total,
     /// rather than once per instance.
     ///
@@ -455,7 +455,7 @@ impl RedisCache {
     /// - Single-flight: concurrent calls for one key on this client (and its clones) share one
     ///   lookup and one run of `compute`, and all get its value. If the caller running it is
     ///   dropped, a waiting caller takes over.
-    /// - Across instances (on by default, see
+    /// - Across instances (off by default; see
     ///   [`lock_across_instances`](Self::lock_across_instances)): on a miss, the caller about
     ///   to compute takes a lock in Redis at `{key}:lock` for the lock TTL, then looks at the
     ///   key once more (the previous holder may just have stored it). It runs `compute`,

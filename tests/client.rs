@@ -777,7 +777,7 @@ mod across_instances {
     async fn four_instances_on_a_cold_key_run_the_closure_once_in_total(backend: &Backend) {
         let mut instances = Vec::new();
         for _ in 0..4 {
-            instances.push(client(backend).await); // each with its own pool
+            instances.push(client(backend).await.lock_across_instances(true)); // each with its own pool
         }
 
         let computed = stampede(&instances, 25).await;
@@ -815,7 +815,10 @@ mod across_instances {
     async fn a_crashed_lock_holder_delays_the_others_by_at_most_the_lock_ttl(backend: &Backend) {
         // A holder that crashed: its lock stays until its TTL.
         backend.cmd::<()>(&["SET", "report:lock", "crashed-holder", "PX", "1000"]);
-        let instances = [client(backend).await, client(backend).await];
+        let instances = [
+            client(backend).await.lock_across_instances(true),
+            client(backend).await.lock_across_instances(true),
+        ];
 
         let started = Instant::now();
         let computed = stampede(&instances, 5).await;
@@ -837,6 +840,7 @@ mod across_instances {
         backend.cmd::<()>(&["SET", "k:lock", "stuck-holder", "PX", "60000"]);
         let cache = client(backend)
             .await
+            .lock_across_instances(true)
             .lock_ttl(Duration::from_secs(5))
             .coalesce_timeout(Duration::from_millis(300));
 
@@ -864,10 +868,12 @@ mod across_instances {
         // A lock that would hold the second instance for a minute if it were not released.
         let first = client(backend)
             .await
+            .lock_across_instances(true)
             .lock_ttl(MINUTE)
             .coalesce_timeout(Duration::from_secs(30));
         let second = client(backend)
             .await
+            .lock_across_instances(true)
             .lock_ttl(MINUTE)
             .coalesce_timeout(Duration::from_secs(30));
         let computed = Counter::default();
