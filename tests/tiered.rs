@@ -175,9 +175,11 @@ async fn a_lost_subscription_keeps_l1_bounded_by_its_ttl_and_reconnects() {
     // B's L2 connection broke with the restart: its first command fails and replaces it. A
     // read that overlaps a change to its key (A's write of k2 arriving, or the catch-up from
     // the journal) is served but not copied into L1, so read until a copy stays.
-    wait_until("B reads through again, into L1", Duration::from_secs(5), || async {
-        matches!(b.get("k2").await, Ok(Some(_))) && in_l1(&b, "k2").await
-    })
+    wait_until(
+        "B reads through again, into L1",
+        Duration::from_secs(5),
+        || async { matches!(b.get("k2").await, Ok(Some(_))) && in_l1(&b, "k2").await },
+    )
     .await;
     assert!(a.delete("k2").await.unwrap());
     wait_until("delete reaches B after the reconnect", BOUND, || async {
