@@ -44,9 +44,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A 1 KiB page, cacheable for an hour.
+# A 1 KiB page, cacheable for an hour. nginx's workers run as `nobody`: mktemp's directory is
+# private (0700), and without read access every server would measure nginx's 403 instead.
 mkdir -p "$WORK/up/www" "$WORK/nc/cache"
 head -c 1024 /dev/zero | tr '\0' 'x' > "$WORK/up/www/page.html"
+chmod 755 "$WORK" "$WORK/up" "$WORK/up/www"
+chmod 644 "$WORK/up/www/page.html"
 
 nginx_conf() { # dir, server block
     cat > "$1/nginx.conf" <<EOF
@@ -89,8 +92,12 @@ for port in 18001 18002 18003 18004; do
         curl -s -o /dev/null "http://127.0.0.1:$port/page.html" && break
         sleep 0.1
     done
-    # Twice: the second request must be a hit.
-    curl -s -o /dev/null "http://127.0.0.1:$port/page.html"
+    # Twice: the second request must be a hit (of a 200: a benchmark of error pages is none).
+    status=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/page.html")
+    if [ "$status" != 200 ]; then
+        echo "port $port answered $status, not 200: not benchmarking error pages" >&2
+        exit 1
+    fi
 done
 
 cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
