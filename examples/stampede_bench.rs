@@ -77,10 +77,7 @@ async fn serve_answer(
             }),
         )
         .layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    listen(app).await
 }
 
 /// Sends `n` concurrent GETs spread over `addrs`; returns each request's latency.
@@ -284,16 +281,7 @@ where
         layers.push(route.clone());
         addrs.push(serve_failing(route, calls.clone()).await);
     }
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{}/hot", addrs[0]).parse().unwrap();
-    client
-        .get(uri)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+    fill(addrs[0]).await;
     for route in &layers {
         route.flush().await;
     }
@@ -339,10 +327,7 @@ async fn serve_failing(layer: CacheLayer, calls: Arc<AtomicUsize>) -> std::net::
             }),
         )
         .layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    listen(app).await
 }
 
 /// An origin that slows to 1 s after the first call, with a stale copy and
@@ -372,19 +357,8 @@ where
             }),
         )
         .layer(route.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}/hot").parse().unwrap();
-    client
-        .get(uri)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+    let addr = listen(app).await;
+    fill(addr).await;
     route.flush().await;
     tokio::time::sleep(Duration::from_millis(5100)).await;
     let (latencies, _) = load(&[addr], 5.0).await;
@@ -478,4 +452,20 @@ where
             latencies[latencies.len() - 1],
         );
     }
+}
+
+/// Serves `app` on a free loopback port.
+async fn listen(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// One GET of `/hot` at `addr`, read to its end: fills the entry.
+async fn fill(addr: std::net::SocketAddr) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}/hot").parse().unwrap();
+    let response = client.get(uri).await.unwrap();
+    response.into_body().collect().await.unwrap();
 }
